@@ -1,0 +1,60 @@
+# framecast — every target rests on `make setup` (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA_LIBS := .framecast/kafka/libs
+FMNIST := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: setup prereqs dataset demo test lint soak clean help
+
+help:
+	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
+	@echo "make demo   - run the main job (framecast demo)"
+	@echo "make test   - setup + the whole test suite"
+	@echo "make lint   - ruff + mypy"
+
+setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset
+
+prereqs:
+	@command -v $(PYTHON) >/dev/null || { echo "missing: $(PYTHON) (Python 3.11)"; exit 1; }
+	@command -v java >/dev/null || { echo "missing: java (JDK 17+; Debian: apt-get install openjdk-17-jdk-headless)"; exit 1; }
+	@command -v mvn >/dev/null || [ -f $(KAFKA_LIBS)/.resolved ] || { echo "missing: mvn (Maven; Debian: apt-get install maven)"; exit 1; }
+
+$(STAMP): pyproject.toml requirements.lock
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip==26.3
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	@touch $@
+
+$(KAFKA_LIBS)/.resolved: cluster/kafka/pom.xml
+	@mkdir -p $(KAFKA_LIBS)
+	mvn -B -q -f cluster/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS) -DincludeScope=runtime
+	@touch $@
+
+# Fashion-MNIST comes from the Debian package; elsewhere set FRAMECAST_DATA_DIR.
+dataset:
+	@if [ -n "$$FRAMECAST_DATA_DIR" ] || [ -f $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) ; \
+	else echo "note: Fashion-MNIST not found; install dataset-fashion-mnist or set FRAMECAST_DATA_DIR"; fi
+
+demo: setup
+	$(BIN)/framecast demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check cluster jobs serving streams tests
+	$(BIN)/mypy
+
+soak: setup
+	$(BIN)/python -m pytest -m soak tests/reliability
+
+clean:
+	rm -rf $(VENV) .framecast .pytest_cache .mypy_cache .ruff_cache

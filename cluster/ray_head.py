@@ -1,0 +1,176 @@
+"""The local Ray head: ``ray start --head`` with its own temp dir, stopped by that temp dir.
+
+``ray stop`` kills every Ray process on the machine; framecast instead finds the processes
+whose command line names this head's temp dir (plus their descendants, the workers) and
+stops only those, so a developer's other Ray sessions survive ``framecast down``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from cluster.exceptions import PortInUseError, RayHeadError
+from cluster.processes import (
+    free_port,
+    log_tail,
+    port_answers,
+    port_is_free,
+    read_json,
+    terminate,
+    write_json,
+)
+from cluster.settings import RaySettings
+
+
+@dataclass
+class RayHeadInfo:
+    """What a running local Ray head looks like from outside."""
+
+    address: str
+    gcs_port: int
+    dashboard_url: str
+    temp_dir: str
+    num_cpus: int | None
+    started_at: float
+
+
+def _ray_executable() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else "ray"
+
+
+class LocalRayHead:
+    """A Ray head node on this machine whose state lives under ``home/ray``."""
+
+    def __init__(self, home: Path, settings: RaySettings) -> None:
+        self.dir = Path(home) / "ray"
+        self.settings = settings
+        self.state_file = self.dir / "head.json"
+        self.log_file = self.dir / "ray-start.log"
+        # Unix socket paths are limited to ~107 bytes, so the temp dir lives under /tmp,
+        # named after the home directory so that two checkouts do not collide.
+        digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:10]
+        self.temp_dir = Path("/tmp") / f"framecast-ray-{digest}"  # noqa: S108 - short path on purpose
+
+    def processes(self) -> list[psutil.Process]:
+        """This head's processes and all their descendants.
+
+        Most name the temp dir on their command line; the Ray Client proxy only names the
+        GCS address (``--address=IP:PORT``), so that is matched too.
+        """
+        markers = (str(self.temp_dir),)
+        gcs_suffix = f":{self.settings.gcs_port}"
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            ours = any(markers[0] in part for part in cmdline) or (
+                any("ray" in part for part in cmdline[:3])
+                and any(p.startswith("--address=") and p.endswith(gcs_suffix) for p in cmdline)
+            )
+            if ours:
+                found[proc.pid] = proc
+                try:
+                    for child in proc.children(recursive=True):
+                        found.setdefault(child.pid, child)
+                except psutil.Error:
+                    continue
+        return list(found.values())
+
+    def info(self) -> RayHeadInfo | None:
+        """The running head's info, or None when it is not running."""
+        state = read_json(self.state_file)
+        if state is None:
+            return None
+        try:
+            info = RayHeadInfo(**state)
+        except TypeError:
+            return None
+        if not port_answers(info.gcs_port) or not self.processes():
+            return None
+        return info
+
+    def start(self, timeout: float = 180.0) -> RayHeadInfo:
+        """Start the head (idempotent) and wait until its GCS answers."""
+        running = self.info()
+        if running is not None:
+            return running
+        s = self.settings
+        for name, port in (("Ray GCS port", s.gcs_port), ("Ray dashboard port", s.dashboard_port)):
+            if not port_is_free(port):
+                raise PortInUseError(
+                    f"{name} {port} is already in use (another Ray?); set FRAMECAST_RAY_GCS_PORT / "
+                    "FRAMECAST_RAY_DASHBOARD_PORT, or use that cluster with --ray-address"
+                )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            _ray_executable(),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={s.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={s.dashboard_port}",
+            f"--object-store-memory={s.object_store_mb * 1024 * 1024}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            # Ray's fixed defaults for these two would collide with a second Ray on the host.
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]
+        if s.num_cpus is not None:
+            cmd.append(f"--num-cpus={s.num_cpus}")
+        with self.log_file.open("wb") as log_handle:
+            try:
+                result = subprocess.run(
+                    cmd,
+                    stdout=log_handle,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                terminate(self.processes(), 10)
+                raise RayHeadError(
+                    f"`ray start --head` did not finish within {timeout:.0f}s"
+                ) from None
+        if result.returncode != 0:
+            terminate(self.processes(), 10)
+            raise RayHeadError(
+                f"`ray start --head` failed (exit {result.returncode}); last lines of "
+                f"{self.log_file}:\n{log_tail(self.log_file)}"
+            )
+        info = RayHeadInfo(
+            address=f"127.0.0.1:{s.gcs_port}",
+            gcs_port=s.gcs_port,
+            dashboard_url=f"http://127.0.0.1:{s.dashboard_port}",
+            temp_dir=str(self.temp_dir),
+            num_cpus=s.num_cpus,
+            started_at=time.time(),
+        )
+        write_json(self.state_file, asdict(info))
+        return info
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop every process of this head; False if none was running."""
+        self.state_file.unlink(missing_ok=True)
+        stopped = False
+        # Some helpers (the Ray Client proxy) are spawned a moment after `ray start`
+        # returns, so sweep until a scan comes back empty.
+        for _ in range(5):
+            procs = self.processes()
+            if not procs:
+                return stopped
+            terminate(procs, timeout)
+            stopped = True
+        leftovers = self.processes()
+        if leftovers:
+            raise RayHeadError(f"Ray processes survived SIGKILL: {[p.pid for p in leftovers]}")
+        return stopped

@@ -1,0 +1,118 @@
+"""The one typed settings model of framecast.
+
+Sources, highest precedence first: CLI flags, ``FRAMECAST_*`` environment variables
+(``RAY_ADDRESS`` too), defaults. Validation happens at start-up; errors name the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, PositiveInt, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.config import ServeSettings
+from streams.config import KafkaSettings, TopicSettings
+
+
+class RaySettings(BaseSettings):
+    """The Ray cluster framecast uses: a local head it starts, or an existing cluster."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMECAST_RAY_", extra="forbid", populate_by_name=True)
+
+    address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("address", "RAY_ADDRESS", "FRAMECAST_RAY_ADDRESS"),
+        description="Address of an existing Ray cluster; unset = the local head.",
+    )
+    num_cpus: PositiveInt | None = Field(
+        default=None, description="CPUs the local head offers (default: all cores)."
+    )
+    gcs_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head.")
+    dashboard_port: int = Field(
+        default=8265, ge=1, le=65535, description="Dashboard port (bound to 127.0.0.1 only)."
+    )
+    object_store_mb: PositiveInt = Field(
+        default=512, description="Object store of the local head, in MiB."
+    )
+    namespace: str = Field(default="framecast", min_length=1, description="Ray namespace.")
+
+    @property
+    def uses_local_head(self) -> bool:
+        """True when no external cluster is configured."""
+        return self.address is None
+
+
+class FramecastSettings(BaseSettings):
+    """Every setting of the system, in one place."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMECAST_", extra="forbid")
+
+    home: Path = Field(
+        default=Path(".framecast"), description="State directory: pids, ports, broker data."
+    )
+    kafka_libs: Path | None = Field(
+        default=None,
+        description="Where the broker jars are cached (default: HOME/kafka/libs).",
+    )
+    data_dir: Path | None = Field(
+        default=None, description="Extra place to look for datasets (IDX files)."
+    )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @property
+    def kafka_libs_dir(self) -> Path:
+        """Directory that holds the resolved broker jars."""
+        return self.kafka_libs if self.kafka_libs is not None else self.home / "kafka" / "libs"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as JSON-able data, with every secret masked."""
+        return self.model_dump(mode="json")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names each offending field."""
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per invalid field: ``kafka.security_protocol: Input should be ...``."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"] if part != "__root__")
+        where = ".".join(p for p in (prefix, location) if p) or prefix or "settings"
+        lines.append(f"{where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> FramecastSettings:
+    """Build the settings from env vars plus nested ``overrides``; raise SettingsError.
+
+    ``overrides`` maps a section (``kafka``, ``ray``, ...) to a dict of field values,
+    or a top-level field to its value. ``None`` values are ignored (flag not given).
+    """
+    sections = {"kafka": KafkaSettings, "topics": TopicSettings, "ray": RaySettings,
+                "serve": ServeSettings}
+    unknown = set(overrides) - set(sections) - set(FramecastSettings.model_fields)
+    if unknown:
+        raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {
+        key: value
+        for key, value in overrides.items()
+        if key not in sections and value is not None
+    }
+    # Each section is built on its own so that an invalid env var is reported with
+    # its section prefix (``kafka.security_protocol``), like an invalid flag.
+    for key, section in sections.items():
+        values = {k: v for k, v in (overrides.get(key) or {}).items() if v is not None}
+        try:
+            kwargs[key] = section(**values)
+        except ValidationError as error:
+            raise SettingsError(describe_validation_error(error, key)) from None
+    try:
+        return FramecastSettings(**kwargs)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None

@@ -1,0 +1,189 @@
+"""The embedded local stack: one Kafka broker and one Ray head, started and stopped together.
+
+When the settings point at an existing Kafka cluster or Ray cluster, that part is used as
+it is and never started or stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.kafka_broker import EmbeddedKafka, broker_answers_metadata
+from cluster.ray_head import LocalRayHead
+from cluster.settings import FramecastSettings
+
+log = logging.getLogger(__name__)
+
+
+def embedded_kafka(settings: FramecastSettings, port: int | None = None) -> EmbeddedKafka:
+    """The embedded broker described by settings."""
+    return EmbeddedKafka(
+        settings.home,
+        libs_dir=settings.kafka_libs_dir,
+        port=port or settings.kafka.embedded_port,
+        heap_mb=settings.kafka.embedded_heap_mb,
+    )
+
+
+def local_ray_head(settings: FramecastSettings) -> LocalRayHead:
+    """The local Ray head described by settings."""
+    return LocalRayHead(settings.home, settings.ray)
+
+
+def kafka_bootstrap(settings: FramecastSettings) -> str:
+    """Where clients reach Kafka: the external cluster, or the running embedded broker."""
+    if settings.kafka.bootstrap_servers:
+        return settings.kafka.bootstrap_servers
+    info = embedded_kafka(settings).info()
+    return info.bootstrap_servers if info else f"127.0.0.1:{settings.kafka.embedded_port}"
+
+
+def ray_address(settings: FramecastSettings) -> str | None:
+    """Where Ray is: the external cluster, the running local head, or None."""
+    if settings.ray.address:
+        return settings.ray.address
+    info = local_ray_head(settings).info()
+    return info.address if info else None
+
+
+@dataclass
+class StackEvent:
+    """One thing `up`/`down` did, for the CLI to print."""
+
+    component: str
+    action: str
+    detail: str
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def up(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True,
+       kafka_port: int | None = None) -> list[StackEvent]:
+    """Start what is not running yet (idempotent); returns what happened."""
+    events: list[StackEvent] = []
+    if kafka:
+        if settings.kafka.bootstrap_servers:
+            events.append(StackEvent("kafka", "external", settings.kafka.bootstrap_servers))
+        else:
+            broker = embedded_kafka(settings, kafka_port)
+            already = broker.info()
+            started = time.monotonic()
+            info = broker.start()
+            events.append(StackEvent(
+                "kafka", "running" if already else "started", info.bootstrap_servers,
+                time.monotonic() - started, {"pid": info.pid},
+            ))
+    if ray:
+        if settings.ray.address:
+            events.append(StackEvent("ray", "external", settings.ray.address))
+        else:
+            head = local_ray_head(settings)
+            already_head = head.info()
+            started = time.monotonic()
+            head_info = head.start()
+            events.append(StackEvent(
+                "ray", "running" if already_head else "started", head_info.address,
+                time.monotonic() - started, {"dashboard": head_info.dashboard_url},
+            ))
+    return events
+
+
+def down(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True) -> list[StackEvent]:
+    """Stop the embedded parts that run (idempotent); external clusters are left alone."""
+    events: list[StackEvent] = []
+    if ray and not settings.ray.address:
+        started = time.monotonic()
+        stopped = local_ray_head(settings).stop()
+        events.append(StackEvent("ray", "stopped" if stopped else "not running", "",
+                                 time.monotonic() - started))
+    if kafka and not settings.kafka.bootstrap_servers:
+        started = time.monotonic()
+        stopped = embedded_kafka(settings).stop()
+        events.append(StackEvent("kafka", "stopped" if stopped else "not running", "",
+                                 time.monotonic() - started))
+    return events
+
+
+def status(settings: FramecastSettings, *, probe: bool = True) -> dict[str, Any]:
+    """Effective settings (secrets redacted), broker health and topics, Ray resources, Serve apps."""
+    result: dict[str, Any] = {"settings": settings.redacted()}
+    result["kafka"] = _kafka_status(settings, probe)
+    result["ray"] = _ray_status(settings, probe)
+    serve_apps = result["ray"].pop("serve_applications", None)
+    result["serve"] = {"http_url": settings.serve.http_url, "applications": serve_apps}
+    return result
+
+
+def _kafka_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
+    from streams.client import admin_client
+    from streams.exceptions import StreamsError
+    from streams.topics import describe_topics
+
+    external = bool(settings.kafka.bootstrap_servers)
+    info = None if external else embedded_kafka(settings).info()
+    bootstrap = kafka_bootstrap(settings)
+    out: dict[str, Any] = {
+        "mode": "external" if external else "embedded",
+        "bootstrap_servers": bootstrap,
+        "running": external or info is not None,
+        "pid": info.pid if info else None,
+        "healthy": False,
+        "topics": [],
+    }
+    if probe and out["running"]:
+        config = settings.kafka.client_config(bootstrap)
+        config.pop("bootstrap_servers")
+        config["request_timeout_ms"] = min(config["request_timeout_ms"], 5000)
+        out["healthy"] = broker_answers_metadata(bootstrap, **config)
+        if out["healthy"]:
+            try:
+                with admin_client(settings.kafka, bootstrap) as admin:
+                    out["topics"] = describe_topics(admin)
+            except StreamsError as error:
+                out["error"] = str(error)
+    return out
+
+
+def _ray_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
+    external = bool(settings.ray.address)
+    head = None if external else local_ray_head(settings).info()
+    address = settings.ray.address or (head.address if head else None)
+    out: dict[str, Any] = {
+        "mode": "external" if external else "local",
+        "address": address,
+        "running": address is not None,
+        "dashboard_url": head.dashboard_url if head else None,
+        "resources": None,
+        "serve_applications": None,
+    }
+    if probe and address is not None:
+        out.update(_probe_ray(address, settings.ray.namespace))
+    return out
+
+
+def _probe_ray(address: str, namespace: str) -> dict[str, Any]:
+    import ray
+
+    try:
+        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
+                 log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        return {"error": f"cannot connect to Ray at {address}: {error}"}
+    try:
+        resources = {k: v for k, v in ray.cluster_resources().items()
+                     if not k.startswith("node:")}
+        apps: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # Serve not started on this cluster: no apps
+            from ray import serve
+
+            for name, app in serve.status().applications.items():
+                apps[name] = {"status": str(app.status.value if hasattr(app.status, "value")
+                                            else app.status),
+                              "route_prefix": getattr(app, "route_prefix", None)}
+        return {"resources": resources, "serve_applications": apps}
+    finally:
+        ray.shutdown()

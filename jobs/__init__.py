@@ -1,0 +1,1 @@
+"""framecast.jobs — training, optimization, export and evaluation on Ray Train."""
