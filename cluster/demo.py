@@ -48,12 +48,23 @@ def _verify_stream(payloads: list[bytes]) -> dict[str, Any]:
     frames = [frame for payload in payloads for frame in decode_frames(payload)]
     indices = [f.frame_index for f in frames]
     digest = hashlib.sha256(b"".join(f.data for f in frames)).hexdigest()
-    return {"frames": len(frames), "in_order": indices == sorted(indices),
-            "unique": len(set(indices)), "sha256": digest}
+    return {
+        "frames": len(frames),
+        "in_order": indices == sorted(indices),
+        "unique": len(set(indices)),
+        "sha256": digest,
+    }
 
 
-def run_demo(settings: FramecastSettings, console: Console, *, frames: int, cameras: int,
-             fps: float, keep_running: bool) -> dict[str, Any]:
+def run_demo(
+    settings: FramecastSettings,
+    console: Console,
+    *,
+    frames: int,
+    cameras: int,
+    fps: float,
+    keep_running: bool,
+) -> dict[str, Any]:
     """Run the demo and return its report (also written under HOME/reports/)."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -61,41 +72,64 @@ def run_demo(settings: FramecastSettings, console: Console, *, frames: int, came
     from streams.topics import apply_topic_specs, default_topic_specs
 
     t_start = time.monotonic()
-    was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
-              "ray": stack.local_ray_head(settings).info() is not None}
+    was_up = {
+        "kafka": stack.embedded_kafka(settings).info() is not None,
+        "ray": stack.local_ray_head(settings).info() is not None,
+    }
     console.rule("[bold]framecast demo")
     with console.status("starting the embedded stack (Kafka broker + Ray head)..."):
         events = stack.up(settings)
     for event in events:
         took = f" in {event.seconds:.1f}s" if event.action == "started" else ""
-        console.print(f"  [green]{event.component}[/] {event.action}{took}: {event.detail}",
-                      highlight=False)
+        console.print(
+            f"  [green]{event.component}[/] {event.action}{took}: {event.detail}", highlight=False
+        )
     bootstrap = stack.kafka_bootstrap(settings)
-    report: dict[str, Any] = {"bootstrap_servers": bootstrap, "cameras": cameras,
-                              "fps_per_camera": fps}
+    report: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "cameras": cameras,
+        "fps_per_camera": fps,
+    }
     try:
         with admin_client(settings.kafka, bootstrap) as admin:
             changes = apply_topic_specs(admin, default_topic_specs(settings.topics))
-        console.print("  topics: " + ", ".join(f"{c.name} ({c.action})" for c in changes),
-                      highlight=False)
+        console.print(
+            "  topics: " + ", ".join(f"{c.name} ({c.action})" for c in changes), highlight=False
+        )
         topic = settings.topics.frames
         images, labels, source = _images(frames, settings.data_dir)
         report["source"] = source
         client = settings.kafka.client_config(bootstrap)
 
-        consumer = KafkaConsumer(**client, enable_auto_commit=False, consumer_timeout_ms=1000,
-                                 fetch_max_bytes=16 * 1024 * 1024)
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer = KafkaConsumer(
+            **client,
+            enable_auto_commit=False,
+            consumer_timeout_ms=1000,
+            fetch_max_bytes=16 * 1024 * 1024,
+        )
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))
+        ]
         consumer.assign(partitions)
         start_offsets = consumer.end_offsets(partitions)  # only this run's frames are read back
         for tp, offset in start_offsets.items():
             consumer.seek(tp, offset)
 
-        producer = KafkaProducer(**client, acks="all", linger_ms=5, enable_idempotence=True,
-                                 max_request_size=8 * 1024 * 1024)
+        producer = KafkaProducer(
+            **client,
+            acks="all",
+            linger_ms=5,
+            enable_idempotence=True,
+            max_request_size=8 * 1024 * 1024,
+        )
         sent_digest: dict[str, hashlib._Hash] = defaultdict(hashlib.sha256)
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
         received: dict[str, list[bytes]] = defaultdict(list)
         latencies_ms: list[float] = []
         state = {"got": 0}
@@ -127,13 +161,24 @@ def run_demo(settings: FramecastSettings, console: Console, *, frames: int, came
                 if delay > 0:
                     time.sleep(delay)
                 stream_id = f"camera-{i % cameras}"
-                record = FrameRecord(stream_id=stream_id, frame_index=i // cameras,
-                                     captured_at_ns=time.time_ns(), encoding="raw", height=28,
-                                     width=28, channels=1, data=images[i].tobytes(),
-                                     label=int(labels[i]))
+                record = FrameRecord(
+                    stream_id=stream_id,
+                    frame_index=i // cameras,
+                    captured_at_ns=time.time_ns(),
+                    encoding="raw",
+                    height=28,
+                    width=28,
+                    channels=1,
+                    data=images[i].tobytes(),
+                    label=int(labels[i]),
+                )
                 sent_digest[stream_id].update(record.data)
-                producer.send(topic, key=stream_id.encode(), value=encode_frames([record]),
-                              headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
+                producer.send(
+                    topic,
+                    key=stream_id.encode(),
+                    value=encode_frames([record]),
+                    headers=[("content-type", ARROW_CONTENT_TYPE.encode())],
+                )
                 progress.advance(sent_task)
             producer.flush()
             produce_s = time.monotonic() - t_produce
@@ -144,18 +189,26 @@ def run_demo(settings: FramecastSettings, console: Console, *, frames: int, came
 
         ray_checks = _verify_in_ray(stack.ray_address(settings), received, settings)
         lost = frames - got
-        mismatched = [s for s, check in ray_checks["streams"].items()
-                      if check["sha256"] != sent_digest[s].hexdigest() or not check["in_order"]]
+        mismatched = [
+            s
+            for s, check in ray_checks["streams"].items()
+            if check["sha256"] != sent_digest[s].hexdigest() or not check["in_order"]
+        ]
         lat = np.array(latencies_ms) if latencies_ms else np.array([np.nan])
-        report.update({
-            "frames_sent": frames, "frames_received": got, "lost": lost,
-            "streams_mismatched": mismatched,
-            "produce_fps": frames / produce_s if produce_s else None,
-            "broker_latency_ms": {q: float(np.percentile(lat, int(q[1:])))
-                                  for q in ("p50", "p95", "p99")},
-            "ray": {k: v for k, v in ray_checks.items() if k != "streams"},
-            "seconds": time.monotonic() - t_start,
-        })
+        report.update(
+            {
+                "frames_sent": frames,
+                "frames_received": got,
+                "lost": lost,
+                "streams_mismatched": mismatched,
+                "produce_fps": frames / produce_s if produce_s else None,
+                "broker_latency_ms": {
+                    q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p95", "p99")
+                },
+                "ray": {k: v for k, v in ray_checks.items() if k != "streams"},
+                "seconds": time.monotonic() - t_start,
+            }
+        )
     finally:
         if not keep_running:
             stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
@@ -169,19 +222,28 @@ def run_demo(settings: FramecastSettings, console: Console, *, frames: int, came
     return report
 
 
-def _verify_in_ray(address: str | None, received: dict[str, list[bytes]],
-                   settings: FramecastSettings) -> dict[str, Any]:
+def _verify_in_ray(
+    address: str | None, received: dict[str, list[bytes]], settings: FramecastSettings
+) -> dict[str, Any]:
     import ray
 
-    ray.init(address=address, namespace=settings.ray.namespace, logging_level=logging.ERROR,
-             log_to_driver=False)
+    ray.init(
+        address=address,
+        namespace=settings.ray.namespace,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     try:
         verify = ray.remote(num_cpus=0.5)(_verify_stream)
         refs = {stream: verify.remote(payloads) for stream, payloads in received.items()}
         streams = {stream: ray.get(ref) for stream, ref in refs.items()}
         resources = ray.cluster_resources()
-        return {"address": address, "cpus": resources.get("CPU"), "streams": streams,
-                "tasks": len(refs)}
+        return {
+            "address": address,
+            "cpus": resources.get("CPU"),
+            "streams": streams,
+            "tasks": len(refs),
+        }
     finally:
         ray.shutdown()
 
@@ -194,14 +256,24 @@ def _print_summary(console: Console, report: dict[str, Any]) -> None:
     rows = [
         ("frame source", report.get("source", "-")),
         ("cameras", f"{report['cameras']} at {report['fps_per_camera']:g} fps each"),
-        ("frames sent / received", f"{report.get('frames_sent')} / {report.get('frames_received')}"),
+        (
+            "frames sent / received",
+            f"{report.get('frames_sent')} / {report.get('frames_received')}",
+        ),
         ("lost", str(report.get("lost"))),
-        ("per-camera order and content", "ok" if not report.get("streams_mismatched")
-         else f"MISMATCH in {report['streams_mismatched']}"),
+        (
+            "per-camera order and content",
+            "ok"
+            if not report.get("streams_mismatched")
+            else f"MISMATCH in {report['streams_mismatched']}",
+        ),
         ("produce rate", f"{report.get('produce_fps') or 0:,.0f} frames/s"),
         ("capture -> consumed latency", ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items())),
-        ("verified in Ray", f"{report.get('ray', {}).get('tasks')} tasks on "
-                            f"{report.get('ray', {}).get('cpus')} CPUs"),
+        (
+            "verified in Ray",
+            f"{report.get('ray', {}).get('tasks')} tasks on "
+            f"{report.get('ray', {}).get('cpus')} CPUs",
+        ),
         ("classification", "not yet: arrives with the serving and streaming issues (#4, #5)"),
         ("total time", f"{report.get('seconds', 0):.1f} s"),
     ]

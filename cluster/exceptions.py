@@ -1,10 +1,10 @@
 """Errors raised by framecast.cluster (the CLI and the embedded stack).
 
-    ClusterError
-    ├── PrerequisiteError     a tool the stack needs (java, mvn) is missing
-    ├── BrokerStartError      the embedded Kafka broker did not come up (carries its log tail)
-    ├── PortInUseError        a port the stack needs is taken by another process
-    └── RayHeadError          the local Ray head did not start or stop
+ClusterError
+├── PrerequisiteError     a tool the stack needs (java, mvn) is missing
+├── BrokerStartError      the embedded Kafka broker did not come up (carries its log tail)
+├── PortInUseError        a port the stack needs is taken by another process
+└── RayHeadError          the local Ray head did not start or stop
 """
 
 

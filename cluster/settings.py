@@ -19,7 +19,9 @@ from streams.config import KafkaSettings, TopicSettings
 class RaySettings(BaseSettings):
     """The Ray cluster framecast uses: a local head it starts, or an existing cluster."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAMECAST_RAY_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FRAMECAST_RAY_", extra="forbid", populate_by_name=True
+    )
 
     address: str | None = Field(
         default=None,
@@ -94,15 +96,17 @@ def load_settings(**overrides: Any) -> FramecastSettings:
     ``overrides`` maps a section (``kafka``, ``ray``, ...) to a dict of field values,
     or a top-level field to its value. ``None`` values are ignored (flag not given).
     """
-    sections = {"kafka": KafkaSettings, "topics": TopicSettings, "ray": RaySettings,
-                "serve": ServeSettings}
+    sections = {
+        "kafka": KafkaSettings,
+        "topics": TopicSettings,
+        "ray": RaySettings,
+        "serve": ServeSettings,
+    }
     unknown = set(overrides) - set(sections) - set(FramecastSettings.model_fields)
     if unknown:
         raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {
-        key: value
-        for key, value in overrides.items()
-        if key not in sections and value is not None
+        key: value for key, value in overrides.items() if key not in sections and value is not None
     }
     # Each section is built on its own so that an invalid env var is reported with
     # its section prefix (``kafka.security_protocol``), like an invalid flag.

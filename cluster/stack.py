@@ -6,7 +6,6 @@ it is and never started or stopped here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,8 +60,13 @@ class StackEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def up(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True,
-       kafka_port: int | None = None) -> list[StackEvent]:
+def up(
+    settings: FramecastSettings,
+    *,
+    kafka: bool = True,
+    ray: bool = True,
+    kafka_port: int | None = None,
+) -> list[StackEvent]:
     """Start what is not running yet (idempotent); returns what happened."""
     events: list[StackEvent] = []
     if kafka:
@@ -73,10 +77,15 @@ def up(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True,
             already = broker.info()
             started = time.monotonic()
             info = broker.start()
-            events.append(StackEvent(
-                "kafka", "running" if already else "started", info.bootstrap_servers,
-                time.monotonic() - started, {"pid": info.pid},
-            ))
+            events.append(
+                StackEvent(
+                    "kafka",
+                    "running" if already else "started",
+                    info.bootstrap_servers,
+                    time.monotonic() - started,
+                    {"pid": info.pid},
+                )
+            )
     if ray:
         if settings.ray.address:
             events.append(StackEvent("ray", "external", settings.ray.address))
@@ -85,10 +94,15 @@ def up(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True,
             already_head = head.info()
             started = time.monotonic()
             head_info = head.start()
-            events.append(StackEvent(
-                "ray", "running" if already_head else "started", head_info.address,
-                time.monotonic() - started, {"dashboard": head_info.dashboard_url},
-            ))
+            events.append(
+                StackEvent(
+                    "ray",
+                    "running" if already_head else "started",
+                    head_info.address,
+                    time.monotonic() - started,
+                    {"dashboard": head_info.dashboard_url},
+                )
+            )
     return events
 
 
@@ -98,18 +112,24 @@ def down(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True) -
     if ray and not settings.ray.address:
         started = time.monotonic()
         stopped = local_ray_head(settings).stop()
-        events.append(StackEvent("ray", "stopped" if stopped else "not running", "",
-                                 time.monotonic() - started))
+        events.append(
+            StackEvent(
+                "ray", "stopped" if stopped else "not running", "", time.monotonic() - started
+            )
+        )
     if kafka and not settings.kafka.bootstrap_servers:
         started = time.monotonic()
         stopped = embedded_kafka(settings).stop()
-        events.append(StackEvent("kafka", "stopped" if stopped else "not running", "",
-                                 time.monotonic() - started))
+        events.append(
+            StackEvent(
+                "kafka", "stopped" if stopped else "not running", "", time.monotonic() - started
+            )
+        )
     return events
 
 
 def status(settings: FramecastSettings, *, probe: bool = True) -> dict[str, Any]:
-    """Effective settings (secrets redacted), broker health and topics, Ray resources, Serve apps."""
+    """Effective settings (secrets redacted), broker health, topics, Ray resources, Serve apps."""
     result: dict[str, Any] = {"settings": settings.redacted()}
     result["kafka"] = _kafka_status(settings, probe)
     result["ray"] = _ray_status(settings, probe)
@@ -137,8 +157,8 @@ def _kafka_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
     if probe and out["running"]:
         config = settings.kafka.client_config(bootstrap)
         config.pop("bootstrap_servers")
-        config["request_timeout_ms"] = min(config["request_timeout_ms"], 5000)
-        out["healthy"] = broker_answers_metadata(bootstrap, **config)
+        timeout_ms = min(config.pop("request_timeout_ms"), 5000)
+        out["healthy"] = broker_answers_metadata(bootstrap, timeout_ms, **config)
         if out["healthy"]:
             try:
                 with admin_client(settings.kafka, bootstrap) as admin:
@@ -169,21 +189,30 @@ def _probe_ray(address: str, namespace: str) -> dict[str, Any]:
     import ray
 
     try:
-        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
-                 log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address=address,
+            namespace=namespace,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
     except (ConnectionError, RuntimeError, ValueError) as error:
         return {"error": f"cannot connect to Ray at {address}: {error}"}
     try:
-        resources = {k: v for k, v in ray.cluster_resources().items()
-                     if not k.startswith("node:")}
-        apps: dict[str, Any] = {}
-        with contextlib.suppress(Exception):  # Serve not started on this cluster: no apps
-            from ray import serve
+        resources = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+        from ray import serve
 
-            for name, app in serve.status().applications.items():
-                apps[name] = {"status": str(app.status.value if hasattr(app.status, "value")
-                                            else app.status),
-                              "route_prefix": getattr(app, "route_prefix", None)}
+        # serve.status() reports no applications when Serve was never started here.
+        apps = {
+            name: {
+                "status": str(getattr(app.status, "value", app.status)),
+                "replicas": {
+                    dep: str(getattr(d.status, "value", d.status))
+                    for dep, d in app.deployments.items()
+                },
+            }
+            for name, app in serve.status().applications.items()
+        }
         return {"resources": resources, "serve_applications": apps}
     finally:
         ray.shutdown()

@@ -24,7 +24,9 @@ class ServeSettings(BaseSettings):
         default=8, description="Requests a replica runs at once before queueing."
     )
     max_queued_requests: int = Field(
-        default=64, ge=-1, description="Queued requests before 503 / BackPressureError (-1 = no limit)."
+        default=64,
+        ge=-1,
+        description="Queued requests before 503 / BackPressureError (-1 = no limit).",
     )
     max_batch_size: PositiveInt = Field(default=64, description="@serve.batch max_batch_size.")
     batch_wait_timeout_s: NonNegativeFloat = Field(

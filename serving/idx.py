@@ -16,15 +16,22 @@ from typing import Literal
 import numpy as np
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -68,11 +75,16 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
         raise ValueError(f"{path}: IDX body has {len(raw) - header} bytes, header says {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
-def load_fashion_mnist(split: Literal["train", "test"], data_dir: Path | None = None,
-                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: Literal["train", "test"], data_dir: Path | None = None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,28,28], labels int64 [N]) of one split."""
     dirs = search_dirs(data_dir)
     image_name, label_name = _FILES[split]

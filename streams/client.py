@@ -18,7 +18,9 @@ def _describe(config: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def admin_client(settings: KafkaSettings, bootstrap_servers: str | None = None) -> Iterator[KafkaAdminClient]:
+def admin_client(
+    settings: KafkaSettings, bootstrap_servers: str | None = None
+) -> Iterator[KafkaAdminClient]:
     """An admin client for the configured cluster, closed on exit."""
     config = settings.client_config(bootstrap_servers)
     try:

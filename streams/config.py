@@ -122,7 +122,9 @@ class TopicSettings(BaseSettings):
         default=1, description="Replication factor of created topics."
     )
     retention_ms: int = Field(
-        default=24 * 3600 * 1000, ge=-1, description="retention.ms of created topics (-1 = forever)."
+        default=24 * 3600 * 1000,
+        ge=-1,
+        description="retention.ms of created topics (-1 = forever).",
     )
     max_message_bytes: PositiveInt = Field(
         default=8 * 1024 * 1024, description="max.message.bytes of the frames and DLQ topics."

@@ -1,8 +1,8 @@
 """Errors raised by framecast.streams.
 
-    StreamsError
-    ├── KafkaConnectionError   the cluster cannot be reached or refuses our credentials
-    └── TopicSpecError         a declarative topic spec is invalid or cannot be applied
+StreamsError
+├── KafkaConnectionError   the cluster cannot be reached or refuses our credentials
+└── TopicSpecError         a declarative topic spec is invalid or cannot be applied
 """
 
 

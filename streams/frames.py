@@ -19,17 +19,19 @@ import pyarrow as pa
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 ENCODINGS = ("jpeg", "png", "raw")
 
-FRAME_SCHEMA = pa.schema([
-    pa.field("stream_id", pa.string(), nullable=False),
-    pa.field("frame_index", pa.int64(), nullable=False),
-    pa.field("captured_at_ns", pa.int64(), nullable=False),
-    pa.field("encoding", pa.string(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("channels", pa.int8(), nullable=False),
-    pa.field("data", pa.binary(), nullable=False),
-    pa.field("label", pa.int32(), nullable=True),
-])
+FRAME_SCHEMA = pa.schema(
+    [
+        pa.field("stream_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("captured_at_ns", pa.int64(), nullable=False),
+        pa.field("encoding", pa.string(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("channels", pa.int8(), nullable=False),
+        pa.field("data", pa.binary(), nullable=False),
+        pa.field("label", pa.int32(), nullable=True),
+    ]
+)
 
 
 class FrameSchemaError(ValueError):

@@ -71,8 +71,12 @@ def default_topic_specs(settings: TopicSettings) -> list[TopicSpec]:
     return [
         TopicSpec(name=settings.frames, config=big, **common),
         TopicSpec(name=settings.labels, config=base, **common),
-        TopicSpec(name=settings.latency, partitions=1,
-                  replication_factor=settings.replication_factor, config=base),
+        TopicSpec(
+            name=settings.latency,
+            partitions=1,
+            replication_factor=settings.replication_factor,
+            config=base,
+        ),
         TopicSpec(name=settings.dlq, config=big, **common),
     ]
 
@@ -97,7 +101,9 @@ def load_topic_specs(path: Path) -> list[TopicSpec]:
     return specs
 
 
-def describe_topics(admin: KafkaAdminClient, names: list[str] | None = None) -> list[dict[str, Any]]:
+def describe_topics(
+    admin: KafkaAdminClient, names: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Partitions, replication and modified configs of the named (or all user) topics."""
     existing = sorted(t for t in admin.list_topics() if not t.startswith("__"))
     wanted = existing if names is None else names
@@ -111,12 +117,14 @@ def describe_topics(admin: KafkaAdminClient, names: list[str] | None = None) -> 
     result = []
     for name in wanted:
         partitions = metadata[name]["partitions"]
-        result.append({
-            "name": name,
-            "partitions": len(partitions),
-            "replication_factor": len(partitions[0]["replica_nodes"]) if partitions else 0,
-            "config": configs.get(name, {}),
-        })
+        result.append(
+            {
+                "name": name,
+                "partitions": len(partitions),
+                "replication_factor": len(partitions[0]["replica_nodes"]) if partitions else 0,
+                "config": configs.get(name, {}),
+            }
+        )
     return result
 
 
@@ -137,19 +145,31 @@ def apply_topic_specs(admin: KafkaAdminClient, specs: list[TopicSpec]) -> list[T
     if to_create:
         try:
             admin.create_topics(
-                {spec.name: {"num_partitions": spec.partitions,
-                             "replication_factor": spec.replication_factor,
-                             "configs": spec.config} for spec in to_create},
+                {
+                    spec.name: {
+                        "num_partitions": spec.partitions,
+                        "replication_factor": spec.replication_factor,
+                        "configs": spec.config,
+                    }
+                    for spec in to_create
+                },
             )
             admin.wait_for_topics([spec.name for spec in to_create], timeout_ms=30_000)
         except KafkaError as error:
             raise TopicSpecError(
                 f"creating topics {[s.name for s in to_create]} failed: {error}"
             ) from None
-        changes += [TopicChange(name=spec.name, action="created",
-                                details=[f"partitions={spec.partitions}",
-                                         f"replication_factor={spec.replication_factor}"])
-                    for spec in to_create]
+        changes += [
+            TopicChange(
+                name=spec.name,
+                action="created",
+                details=[
+                    f"partitions={spec.partitions}",
+                    f"replication_factor={spec.replication_factor}",
+                ],
+            )
+            for spec in to_create
+        ]
     present = [spec for spec in specs if spec.name in existing]
     if present:
         current = {t["name"]: t for t in describe_topics(admin, [s.name for s in present])}
@@ -181,4 +201,6 @@ def _reconcile(admin: KafkaAdminClient, spec: TopicSpec, current: dict[str, Any]
             details += [f"{k}={v}" for k, v in sorted(diff.items())]
     except KafkaError as error:
         raise TopicSpecError(f"updating topic {spec.name} failed: {error}") from None
-    return TopicChange(name=spec.name, action="updated" if details else "unchanged", details=details)
+    return TopicChange(
+        name=spec.name, action="updated" if details else "unchanged", details=details
+    )

@@ -1,0 +1,81 @@
+"""Session-scoped real infrastructure: one Apache Kafka broker and one local Ray head.
+
+Both are started from the project's own code (the same code `framecast up` runs), on free
+ports, under a temporary home, and stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.kafka_broker import EmbeddedKafka, resolve_jars
+from cluster.processes import free_port
+from cluster.ray_head import LocalRayHead, RayHeadInfo
+from cluster.settings import RaySettings
+from streams.config import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMECAST = Path(sys.executable).parent / "framecast"
+
+
+@pytest.fixture(scope="session")
+def kafka_libs() -> Path:
+    """The broker jars, resolved once by Maven into the repo's cache."""
+    return resolve_jars(REPO / ".framecast" / "kafka" / "libs")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(
+    tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path
+) -> Iterator[EmbeddedKafka]:
+    """A real single-node KRaft broker for the whole test session."""
+    broker = EmbeddedKafka(
+        tmp_path_factory.mktemp("kafka-home"), libs_dir=kafka_libs, port=free_port(), heap_mb=384
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(kafka_broker: EmbeddedKafka) -> KafkaSettings:
+    """Connection settings that point at the session broker."""
+    return KafkaSettings(bootstrap_servers=kafka_broker.bootstrap_servers)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
+    """A real local Ray head (2 CPUs) for the whole test session."""
+    head = LocalRayHead(
+        tmp_path_factory.mktemp("ray-home"),
+        RaySettings(
+            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=2, object_store_mb=256
+        ),
+    )
+    info = head.start()
+    yield info
+    head.stop()
+
+
+def run_cli(
+    *args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `framecast` console script as a user would."""
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("FRAMECAST_") and k != "RAY_ADDRESS"
+    }
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(FRAMECAST), "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,122 @@
+"""Typed settings: validation names the field, env vars override, secrets stay secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import SettingsError, load_settings
+from streams.config import KafkaSettings
+from tests.conftest import run_cli
+
+SECRET = "s3cr3t-pw-xyz"
+
+
+def test_unknown_security_protocol_from_env_names_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FRAMECAST_KAFKA_SECURITY_PROTOCOL", "PLAINTXT")
+    with pytest.raises(SettingsError, match=r"kafka\.security_protocol: Input should be"):
+        load_settings()
+
+
+def test_max_replicas_below_min_replicas_is_rejected() -> None:
+    with pytest.raises(
+        SettingsError, match=r"serve: .*max_replicas \(1\) must be >= min_replicas \(3\)"
+    ):
+        load_settings(serve={"min_replicas": 3, "max_replicas": 1})
+
+
+def test_sasl_protocol_requires_credentials() -> None:
+    with pytest.raises(SettingsError, match="needs sasl_mechanism, sasl_username, sasl_password"):
+        load_settings(kafka={"security_protocol": "SASL_SSL"})
+
+
+def test_missing_tls_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"ssl_cafile: no such file"):
+        load_settings(kafka={"security_protocol": "SSL", "ssl_cafile": tmp_path / "ca.pem"})
+
+
+def test_unknown_field_is_rejected() -> None:
+    with pytest.raises(SettingsError, match=r"ray\.adress: Extra inputs are not permitted"):
+        load_settings(ray={"adress": "x"})
+
+
+def test_env_vars_select_existing_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMECAST_KAFKA_BOOTSTRAP", "k1:9092,k2:9092")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("FRAMECAST_SERVE_MAX_REPLICAS", "6")
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == "k1:9092,k2:9092"
+    assert not settings.kafka.uses_embedded_broker
+    assert settings.ray.address == "ray://head:10001"
+    assert settings.serve.max_replicas == 6
+    assert settings.kafka.client_config()["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMECAST_KAFKA_BOOTSTRAP", "from-env:9092")
+    settings = load_settings(kafka={"bootstrap_servers": "from-flag:9092"})
+    assert settings.kafka.bootstrap_servers == "from-flag:9092"
+
+
+def test_secrets_are_redacted_in_repr_str_and_dump() -> None:
+    settings = load_settings(
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "svc",
+            "sasl_password": SECRET,
+            "ssl_password": SECRET,
+        }
+    )
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+    assert SECRET not in repr(settings.kafka)
+    assert SECRET not in str(settings.redacted())
+    assert settings.redacted()["kafka"]["sasl_password"] == "**********"
+    # ... but the Kafka client does get the real value.
+    assert settings.kafka.client_config()["sasl_plain_password"] == SECRET
+
+
+def test_client_config_for_plaintext_has_no_security_extras() -> None:
+    config = KafkaSettings(bootstrap_servers="h:1").client_config()
+    assert config["security_protocol"] == "PLAINTEXT"
+    assert not any(key.startswith(("sasl_", "ssl_")) for key in config)
+
+
+def test_cli_rejects_bad_config_at_start_up_naming_the_field(tmp_path: Path) -> None:
+    result = run_cli(
+        "status",
+        "--json",
+        home=tmp_path,
+        env={"FRAMECAST_SERVE_MIN_REPLICAS": "4", "FRAMECAST_SERVE_MAX_REPLICAS": "2"},
+    )
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "max_replicas (2) must be >= min_replicas (4)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "issue"),
+    [
+        (["serve", "deploy", "models/fashion_mnist_optimized"], 4),
+        (["produce", "--source", "synthetic"], 5),
+        (["stream", "run"], 5),
+        (["bench", "all", "--quick"], 7),
+        (["submit", "status", "raysubmit_1"], 6),
+    ],
+)
+def test_commands_not_built_yet_say_so_and_do_nothing(
+    tmp_path: Path, argv: list[str], issue: int
+) -> None:
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    result = CliRunner().invoke(app, ["--home", str(tmp_path), *argv])
+    assert result.exit_code == 3, result.output
+    assert "is not available yet" in result.output
+    assert f"issue #{issue}" in result.output
+    assert list(tmp_path.iterdir()) == []
