@@ -314,20 +314,51 @@ def train(
     target_sparsity: Annotated[float, typer.Option(min=0, max=0.99, help="Pruning target.")] = 0.5,
     quantize: Annotated[str, typer.Option(help="none | int8 | float16 | dynamic")] = "int8",
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training.")] = False,
+    alpha: Annotated[float, typer.Option(help="mobilenet_v2 width multiplier.")] = 0.35,
+    weights: Annotated[str, typer.Option(help="mobilenet_v2: none | imagenet | PATH.")] = "none",
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 128,
+    learning_rate: Annotated[float, typer.Option(min=0, help="Adam initial learning rate.")] = 2e-3,
+    lr_schedule: Annotated[str, typer.Option(help="cosine | exponential")] = "cosine",
+    patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs).")] = 5,
+    max_failures: Annotated[int, typer.Option(help="Worker-failure restarts.")] = 2,
+    test_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    augment: Annotated[bool, typer.Option(help="Random rotation/zoom/shift/flip.")] = True,
 ) -> None:
     """Train on Ray Train, prune, quantize and export an artifact directory."""
-    not_available("train", 3, "Ray Train training and export")
+    from pydantic import ValidationError
+
+    from jobs.cli import run_train
+
+    try:
+        from jobs.train import TrainConfig
+
+        config = TrainConfig(
+            model=model, dataset=dataset, epochs=epochs, out=str(out), limit=limit,
+            test_limit=test_limit, workers=workers, gpus_per_worker=gpus_per_worker,
+            prune=prune, target_sparsity=target_sparsity, quantize=quantize, qat=qat,
+            alpha=alpha, weights=weights, batch_size=batch_size, learning_rate=learning_rate,
+            lr_schedule=lr_schedule, patience=patience, max_failures=max_failures, seed=seed,
+            augment=augment,
+        )
+    except ValidationError as error:
+        fail(f"invalid training options: {error}", EXIT_USAGE)
+    run_train(config, console, fail)
 
 
 @app.command()
 def evaluate(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
-    dataset: Annotated[str, typer.Option(help="Dataset to evaluate on.")] = "fashion-mnist",
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset to evaluate on (default: the one it was trained on).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate on N images.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics JSON.")] = False,
+    runtime: Annotated[str, typer.Option(help="auto | tflite | saved_model")] = "auto",
 ) -> None:
     """Accuracy, macro precision/recall/F1, latency, size and memory of an artifact."""
-    not_available("evaluate", 3, "evaluation")
+    from jobs.cli import run_evaluate
+
+    run_evaluate(artifact, dataset, limit, runtime, as_json, console, fail)
 
 
 @report_app.command("paper")
@@ -336,7 +367,9 @@ def report_paper(
     quick: Annotated[bool, typer.Option("--quick", help="A small, fast version.")] = False,
 ) -> None:
     """Regenerate the seed paper's results table by measurement."""
-    not_available("report paper", 3, "the paper report")
+    from jobs.cli import run_report_paper
+
+    run_report_paper(out, quick, console, fail)
 
 
 @serve_app.command("deploy")
@@ -414,25 +447,55 @@ def submit_train(
     address: Annotated[str, typer.Option(help="Ray dashboard / Jobs API URL.")],
 ) -> None:
     """Submit `framecast train ...` to a Ray cluster through the Jobs API."""
-    not_available("submit train", 6, "Ray job submission")
+    from cluster.submit import SubmitError, run_submit_train
+
+    try:
+        code = run_submit_train(_opts(ctx).settings(), address, list(ctx.args), console)
+    except SubmitError as error:
+        fail(str(error))
+    if code:
+        raise typer.Exit(code)
 
 
 @submit_app.command("status")
 def submit_status(job_id: str) -> None:
     """Status of a submitted job."""
-    not_available("submit status", 6, "Ray job submission")
+    import click
+
+    from cluster.submit import SubmitError, run_submit_status
+
+    try:
+        code = run_submit_status(_opts(click.get_current_context()).settings(), job_id, console)
+    except SubmitError as error:
+        fail(str(error))
+    if code:
+        raise typer.Exit(code)
 
 
 @submit_app.command("logs")
 def submit_logs(job_id: str) -> None:
     """Logs of a submitted job."""
-    not_available("submit logs", 6, "Ray job submission")
+    import click
+
+    from cluster.submit import SubmitError, run_submit_logs
+
+    try:
+        run_submit_logs(_opts(click.get_current_context()).settings(), job_id, console)
+    except SubmitError as error:
+        fail(str(error))
 
 
 @submit_app.command("stop")
 def submit_stop(job_id: str) -> None:
     """Stop a submitted job."""
-    not_available("submit stop", 6, "Ray job submission")
+    import click
+
+    from cluster.submit import SubmitError, run_submit_stop
+
+    try:
+        run_submit_stop(_opts(click.get_current_context()).settings(), job_id, console)
+    except SubmitError as error:
+        fail(str(error))
 
 
 # -- the main job -------------------------------------------------------------------------------

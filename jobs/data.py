@@ -1,0 +1,265 @@
+"""Datasets (fashion-mnist, folder:PATH, synthetic) as numpy arrays, and the tf.data pipeline.
+
+Loading (:func:`load_dataset`) is numpy/Pillow only, so it is cheap to call from the driver
+and from every Ray Train worker. :func:`make_tf_dataset` imports TensorFlow lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serving.idx import FASHION_MNIST_CLASSES, DatasetNotFoundError, load_fashion_mnist
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+DATASET_KINDS = ("fashion-mnist", "folder:PATH", "synthetic")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+FOLDER_IMAGE_SIZE = (28, 28)
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
+SYNTHETIC_CLASSES = tuple(f"pattern-{i}" for i in range(10))
+
+
+class DatasetError(ValueError):
+    """A dataset name is unknown, or its files are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test images (uint8, NHWC) with integer labels and class names."""
+
+    name: str
+    classes: tuple[str, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image."""
+        h, w, c = self.x_train.shape[1:]
+        return int(h), int(w), int(c)
+
+
+def _validate_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 when given, got {limit}")
+
+
+def _validate_dataset_name(name: str) -> None:
+    if name in ("fashion-mnist", "synthetic"):
+        return
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        return
+    raise DatasetError(
+        f"unknown dataset {name!r}; expected one of: fashion-mnist, folder:PATH, synthetic"
+    )
+
+
+def load_dataset(name: str, limit: int | None = None, test_limit: int | None = None,
+                 seed: int = 0) -> Dataset:
+    """Load a dataset by name; limit caps the training images, test_limit the test images."""
+    _validate_dataset_name(name)
+    _validate_limit(limit)
+    _validate_limit(test_limit)
+    if name == "fashion-mnist":
+        try:
+            x_train, y_train = load_fashion_mnist("train", limit=limit)
+            x_test, y_test = load_fashion_mnist("test", limit=test_limit)
+        except DatasetNotFoundError as error:
+            raise DatasetError(str(error)) from error
+        return Dataset(name, FASHION_MNIST_CLASSES, x_train[..., None], y_train,
+                       x_test[..., None], y_test)
+    if name == "synthetic":
+        train_n = min(limit or SYNTHETIC_TRAIN, 100_000)
+        test_n = min(test_limit or SYNTHETIC_TEST, 100_000)
+        x_train, y_train = synthetic_images(train_n, seed=seed)
+        x_test, y_test = synthetic_images(test_n, seed=seed + 1)
+        return Dataset(name, SYNTHETIC_CLASSES, x_train, y_train, x_test, y_test)
+    return _load_folder(Path(name[len("folder:"):]), limit, test_limit, seed)
+
+
+def synthetic_images(count: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 10-class images: class k is a bright bar at one of 10 positions, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=count).astype(np.int64)
+    images = rng.integers(0, 60, size=(count, size, size, 1)).astype(np.uint8)
+    band = size // 5
+    for index, label in enumerate(labels):
+        horizontal, slot = divmod(int(label), 5)
+        start = slot * band
+        if horizontal:
+            images[index, start:start + band, :, 0] = 220
+        else:
+            images[index, :, start:start + band, 0] = 220
+    return images, labels
+
+
+def _load_folder(root: Path, limit: int | None, test_limit: int | None,
+                 seed: int) -> Dataset:
+    if not root.is_dir():
+        raise DatasetError(f"folder dataset {root} does not exist (expected class sub-folders)")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes = _folder_classes(root / "train")
+        x_train, y_train = _read_class_folders(root / "train", classes)
+        x_test, y_test = _read_class_folders(root / "test", classes)
+    else:
+        classes = _folder_classes(root)
+        images, labels = _read_class_folders(root, classes)
+        order = np.random.default_rng(seed).permutation(len(labels))
+        cut = max(1, round(len(labels) * 0.8))
+        x_train, y_train = images[order[:cut]], labels[order[:cut]]
+        x_test, y_test = images[order[cut:]], labels[order[cut:]]
+        if len(y_test) == 0:
+            raise DatasetError(f"folder dataset {root} is too small to hold out a test split")
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    if test_limit is not None:
+        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    return Dataset(f"folder:{root}", classes, x_train, y_train, x_test, y_test)
+
+
+def _folder_classes(root: Path) -> tuple[str, ...]:
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise DatasetError(f"folder dataset {root} needs at least 2 class sub-folders, "
+                           f"found {len(classes)}")
+    return classes
+
+
+def _read_class_folders(root: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = [(path, index) for index, name in enumerate(classes)
+             for path in sorted((root / name).iterdir())
+             if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"folder dataset {root} has no .jpg/.jpeg/.png images")
+    decoded: list[Image.Image] = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                decoded.append(image.convert("RGB") if image.mode not in ("L", "RGB")
+                               else image.copy())
+        except (UnidentifiedImageError, OSError) as error:
+            raise DatasetError(f"{path}: not a readable image: {error}") from error
+    mode = "L" if all(image.mode == "L" for image in decoded) else "RGB"
+    arrays = [np.asarray(image.convert(mode).resize(FOLDER_IMAGE_SIZE), dtype=np.uint8)
+              for image in decoded]
+    images = np.stack(arrays)
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return images, labels
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded shuffle, then hold out val_fraction of the training images for validation."""
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_val = max(1, round(len(y) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def calibration_sample(x: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of training images used as the int8 representative dataset."""
+    order = np.random.default_rng(seed).permutation(len(x))[:count]
+    return x[np.sort(order)]
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def normalize(images: Any) -> Any:
+    """uint8 pixels to float32 in [0, 1] (the paper's normalization); numpy or tf."""
+    if isinstance(images, np.ndarray):
+        return images.astype(np.float32) / np.float32(255.0)
+    import tensorflow as tf
+
+    return tf.cast(images, tf.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random affine (rotation, zoom, translation) and horizontal flip, per image."""
+
+    rotation: float = 0.04      # fraction of a full turn (0.04 ~ +-14 degrees)
+    zoom: float = 0.08          # relative scale change
+    translation: float = 0.08   # fraction of height/width
+    flip: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is applied."""
+        return self.flip or any(v > 0 for v in (self.rotation, self.zoom, self.translation))
+
+
+NO_AUGMENTATION = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False)
+
+
+def augment_batch(images: tf.Tensor, aug: Augmentation) -> tf.Tensor:
+    """Apply one random affine transform and flip per image of a float NHWC batch."""
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    if aug.flip:
+        flip = tf.random.uniform([batch, 1, 1, 1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    if aug.rotation <= 0 and aug.zoom <= 0 and aug.translation <= 0:
+        return images
+    angle = tf.random.uniform([batch], -aug.rotation, aug.rotation) * 2.0 * np.pi
+    scale = tf.random.uniform([batch], 1.0 - aug.zoom, 1.0 + aug.zoom)
+    tx = tf.random.uniform([batch], -aug.translation, aug.translation) * width
+    ty = tf.random.uniform([batch], -aug.translation, aug.translation) * height
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2).
+    a0, a1 = cos, -sin
+    b0, b1 = sin, cos
+    a2 = cx - a0 * cx - a1 * cy - tx
+    b2 = cy - b0 * cx - b1 * cy - ty
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms,
+        output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT",
+    )
+
+
+def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,
+                    seed: int, aug: Augmentation = NO_AUGMENTATION) -> tf.data.Dataset:
+    """Normalized, cached, (shuffled, augmented,) batched and prefetched tf.data pipeline."""
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64)))
+    data = data.map(lambda image, label: (normalize(image), label),
+                    num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if training:
+        data = data.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size, drop_remainder=False)
+    if training and aug.enabled:
+        data = data.map(lambda images, labels: (augment_batch(images, aug), labels),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return data.with_options(options).prefetch(tf.data.AUTOTUNE)

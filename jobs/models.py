@@ -1,0 +1,166 @@
+"""The model zoo: the paper's baseline CNN, MobileNetV2, and framecast's optimized CNN.
+
+All models are Keras 2 (``tf_keras``) functional models that take float images in [0, 1],
+NHWC, and end in a softmax over the classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.tf_env import keras
+
+MODEL_NAMES = ("baseline_cnn", "mobilenet_v2", "optimized_cnn")
+MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MOBILENET_MIN_SIZE = 32
+MOBILENET_IMAGENET_SIZE = 96
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build and its options."""
+
+    name: str
+    alpha: float = 0.35
+    weights: str = "none"  # none | imagenet | PATH (a .h5 / .weights.h5 weights file)
+
+
+def _validate_model_spec(spec: ModelSpec) -> None:
+    if spec.name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {spec.name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+    if spec.name != "mobilenet_v2":
+        if spec.weights != "none":
+            raise ValueError(f"--weights is only for mobilenet_v2, not {spec.name}")
+        return
+    if spec.weights == "imagenet" and spec.alpha not in MOBILENET_ALPHAS:
+        raise ValueError(f"imagenet weights exist only for alpha in {MOBILENET_ALPHAS}, "
+                         f"got {spec.alpha}")
+    if spec.alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {spec.alpha}")
+    if spec.weights not in ("none", "imagenet") and not Path(spec.weights).is_file():
+        raise ValueError(f"--weights must be none, imagenet or an existing weights file; "
+                         f"{spec.weights} does not exist")
+
+
+def build_model(spec: ModelSpec, input_shape: tuple[int, int, int],
+                num_classes: int) -> keras.Model:
+    """Build an uncompiled model for input_shape (H, W, C) and num_classes."""
+    _validate_model_spec(spec)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if spec.name == "baseline_cnn":
+        return baseline_cnn(input_shape, num_classes)
+    if spec.name == "optimized_cnn":
+        return optimized_cnn(input_shape, num_classes)
+    return mobilenet_v2(input_shape, num_classes, alpha=spec.alpha, weights=spec.weights)
+
+
+def baseline_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The paper's CNN, read sanely (docs/paper.md): 4 convs, 2 pools, 2 dense + dropout 0.5."""
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = inputs
+    for index, filters in enumerate((32, 64, 128, 256)):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu",
+                          name=f"conv{index + 1}")(x)
+        if index % 2 == 1:
+            x = layers.MaxPooling2D(2, name=f"pool{index // 2 + 1}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(256, activation="relu", name="fc1")(x)
+    x = layers.Dropout(0.5, name="drop1")(x)
+    x = layers.Dense(128, activation="relu", name="fc2")(x)
+    x = layers.Dropout(0.5, name="drop2")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="baseline_cnn")
+
+
+def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """framecast's CNN: narrow early layers, BatchNorm, GAP head; ~1/4 of the baseline's MACs."""
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = inputs
+
+    def conv_bn(x: Any, filters: int, name: str) -> Any:
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    x = conv_bn(x, 24, "conv1")
+    x = conv_bn(x, 32, "conv2")
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = conv_bn(x, 64, "conv3")
+    x = conv_bn(x, 64, "conv4")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = conv_bn(x, 128, "conv5")
+    x = conv_bn(x, 128, "conv6")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3, name="drop")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="optimized_cnn")
+
+
+def mobilenet_v2(input_shape: tuple[int, int, int], num_classes: int, alpha: float = 0.35,
+                 weights: str = "none") -> keras.Model:
+    """Keras MobileNetV2 (flattened into one graph) on images resized to >= 32x32, 3 channels."""
+    layers = keras.layers
+    height, width, channels = input_shape
+    minimum = MOBILENET_IMAGENET_SIZE if weights == "imagenet" else MOBILENET_MIN_SIZE
+    size = (max(height, minimum), max(width, minimum))
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = inputs
+    if (height, width) != size:
+        x = layers.Resizing(size[0], size[1], name="resize")(x)
+    if channels == 1:
+        x = layers.Concatenate(axis=-1, name="to_rgb")([x, x, x])
+    elif channels != 3:
+        raise ValueError(f"mobilenet_v2 needs 1 or 3 input channels, got {channels}")
+    # MobileNetV2 expects inputs in [-1, 1].
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_signed")(x)
+    base = keras.applications.MobileNetV2(
+        input_tensor=x, input_shape=(size[0], size[1], 3), alpha=alpha, include_top=False,
+        weights="imagenet" if weights == "imagenet" else None,
+    )
+    y = layers.GlobalAveragePooling2D(name="gap")(base.output)
+    y = layers.Dropout(0.2, name="drop")(y)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(y)
+    model = keras.Model(inputs, outputs, name="mobilenet_v2")
+    if weights not in ("none", "imagenet"):
+        model.load_weights(weights)
+    return model
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one forward pass (Conv2D, DepthwiseConv2D, Dense layers)."""
+    total = 0
+    for layer in _leaf_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        out_shape = layer.output_shape
+        if isinstance(out_shape, list):
+            out_shape = out_shape[0]
+        spatial = 1
+        for dim in out_shape[1:-1]:
+            spatial *= int(dim)
+        kernel_size = 1
+        for dim in kernel.shape:
+            kernel_size *= int(dim)
+        # Conv2D [kh, kw, cin, cout], DepthwiseConv2D [kh, kw, cin, mult], Dense [in, out]:
+        # each kernel weight is used once per output position.
+        total += spatial * kernel_size
+    return total
+
+
+def _leaf_layers(model: keras.Model) -> list[Any]:
+    leaves: list[Any] = []
+    for layer in model.layers:
+        inner = getattr(layer, "layer", None)  # pruning wrappers
+        if isinstance(layer, keras.Model):
+            leaves += _leaf_layers(layer)
+        elif inner is not None:
+            leaves.append(inner)
+        else:
+            leaves.append(layer)
+    return leaves

@@ -1,0 +1,479 @@
+"""Ray Train (V2) multi-worker training with MultiWorkerMirroredStrategy, pruning and export.
+
+The driver (:func:`train_artifact`) validates the options, runs a ``TensorflowTrainer`` whose
+workers train with ``MultiWorkerMirroredStrategy`` and report a checkpoint every epoch, then
+rebuilds the model from the final checkpoint, strips pruning, exports the float SavedModel and
+the LiteRT model, evaluates both on the test split and writes the artifact directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.artifacts import MANIFEST_NAME
+
+CHECKPOINT_STATE = "state"
+CHECKPOINT_PROGRESS = "progress.json"
+CALIBRATION_SAMPLES = 500
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; sent to every Ray Train worker as JSON."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    dataset: str
+    epochs: int = Field(ge=1)
+    out: str
+    limit: int | None = Field(default=None, ge=1)
+    test_limit: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0)
+    cpus_per_worker: float | None = Field(default=None, gt=0.0)
+    prune: str = "none"
+    target_sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+    quantize: str = "int8"
+    qat: bool = False
+    alpha: float = 0.35
+    weights: str = "none"
+    batch_size: int = Field(default=128, ge=1, description="Global batch (all workers).")
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    lr_schedule: str = "cosine"
+    val_fraction: float = 0.1
+    patience: int = Field(default=5, ge=1)
+    augment: bool = True
+    seed: int = 0
+    max_failures: int = Field(default=2, ge=-1)
+    fail_after_epoch: int | None = Field(
+        default=None, description="Testing: raise in every worker after reporting this epoch, "
+                                  "once (not after a resume).")
+    storage_path: str | None = None
+    run_name: str | None = None
+
+    @model_validator(mode="after")
+    def _validate_choices(self) -> TrainConfig:
+        from jobs.models import MODEL_NAMES
+
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; expected one of: "
+                             f"{', '.join(MODEL_NAMES)}")
+        if self.lr_schedule not in ("cosine", "exponential"):
+            raise ValueError(f"lr_schedule must be cosine or exponential, got {self.lr_schedule}")
+        if self.qat and self.quantize != "int8":
+            raise ValueError("--qat needs --quantize int8")
+        if self.batch_size < self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be >= workers ({self.workers})")
+        return self
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check the options that need the data/model modules (cheap: no TensorFlow import)."""
+    from jobs.data import _validate_dataset_name
+    from jobs.pruning import validate_prune_options
+
+    _validate_dataset_name(config.dataset)
+    validate_prune_options(config.prune, config.target_sparsity)
+    if config.quantize not in ("none", "int8", "float16", "dynamic"):
+        raise ValueError(f"unknown quantization {config.quantize!r}; expected one of: "
+                         "none, int8, float16, dynamic")
+    if config.model != "mobilenet_v2" and config.weights != "none":
+        raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
+    if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
+        raise ValueError(f"--weights {config.weights}: no such weights file")
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / MANIFEST_NAME).is_file())):
+        raise ValueError(f"--out {out} exists and is not an artifact directory; "
+                         "refusing to overwrite it")
+
+
+# -- the worker side --------------------------------------------------------------------------
+
+def _lr_schedule(config: TrainConfig, total_steps: int) -> Any:
+    from jobs.tf_env import keras
+
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, total_steps), alpha=0.02)
+    return keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate, decay_steps=max(1, total_steps // max(1, config.epochs)),
+        decay_rate=0.9)
+
+
+def _steps_per_epoch(train_count: int, batch_size: int) -> int:
+    return max(1, -(-train_count // batch_size))
+
+
+def build_training_model(config: TrainConfig, input_shape: tuple[int, int, int],
+                         num_classes: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    """(model with pruning wrappers as configured, pruning plan)."""
+    from jobs.models import ModelSpec, build_model
+    from jobs.pruning import apply_pruning, plan_pruning
+
+    spec = ModelSpec(config.model, alpha=config.alpha, weights=config.weights)
+    plan = plan_pruning(config.prune, config.target_sparsity, steps_per_epoch, config.epochs)
+    model = build_model(spec, input_shape, num_classes)
+    return apply_pruning(model, plan), plan
+
+
+def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
+    """Ray Train worker: MultiWorkerMirroredStrategy training with per-epoch checkpoints."""
+    import ray.train
+
+    config = TrainConfig.model_validate(raw_config["config"])
+    progress_actor = raw_config.get("progress")
+    from jobs.tf_env import keras, tf
+
+    tf.get_logger().setLevel("ERROR")
+    cpus = int(config.cpus_per_worker or 1)
+    tf.config.threading.set_intra_op_parallelism_threads(max(1, cpus))
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
+    keras.utils.set_random_seed(config.seed)
+
+    from jobs.data import (
+        NO_AUGMENTATION,
+        Augmentation,
+        load_dataset,
+        make_tf_dataset,
+        split_train_val,
+    )
+    from jobs.pruning import pruning_callbacks
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    data = load_dataset(config.dataset, limit=config.limit, test_limit=1, seed=config.seed)
+    x_train, y_train, x_val, y_val = split_train_val(
+        data.x_train, data.y_train, config.val_fraction, config.seed)
+    steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
+    aug = Augmentation() if config.augment else NO_AUGMENTATION
+    train_ds = make_tf_dataset(x_train, y_train, config.batch_size, training=True,
+                               seed=config.seed, aug=aug)
+    val_ds = make_tf_dataset(x_val, y_val, config.batch_size, training=False, seed=config.seed)
+
+    with strategy.scope():
+        model, plan = build_training_model(config, data.input_shape, len(data.classes),
+                                           steps_per_epoch)
+        optimizer = keras.optimizers.Adam(
+            learning_rate=_lr_schedule(config, steps_per_epoch * config.epochs))
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+
+    progress: dict[str, Any] = {"epoch": 0, "best_val_accuracy": -1.0, "wait": 0,
+                                "history": [], "early_stopped": False, "resumed_from": None}
+    state = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state.read(os.path.join(directory, CHECKPOINT_STATE)).expect_partial()
+            with open(os.path.join(directory, CHECKPOINT_PROGRESS), encoding="utf-8") as handle:
+                progress = json.load(handle)
+        progress["resumed_from"] = progress["epoch"]
+    resumed = checkpoint is not None
+    prune_end_epoch = -(-plan.end_step // steps_per_epoch) if plan.enabled else 0
+
+    class ReportEpoch(keras.callbacks.Callback):
+        """Checkpoint + report to Ray Train every epoch; early stopping on val accuracy."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = dict(logs or {})
+            val_acc = float(logs.get("val_accuracy", 0.0))
+            improved = val_acc > progress["best_val_accuracy"] + 1e-4
+            progress["best_val_accuracy"] = max(progress["best_val_accuracy"], val_acc)
+            # Patience only counts once pruning reached its final sparsity.
+            progress["wait"] = 0 if improved or epoch + 1 <= prune_end_epoch \
+                else progress["wait"] + 1
+            stop = progress["wait"] >= config.patience and epoch + 1 < config.epochs
+            progress["epoch"] = epoch + 1
+            progress["early_stopped"] = bool(stop)
+            record = {k: float(v) for k, v in logs.items()}
+            record.update(epoch=float(epoch + 1), lr=float(
+                tf.keras.backend.get_value(self.model.optimizer.learning_rate)
+                if not callable(self.model.optimizer.learning_rate)
+                else self.model.optimizer.learning_rate(self.model.optimizer.iterations)))
+            progress["history"].append(record)
+            directory = tempfile.mkdtemp(prefix=f"framecast-ckpt-{rank}-")
+            state.write(os.path.join(directory, CHECKPOINT_STATE))  # every rank: collectives
+            with open(os.path.join(directory, CHECKPOINT_PROGRESS), "w",
+                      encoding="utf-8") as handle:
+                json.dump(progress, handle)
+            metrics = {**record, "early_stopped": bool(stop)}
+            if rank == 0:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(
+                    directory))
+                if progress_actor is not None:
+                    progress_actor.push.remote(metrics)
+            else:
+                ray.train.report(metrics)
+            shutil.rmtree(directory, ignore_errors=True)
+            if stop:
+                self.model.stop_training = True
+            if (config.fail_after_epoch is not None and not resumed
+                    and epoch + 1 == config.fail_after_epoch):
+                raise RuntimeError(f"injected worker failure after epoch {epoch + 1} "
+                                   f"(rank {rank} of {world})")
+
+    start_epoch = int(progress["epoch"])
+    if start_epoch >= config.epochs or progress.get("early_stopped"):
+        return
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=start_epoch,
+              callbacks=[*pruning_callbacks(plan), ReportEpoch()], verbose=0)
+
+
+# -- the driver side --------------------------------------------------------------------------
+
+def _ray_init(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _progress_actor_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        """Collects the per-epoch metrics rank 0 reports, for the driver's progress display."""
+
+        def __init__(self) -> None:
+            self.records: list[dict[str, Any]] = []
+
+        def push(self, record: dict[str, Any]) -> None:
+            self.records.append(record)
+
+        def since(self, index: int) -> list[dict[str, Any]]:
+            return self.records[index:]
+
+    return ProgressBoard
+
+
+def run_ray_training(config: TrainConfig,
+                     on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """Run the TensorflowTrainer; return the Ray Train Result (with the final checkpoint)."""
+    import threading
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    _ray_init()
+    available = int(ray.cluster_resources().get("CPU", 1))
+    cpus = config.cpus_per_worker or max(1, available // config.workers)
+    config = config.model_copy(update={"cpus_per_worker": cpus})
+    resources: dict[str, float] = {"CPU": float(cpus)}
+    if config.gpus_per_worker > 0:
+        resources["GPU"] = config.gpus_per_worker
+    board = _progress_actor_class().remote()
+    storage = config.storage_path or str(Path(os.environ.get("FRAMECAST_HOME", ".framecast"))
+                                         .resolve() / "train")
+    name = config.run_name or f"{config.model}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(), "progress": board},
+        scaling_config=ScalingConfig(num_workers=config.workers,
+                                     use_gpu=config.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised on the driver thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    seen = 0
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        records = ray.get(board.since.remote(seen))
+        seen += len(records)
+        for record in records:
+            if on_epoch is not None:
+                on_epoch(record)
+    for record in ray.get(board.since.remote(seen)):
+        if on_epoch is not None:
+            on_epoch(record)
+    ray.kill(board)
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result
+
+
+def restore_trained_model(config: TrainConfig, checkpoint_dir: Path, input_shape: tuple[int, ...],
+                          num_classes: int, steps_per_epoch: int) -> tuple[Any, Any, dict]:
+    """(stripped model, pruning plan + layer names, progress) from a Ray Train checkpoint."""
+    from jobs.pruning import pruned_layer_names, strip
+    from jobs.tf_env import tf
+
+    model, plan = build_training_model(config, input_shape, num_classes,  # type: ignore[arg-type]
+                                       steps_per_epoch)
+    tf.train.Checkpoint(model=model).read(
+        str(checkpoint_dir / CHECKPOINT_STATE)).expect_partial()
+    layers = pruned_layer_names(model) if plan.enabled else []
+    progress = json.loads((checkpoint_dir / CHECKPOINT_PROGRESS).read_text(encoding="utf-8"))
+    return strip(model), (plan, layers), progress
+
+
+def train_artifact(config: TrainConfig,
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, prune, export and evaluate; write the artifact directory; return its metrics."""
+    validate_config(config)
+    stage = on_stage or (lambda _message: None)
+    from jobs.data import array_sha256, calibration_sample, load_dataset, split_train_val
+
+    data = load_dataset(config.dataset, limit=config.limit, test_limit=config.test_limit,
+                        seed=config.seed)
+    x_train, y_train, _, _ = split_train_val(data.x_train, data.y_train, config.val_fraction,
+                                             config.seed)
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    stage(f"training {config.model} on {config.dataset} ({len(y_train)} images, "
+          f"{config.workers} worker(s))")
+    result = run_ray_training(config, on_epoch=on_epoch)
+    train_seconds = time.perf_counter() - clock
+    finished = datetime.now(UTC)
+    stage("exporting")
+    from jobs.export import convert_tflite, save_float_saved_model
+    from jobs.models import ModelSpec, build_model, count_macs
+    from jobs.pruning import check_sparsity, measure_sparsity
+
+    steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        model, (plan, layers), progress = restore_trained_model(
+            config, Path(checkpoint_dir), data.input_shape, len(data.classes), steps_per_epoch)
+    measured, per_layer = measure_sparsity(model, layers)
+    check_sparsity(measured, plan)
+    macs = count_macs(build_model(ModelSpec(config.model, config.alpha, "none"),
+                                  data.input_shape, len(data.classes)))
+    out = Path(config.out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent
+                                    if out.parent.exists() else None))
+    try:
+        save_float_saved_model(model, staging / "saved_model")
+        calibration = calibration_sample(x_train, CALIBRATION_SAMPLES, config.seed)
+        calibration_hash = None
+        if config.quantize != "none":
+            tflite = convert_tflite(model, config.quantize, calibration)
+            (staging / "model.tflite").write_bytes(tflite)
+            if config.quantize == "int8":
+                calibration_hash = array_sha256(calibration)
+        manifest = _manifest(config, data, model, macs, plan, measured, per_layer,
+                             calibration_hash, min(len(calibration), CALIBRATION_SAMPLES)
+                             if calibration_hash else None,
+                             started, finished, train_seconds, progress)
+        stage("evaluating on the test split")
+        metrics = _evaluate_staged(staging, manifest, data)
+        metrics["train_seconds"] = train_seconds
+        _finish_artifact(staging, manifest, metrics)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, measured: float,
+              per_layer: dict[str, float], calibration_hash: str | None,
+              calibration_count: int | None, started: datetime, finished: datetime,
+              train_seconds: float, progress: dict[str, Any]) -> Any:
+    from serving.artifacts import ArtifactManifest, InputSpec, Optimization, Training
+
+    height, width, channels = data.input_shape
+    quantized = config.quantize != "none"
+    input_dtype = "int8" if config.quantize == "int8" else "float32"
+    return ArtifactManifest(
+        name=f"{config.dataset.split(':')[0]}-{config.model}",
+        version=finished.strftime("%Y%m%d%H%M%S"),
+        model=config.model,
+        classes=list(data.classes),
+        input=InputSpec(shape=[-1, height, width, channels], dtype=input_dtype,
+                        normalization="x / 255 (uint8 pixels to [0, 1])"),
+        primary="model.tflite" if quantized else "saved_model",
+        param_count=int(model.count_params()),
+        macs=macs,
+        optimization=Optimization(
+            prune_schedule=config.prune,  # type: ignore[arg-type]
+            target_sparsity=plan.effective_target,
+            measured_sparsity=measured, layer_sparsity=per_layer,
+            quantization=config.quantize,  # type: ignore[arg-type]
+            qat=config.qat, calibration_sha256=calibration_hash,
+            calibration_samples=calibration_count),
+        training=Training(
+            dataset=config.dataset, epochs=int(progress["epoch"]),
+            epochs_requested=config.epochs, workers=config.workers,
+            gpus_per_worker=config.gpus_per_worker, seed=config.seed, limit=config.limit,
+            started_at=started, finished_at=finished, train_seconds=train_seconds,
+            early_stopped=bool(progress.get("early_stopped")),
+            history=progress.get("history", [])),
+    )
+
+
+def _evaluate_staged(staging: Path, manifest: Any, data: Any) -> dict[str, Any]:
+    from jobs.evaluate import evaluate_loaded
+    from serving.artifacts import load_artifact, write_manifest
+
+    write_manifest(staging, manifest)
+    artifact = load_artifact(staging)
+    if artifact.tflite_path is not None:
+        runner_info = _tflite_io(artifact.tflite_path)
+        manifest.input.dtype = runner_info["dtype"]
+        manifest.input.scale = runner_info["scale"]
+        manifest.input.zero_point = runner_info["zero_point"]
+    metrics = evaluate_loaded(artifact, data.x_test, data.y_test, runtime="auto")
+    if artifact.tflite_path is not None:
+        float_metrics = evaluate_loaded(artifact, data.x_test, data.y_test,
+                                        runtime="saved_model")
+        metrics["float"] = {k: v for k, v in float_metrics.items() if k != "confusion_matrix"}
+    metrics["dataset"] = manifest.training.dataset
+    return metrics
+
+
+def _tflite_io(path: Path) -> dict[str, Any]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_path=str(path)).get_input_details()[0]
+    scale, zero = details["quantization"]
+    dtype = str(details["dtype"].__name__)
+    return {"dtype": dtype, "scale": float(scale) if scale else None,
+            "zero_point": int(zero) if scale else None}
+
+
+def _finish_artifact(staging: Path, manifest: Any, metrics: dict[str, Any]) -> None:
+    from serving.artifacts import write_json, write_manifest
+
+    write_json(staging / "metrics.json", metrics)
+    summary = {k: v for k, v in metrics.items() if k not in ("confusion_matrix",)}
+    write_manifest(staging, manifest.model_copy(update={"metrics": summary}))
+
