@@ -436,6 +436,7 @@ def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, 
             gpus_per_worker=config.gpus_per_worker, seed=config.seed, limit=config.limit,
             started_at=started, finished_at=finished, train_seconds=train_seconds,
             early_stopped=bool(progress.get("early_stopped")),
+            resumed_from_epoch=progress.get("resumed_from"),
             history=progress.get("history", [])),
     )
 

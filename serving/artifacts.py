@@ -92,6 +92,8 @@ class Training(_Strict):
     finished_at: datetime
     train_seconds: float | None = None
     early_stopped: bool = False
+    resumed_from_epoch: int | None = Field(
+        default=None, description="Epoch of the checkpoint training resumed from after a failure.")
     history: list[dict[str, float]] = Field(default_factory=list)
 
 
