@@ -197,9 +197,9 @@ def normalize(images: Any) -> Any:
 class Augmentation:
     """Random affine (rotation, zoom, translation) and horizontal flip, per image."""
 
-    rotation: float = 0.04      # fraction of a full turn (0.04 ~ +-14 degrees)
-    zoom: float = 0.08          # relative scale change
-    translation: float = 0.08   # fraction of height/width
+    rotation: float = 0.02      # fraction of a full turn (0.02 ~ +-7 degrees)
+    zoom: float = 0.05          # relative scale change
+    translation: float = 0.06   # fraction of height/width
     flip: bool = True
 
     @property

@@ -77,7 +77,7 @@ def baseline_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.M
 
 
 def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """framecast's CNN: narrow early layers, BatchNorm, GAP head; ~1/4 of the baseline's MACs."""
+    """framecast's CNN: narrow full-resolution layers, BatchNorm, GAP head; ~1/5 of the baseline's MACs."""
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
@@ -87,16 +87,15 @@ def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.
         x = layers.BatchNormalization(name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
-    x = conv_bn(x, 24, "conv1")
+    x = conv_bn(x, 16, "conv1")
     x = conv_bn(x, 32, "conv2")
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = conv_bn(x, 64, "conv3")
     x = conv_bn(x, 64, "conv4")
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = conv_bn(x, 128, "conv5")
-    x = conv_bn(x, 128, "conv6")
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(0.3, name="drop")(x)
+    x = layers.Dropout(0.2, name="drop")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="optimized_cnn")
 
