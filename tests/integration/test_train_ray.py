@@ -1,0 +1,105 @@
+"""Real Ray Train (V2) with 2 workers: pruning + int8 export, resume after a worker failure,
+and `framecast evaluate --json` on the artifact it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.train import TrainConfig, train_artifact
+from serving.artifacts import ArtifactError, load_artifact
+
+FRAMECAST = Path(sys.executable).parent / "framecast"
+METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "latency_ms_p50",
+               "latency_ms_p99", "throughput_ips", "size_bytes", "gzip_bytes", "param_count",
+               "sparsity", "peak_rss_mb", "samples"}
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus() -> Iterator[None]:
+    """An in-process local Ray instance with 2 CPUs for this module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def artifact(ray_two_cpus: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Train 4 epochs on 2 workers with constant pruning; every worker fails once after epoch 2."""
+    root = tmp_path_factory.mktemp("train")
+    config = TrainConfig(
+        model="optimized_cnn", dataset="synthetic", epochs=4, out=str(root / "artifact"),
+        limit=320, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
+        quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=2,
+        storage_path=str(root / "ray"), augment=False,
+    )
+    epochs: list[dict] = []
+    metrics = train_artifact(config, on_epoch=epochs.append)
+    return Path(config.out), {"metrics": metrics, "epochs": epochs}
+
+
+def test_artifact_is_verified_pruned_and_int8(artifact: tuple[Path, dict]) -> None:
+    directory, outcome = artifact
+    loaded = load_artifact(directory)
+    manifest = loaded.manifest
+    assert manifest.training.workers == 2
+    assert manifest.optimization.prune_schedule == "constant"
+    assert abs(manifest.optimization.measured_sparsity - 0.5) <= 0.02
+    assert all(abs(v - 0.5) <= 0.02 for v in manifest.optimization.layer_sparsity.values())
+    assert manifest.optimization.calibration_sha256 is not None
+    assert manifest.input.dtype == "int8"
+    assert {"model.tflite", "metrics.json", "saved_model/saved_model.pb"} <= set(manifest.files)
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["samples"] == 160
+    # int8 agrees with float on most of the test sample (same predictions <=> close accuracy).
+    assert abs(metrics["accuracy"] - metrics["float"]["accuracy"]) <= 0.1
+    assert outcome["metrics"]["accuracy"] == metrics["accuracy"]
+
+
+def test_training_resumed_from_checkpoint_after_worker_failure(
+        artifact: tuple[Path, dict]) -> None:
+    directory, outcome = artifact
+    training = load_artifact(directory).manifest.training
+    assert training.resumed_from_epoch == 2
+    assert training.epochs == 4
+    assert [int(h["epoch"]) for h in training.history] == [1, 2, 3, 4]
+    # Epochs 1-2 were reported before the failure, 3-4 after the restart (not 1-4 again).
+    assert [int(r["epoch"]) for r in outcome["epochs"]] == [1, 2, 3, 4]
+
+
+def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict],
+                                              tmp_path: Path) -> None:
+    directory, _ = artifact
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([str(FRAMECAST), "evaluate", str(directory), "--limit", "100",
+                           "--json"], capture_output=True, text=True, env=env, timeout=240,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["samples"] == 100
+    assert metrics["runtime"] == "tflite"
+    assert np.array(metrics["confusion_matrix"]).sum() == 100
+
+    tampered = tmp_path / "tampered"
+    subprocess.run(["cp", "-r", str(directory), str(tampered)], check=True)
+    raw = bytearray((tampered / "model.tflite").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tampered / "model.tflite").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(tampered)
+    done = subprocess.run([str(FRAMECAST), "evaluate", str(tampered), "--json"],
+                          capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert done.returncode == 1
+    assert "refusing to load" in done.stderr
+    assert done.stdout == ""
