@@ -187,7 +187,7 @@ def run_demo(
         producer.close()
         consumer.close()
 
-        ray_checks = _verify_in_ray(stack.ray_address(settings), received, settings)
+        ray_checks = _verify_in_ray(received, settings)
         lost = frames - got
         mismatched = [
             s
@@ -222,30 +222,20 @@ def run_demo(
     return report
 
 
-def _verify_in_ray(
-    address: str | None, received: dict[str, list[bytes]], settings: FramecastSettings
-) -> dict[str, Any]:
+def _verify_in_ray(received: dict[str, list[bytes]], settings: FramecastSettings) -> dict[str, Any]:
     import ray
 
-    ray.init(
-        address=address,
-        namespace=settings.ray.namespace,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
-    )
-    try:
+    with stack.ray_connection(settings) as address:
         verify = ray.remote(num_cpus=0.5)(_verify_stream)
         refs = {stream: verify.remote(payloads) for stream, payloads in received.items()}
         streams = {stream: ray.get(ref) for stream, ref in refs.items()}
         resources = ray.cluster_resources()
-        return {
-            "address": address,
-            "cpus": resources.get("CPU"),
-            "streams": streams,
-            "tasks": len(refs),
-        }
-    finally:
-        ray.shutdown()
+    return {
+        "address": address,
+        "cpus": resources.get("CPU"),
+        "streams": streams,
+        "tasks": len(refs),
+    }
 
 
 def _print_summary(console: Console, report: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ stops only those, so a developer's other Ray sessions survive ``framecast down``
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -58,6 +60,25 @@ class LocalRayHead:
         # named after the home directory so that two checkouts do not collide.
         digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:10]
         self.temp_dir = Path("/tmp") / f"framecast-ray-{digest}"  # noqa: S108 - short path on purpose
+
+    @property
+    def token_file(self) -> Path:
+        """The head's own Ray auth token (mode 0600), made on first start."""
+        return self.dir / "auth_token"
+
+    def client_env(self, *, create: bool = False) -> dict[str, str]:
+        """Env vars under which Ray clients (and the head) use this head's token auth.
+
+        Ray 2.60 turns token authentication on whenever a token file exists, so the head
+        and every client are told explicitly which token to use (never ~/.ray/auth_token,
+        which another Ray on this machine may own).
+        """
+        if create and not self.token_file.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file.resolve())}
 
     def processes(self) -> list[psutil.Process]:
         """This head's processes and all their descendants.
@@ -126,10 +147,12 @@ class LocalRayHead:
         ]
         if s.num_cpus is not None:
             cmd.append(f"--num-cpus={s.num_cpus}")
+        env = {**os.environ, **self.client_env(create=True)}
         with self.log_file.open("wb") as log_handle:
             try:
                 result = subprocess.run(
                     cmd,
+                    env=env,
                     stdout=log_handle,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,

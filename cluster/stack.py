@@ -6,11 +6,15 @@ it is and never started or stopped here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.exceptions import RayHeadError
 from cluster.kafka_broker import EmbeddedKafka, broker_answers_metadata
 from cluster.ray_head import LocalRayHead
 from cluster.settings import FramecastSettings
@@ -39,6 +43,31 @@ def kafka_bootstrap(settings: FramecastSettings) -> str:
         return settings.kafka.bootstrap_servers
     info = embedded_kafka(settings).info()
     return info.bootstrap_servers if info else f"127.0.0.1:{settings.kafka.embedded_port}"
+
+
+@contextlib.contextmanager
+def ray_connection(settings: FramecastSettings, address: str | None = None) -> Iterator[str]:
+    """ray.init() against the configured cluster (with the local head's token), then shutdown.
+
+    External clusters use the caller's own RAY_AUTH_* environment, as Ray documents.
+    """
+    import ray
+
+    target = address or ray_address(settings)
+    if target is None:
+        raise RayHeadError("no Ray cluster: run `framecast up` or pass --ray-address")
+    if not settings.ray.address:
+        os.environ.update(local_ray_head(settings).client_env())
+    ray.init(
+        address=target,
+        namespace=settings.ray.namespace,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
+    try:
+        yield target
+    finally:
+        ray.shutdown()
 
 
 def ray_address(settings: FramecastSettings) -> str | None:
@@ -181,38 +210,30 @@ def _ray_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
         "serve_applications": None,
     }
     if probe and address is not None:
-        out.update(_probe_ray(address, settings.ray.namespace))
+        out.update(_probe_ray(settings, address))
     return out
 
 
-def _probe_ray(address: str, namespace: str) -> dict[str, Any]:
+def _probe_ray(settings: FramecastSettings, address: str) -> dict[str, Any]:
     import ray
+    from ray import serve
 
     try:
-        ray.init(
-            address=address,
-            namespace=namespace,
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-            include_dashboard=False,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        return {"error": f"cannot connect to Ray at {address}: {error}"}
-    try:
-        resources = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
-        from ray import serve
-
-        # serve.status() reports no applications when Serve was never started here.
-        apps = {
-            name: {
-                "status": str(getattr(app.status, "value", app.status)),
-                "replicas": {
-                    dep: str(getattr(d.status, "value", d.status))
-                    for dep, d in app.deployments.items()
-                },
+        with ray_connection(settings, address):
+            resources = {
+                k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")
             }
-            for name, app in serve.status().applications.items()
-        }
-        return {"resources": resources, "serve_applications": apps}
-    finally:
-        ray.shutdown()
+            # serve.status() reports no applications when Serve was never started here.
+            apps = {
+                name: {
+                    "status": str(getattr(app.status, "value", app.status)),
+                    "deployments": {
+                        dep: str(getattr(d.status, "value", d.status))
+                        for dep, d in app.deployments.items()
+                    },
+                }
+                for name, app in serve.status().applications.items()
+            }
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        return {"error": f"cannot query Ray at {address}: {error}"}
+    return {"resources": resources, "serve_applications": apps}

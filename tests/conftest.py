@@ -59,8 +59,16 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
         ),
     )
     info = head.start()
+    # Ray clients in this session (in-process ray.init, CLI subprocesses) use its token.
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(head.client_env())
     yield info
     head.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def run_cli(

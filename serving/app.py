@@ -1,0 +1,335 @@
+"""The Ray Serve application: a verified artifact behind dynamic batching, with an HTTP API.
+
+``import_path: serving.app:app`` names :func:`app`, an application builder that takes the
+``args`` of a Serve config (see ``serving/serve_config.yaml``) and returns the application.
+
+Two ways in:
+- HTTP ``POST /classify`` (one JPEG/PNG, or an Arrow IPC stream of frames), ``GET /healthz``;
+- the handle method ``classify_frames`` (many frames per call), which the stream classifier
+  uses: one call per micro-batch, per-frame errors instead of a failed call.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the real annotations of the
+# ingress methods (``request: Request``) after Serve has serialized the class.
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from serving.artifacts import ArtifactError, LoadedArtifact, load_artifact
+from serving.config import ServeSettings
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
+from serving.preprocess import (
+    CONTENT_TYPES,
+    DecodeLimits,
+    FrameDecodeError,
+    decode_frame,
+    decode_image,
+    to_model_input,
+)
+from serving.runtimes import ModelRuntime, select_runtime
+
+log = logging.getLogger("ray.serve")
+
+_STATUS_BY_REASON = {
+    "empty": 400,
+    "undecodable": 400,
+    "bad_arrow": 400,
+    "bad_dimensions": 422,
+    "too_large": 413,
+    "too_many_pixels": 413,
+    "unsupported_format": 415,
+}
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+TOPK = 3
+
+http = FastAPI(title="framecast", description="Video-frame classification")
+
+
+class LoadedModel:
+    """An artifact and the runtime that runs it, swapped as one unit on reconfigure."""
+
+    def __init__(self, artifact: LoadedArtifact, runtime: ModelRuntime) -> None:
+        self.artifact = artifact
+        self.runtime = runtime
+        manifest = artifact.manifest
+        self.classes = list(manifest.classes)
+        primary = manifest.files.get(manifest.primary)
+        self.info = {
+            "name": manifest.name,
+            "version": manifest.version,
+            "sha256": primary.sha256 if primary else None,
+            "runtime": runtime.kind,
+        }
+
+    def results(self, probs: np.ndarray, inference_ms: float) -> list[dict[str, Any]]:
+        """The DESIGN response object for each row of class probabilities."""
+        out = []
+        for row in probs:
+            order = np.argsort(row)[::-1][:TOPK]
+            top = [
+                {"class_id": int(i), "label": self.classes[int(i)], "score": float(row[i])}
+                for i in order
+            ]
+            out.append(
+                {**top[0], "topk": top, "model": self.info, "inference_ms": round(inference_ms, 3)}
+            )
+        return out
+
+
+def _canary(model: LoadedModel) -> None:
+    h, w, c = model.runtime.input_hwc
+    probs = model.runtime.predict(np.full((1, h, w, c), 0.5, dtype=np.float32))
+    if probs.shape != (1, len(model.classes)) or not np.all(np.isfinite(probs)):
+        raise RuntimeError(
+            f"canary inference returned shape {probs.shape}, expected "
+            f"(1, {len(model.classes)}) finite scores"
+        )
+
+
+def _error(status: int, reason: str, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail, **extra}, status_code=status)
+
+
+class ReplicaConfig(BaseModel):
+    """The user_config of a replica: changing it reconfigures replicas in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_dir: str = Field(description="Artifact directory (absolute, visible to replicas).")
+    max_batch_size: PositiveInt = Field(default=64, description="Dynamic batching size.")
+    batch_wait_timeout_s: NonNegativeFloat = Field(default=0.005, description="Batch wait.")
+    max_frame_bytes: PositiveInt = Field(default=8 * 1024 * 1024, description="Per-frame bytes.")
+    max_frame_pixels: PositiveInt = Field(default=3840 * 2160, description="Per-frame pixels.")
+
+
+@serve.deployment(
+    name="Classifier",
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20,
+)
+@serve.ingress(http)
+class Classifier:
+    """One replica: decodes frames, batches them, runs the model, answers per frame."""
+
+    def __init__(self) -> None:
+        import ray
+
+        resources = ray.get_runtime_context().get_assigned_resources()
+        self.num_gpus = float(resources.get("GPU", 0.0))
+        self.num_threads = max(1, int(resources.get("CPU", 1.0)))
+        self.model: LoadedModel | None = None
+        self.config: ReplicaConfig | None = None
+        self.limits = DecodeLimits()
+        self.frames = Counter(
+            "framecast_frames_total", "Frames classified or refused.", tag_keys=("outcome",)
+        )
+        self.errors = Counter(
+            "framecast_errors_total", "Refused frames by reason.", tag_keys=("reason",)
+        )
+        self.batch_sizes = Histogram(
+            "framecast_batch_size",
+            "Frames per model call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+        )
+        self.inference_ms = Histogram(
+            "framecast_inference_ms",
+            "Model time per call (ms).",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500],
+        )
+
+    # -- life cycle -------------------------------------------------------------------------
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new user_config; a new artifact_dir hot-swaps the model."""
+        config = ReplicaConfig.model_validate(user_config)
+        if self.config is None or config.artifact_dir != self.config.artifact_dir:
+            model = self._load(config.artifact_dir)
+            self.model = model  # one assignment: in-flight calls keep the model they started with
+            log.info(
+                "serving %s %s (%s)",
+                model.info["name"],
+                model.info["version"],
+                model.info["runtime"],
+            )
+        self.limits = DecodeLimits(
+            max_bytes=config.max_frame_bytes, max_pixels=config.max_frame_pixels
+        )
+        self._infer_one.set_max_batch_size(config.max_batch_size)
+        self._infer_one.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.config = config
+
+    def _load(self, artifact_dir: str) -> LoadedModel:
+        artifact = load_artifact(artifact_dir)  # verifies every checksum
+        runtime = select_runtime(artifact, num_gpus=self.num_gpus, num_threads=self.num_threads)
+        model = LoadedModel(artifact, runtime)
+        _canary(model)
+        return model
+
+    def check_health(self) -> None:
+        """Serve's health check: a canary inference must succeed."""
+        if self.model is None:
+            raise RuntimeError("no model loaded (user_config.artifact_dir missing?)")
+        _canary(self.model)
+
+    # -- inference --------------------------------------------------------------------------
+    def _require_model(self) -> LoadedModel:
+        if self.model is None:
+            raise RuntimeError("no model loaded")
+        return self.model
+
+    def _predict(self, model: LoadedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        probs = model.runtime.predict(batch)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.batch_sizes.observe(len(batch))
+        self.inference_ms.observe(elapsed_ms)
+        return probs, elapsed_ms
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _infer_one(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
+        model = self._require_model()
+        probs, ms = await asyncio.to_thread(self._predict, model, np.stack(tensors))
+        return model.results(probs, ms)
+
+    def _prepare(
+        self, model: LoadedModel, frames: list[FrameRecord]
+    ) -> tuple[list[np.ndarray | None], list[dict[str, Any] | None]]:
+        h, w, c = model.runtime.input_hwc
+        tensors: list[np.ndarray | None] = []
+        errors: list[dict[str, Any] | None] = []
+        for frame in frames:
+            try:
+                tensors.append(to_model_input(decode_frame(frame, self.limits), h, w, c))
+                errors.append(None)
+            except FrameDecodeError as error:
+                tensors.append(None)
+                errors.append({"error": error.reason, "detail": error.detail})
+                self.errors.inc(tags={"reason": error.reason})
+        return tensors, errors
+
+    async def classify_frames(self, frames: list[FrameRecord]) -> list[dict[str, Any]]:
+        """Classify many frames in one call; a bad frame gets {"error", "detail"}, no exception."""
+        model = self._require_model()
+        tensors, errors = await asyncio.to_thread(self._prepare, model, frames)
+        good = [i for i, t in enumerate(tensors) if t is not None]
+        results: list[dict[str, Any]] = [error or {} for error in errors]
+        if good:
+            batch = np.stack([tensors[i] for i in good])  # type: ignore[misc]
+            probs, ms = await asyncio.to_thread(self._predict, model, batch)
+            for i, result in zip(good, model.results(probs, ms), strict=True):
+                results[i] = result
+        self.frames.inc(len(good), tags={"outcome": "classified"})
+        if len(frames) > len(good):
+            self.frames.inc(len(frames) - len(good), tags={"outcome": "refused"})
+        return results
+
+    # -- HTTP -------------------------------------------------------------------------------
+    @http.post("/classify")
+    async def http_classify(self, request: Request) -> JSONResponse:
+        """One JPEG/PNG image, or an Arrow IPC stream of frames (returns a list)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > MAX_REQUEST_BYTES:
+            return _error(413, "too_large", f"body of {declared} bytes > {MAX_REQUEST_BYTES}")
+        body = await request.body()
+        if len(body) > MAX_REQUEST_BYTES:
+            return _error(413, "too_large", f"body of {len(body)} bytes > {MAX_REQUEST_BYTES}")
+        if content_type == ARROW_CONTENT_TYPE:
+            try:
+                frames = decode_frames(body)
+            except FrameSchemaError as error:
+                self.errors.inc(tags={"reason": "bad_arrow"})
+                return _error(400, "bad_arrow", str(error))
+            results = await self.classify_frames(frames)
+            if all("error" in r for r in results) and results:
+                first = results[0]
+                return _error(
+                    _STATUS_BY_REASON.get(first["error"], 400),
+                    first["error"],
+                    first["detail"],
+                    results=results,
+                )
+            return JSONResponse(results)
+        encoding = CONTENT_TYPES.get(content_type)
+        if encoding is None:
+            return _error(
+                415,
+                "unsupported_format",
+                f"content-type {content_type or '(none)'} is not image/jpeg, image/png "
+                f"or {ARROW_CONTENT_TYPE}",
+            )
+        model = self._require_model()
+        h, w, c = model.runtime.input_hwc
+        try:
+            tensor = to_model_input(decode_image(body, encoding, self.limits), h, w, c)
+        except FrameDecodeError as error:
+            self.errors.inc(tags={"reason": error.reason})
+            self.frames.inc(tags={"outcome": "refused"})
+            return _error(_STATUS_BY_REASON.get(error.reason, 400), error.reason, error.detail)
+        result = await self._infer_one(tensor)
+        self.frames.inc(tags={"outcome": "classified"})
+        return JSONResponse(result)
+
+    @http.get("/healthz")
+    def healthz(self) -> JSONResponse:
+        """Liveness plus a canary inference."""
+        try:
+            self.check_health()
+        except (RuntimeError, ValueError, ArtifactError) as error:
+            return JSONResponse({"status": "unhealthy", "detail": str(error)}, status_code=503)
+        model = self._require_model()
+        return JSONResponse(
+            {"status": "ok", "model": model.info, "input": list(model.runtime.input_hwc)}
+        )
+
+
+class AppArgs(BaseModel):
+    """The ``args`` of the Serve config: which artifact, and the serving knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_dir: str = Field(description="Artifact directory to serve.")
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+
+def deployment_options(settings: ServeSettings) -> dict[str, Any]:
+    """Ray Serve deployment options (autoscaling, backpressure, resources) from settings."""
+    return {
+        "autoscaling_config": {
+            "min_replicas": settings.min_replicas,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+            "upscale_delay_s": 5.0,
+            "downscale_delay_s": 30.0,
+        },
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+    }
+
+
+def app(args: dict[str, Any]) -> Any:
+    """Application builder for ``import_path: serving.app:app``."""
+    parsed = AppArgs.model_validate(args)
+    settings = parsed.serve
+    artifact_dir = Path(parsed.artifact_dir)
+    if artifact_dir.is_dir():  # relative paths mean "relative to where the app is built"
+        artifact_dir = artifact_dir.resolve()
+    user_config = ReplicaConfig(
+        artifact_dir=str(artifact_dir),
+        max_batch_size=settings.max_batch_size,
+        batch_wait_timeout_s=settings.batch_wait_timeout_s,
+    )
+    return Classifier.options(  # type: ignore[attr-defined]
+        **deployment_options(settings), user_config=user_config.model_dump()
+    ).bind()

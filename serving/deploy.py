@@ -1,0 +1,93 @@
+"""Deploy, inspect and shut down the framecast Serve application on a Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serving.artifacts import load_artifact
+from serving.config import ServeSettings
+
+
+class DeployError(RuntimeError):
+    """The application did not become healthy."""
+
+
+def _connect(address: str | None, namespace: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
+                 log_to_driver=False)
+
+
+def deploy(artifact_dir: Path, settings: ServeSettings, *, address: str | None,
+           namespace: str = "framecast", timeout_s: float = 300.0) -> dict[str, Any]:
+    """Deploy (or update in place) the app serving artifact_dir; return once /healthz is ok."""
+    from ray import serve
+
+    from serving.app import app
+
+    artifact = load_artifact(artifact_dir)  # refuse a tampered artifact before sending anything
+    _connect(address, namespace)
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    application = app({"artifact_dir": str(artifact.directory),
+                       "serve": settings.model_dump()})
+    started = time.monotonic()
+    serve.run(application, name=settings.app_name, route_prefix=settings.route_prefix,
+              blocking=False)
+    health = wait_healthy(settings, timeout_s=max(10.0, timeout_s - (time.monotonic() - started)))
+    return {"app": settings.app_name, "url": settings.http_url + settings.route_prefix.rstrip("/"),
+            "model": health.get("model"), "seconds": time.monotonic() - started}
+
+
+def wait_healthy(settings: ServeSettings, timeout_s: float) -> dict[str, Any]:
+    """Poll GET /healthz until it answers 200; raise DeployError with the last answer."""
+    url = settings.http_url + settings.route_prefix.rstrip("/") + "/healthz"
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=10)
+            if response.status_code == 200:
+                return dict(response.json())
+            last = f"HTTP {response.status_code}: {response.text[:300]}"
+        except httpx.HTTPError as error:
+            last = str(error)
+        time.sleep(0.5)
+    raise DeployError(f"{url} did not become healthy within {timeout_s:.0f}s: {last}")
+
+
+def status(*, address: str | None, namespace: str = "framecast") -> dict[str, Any]:
+    """Applications, their deployments and replica states."""
+    from ray import serve
+
+    _connect(address, namespace)
+    out: dict[str, Any] = {}
+    for name, app_status in serve.status().applications.items():
+        out[name] = {
+            "status": str(getattr(app_status.status, "value", app_status.status)),
+            "message": app_status.message,
+            "deployments": {
+                dep: {"status": str(getattr(d.status, "value", d.status)),
+                      "replicas": {str(getattr(k, "value", k)): v
+                                   for k, v in d.replica_states.items()}}
+                for dep, d in app_status.deployments.items()
+            },
+        }
+    return out
+
+
+def shutdown(app_name: str | None, *, address: str | None, namespace: str = "framecast") -> None:
+    """Delete one application, or shut Serve down entirely when app_name is None."""
+    from ray import serve
+
+    _connect(address, namespace)
+    if app_name is None:
+        serve.shutdown()
+    else:
+        serve.delete(app_name)

@@ -1,0 +1,147 @@
+"""Model runtimes: LiteRT (int8 or float, XNNPACK) on CPU replicas, the SavedModel on GPUs.
+
+Both take float32 [N, H, W, C] in [0, 1] and return float32 class probabilities [N, K].
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.artifacts import ArtifactError, LoadedArtifact
+
+
+class ModelRuntime(Protocol):
+    """What a replica needs from a model."""
+
+    kind: str
+    input_hwc: tuple[int, int, int]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
+        ...
+
+
+def _bucket(n: int) -> int:
+    """Round a batch size up to a power of two, so few interpreter shapes exist."""
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
+class LiteRTRuntime:
+    """A LiteRT model (int8 full-integer or float) run on CPU with XNNPACK."""
+
+    kind = "litert"
+
+    def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 256) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter_cls = Interpreter
+        self._model = Path(path).read_bytes()
+        self.num_threads = max(1, num_threads)
+        self.max_batch = max_batch
+        self._interpreters: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        probe = self._interpreter(1)
+        inp = probe.get_input_details()[0]
+        out = probe.get_output_details()[0]
+        shape = [int(d) for d in inp["shape"]]
+        self.input_hwc = (shape[1], shape[2], shape[3])
+        self.input_dtype = np.dtype(inp["dtype"])
+        self.output_dtype = np.dtype(out["dtype"])
+        self._in_q = inp["quantization"]
+        self._out_q = out["quantization"]
+
+    def _interpreter(self, batch: int) -> Any:
+        interp = self._interpreters.get(batch)
+        if interp is None:
+            interp = self._interpreter_cls(model_content=self._model, num_threads=self.num_threads)
+            detail = interp.get_input_details()[0]
+            if int(detail["shape"][0]) != batch:
+                interp.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+            interp.allocate_tensors()
+            self._interpreters[batch] = interp
+        return interp
+
+    def _quantize(self, batch: np.ndarray) -> np.ndarray:
+        if self.input_dtype == np.float32:
+            return batch.astype(np.float32)
+        scale, zero_point = self._in_q
+        info = np.iinfo(self.input_dtype)
+        q = np.round(batch / scale + zero_point)
+        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+
+    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
+        if self.output_dtype == np.float32:
+            return raw.astype(np.float32)
+        scale, zero_point = self._out_q
+        return ((raw.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
+        n = len(batch)
+        outputs = []
+        for start in range(0, n, self.max_batch):
+            chunk = batch[start : start + self.max_batch]
+            size = _bucket(len(chunk))
+            padded = (
+                chunk
+                if size == len(chunk)
+                else np.concatenate(
+                    [chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
+                )
+            )
+            with self._lock:  # an interpreter is not thread-safe
+                interp = self._interpreter(size)
+                interp.set_tensor(interp.get_input_details()[0]["index"], self._quantize(padded))
+                interp.invoke()
+                raw = interp.get_tensor(interp.get_output_details()[0]["index"])
+            outputs.append(self._dequantize(raw[: len(chunk)]))
+        return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+class SavedModelRuntime:
+    """The float TensorFlow SavedModel, for GPU replicas (and CPU, for comparison)."""
+
+    kind = "savedmodel"
+
+    def __init__(self, path: Path) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        self._tf = tf
+        loaded = tf.saved_model.load(str(path))
+        self._keepalive = loaded
+        self._fn = loaded.signatures["serving_default"]
+        spec = self._fn.structured_input_signature[1]
+        ((self._input_name, tensor_spec),) = spec.items()
+        shape = tensor_spec.shape.as_list()
+        self.input_hwc = (int(shape[1]), int(shape[2]), int(shape[3]))
+        (self._output_name,) = self._fn.structured_outputs.keys()
+        self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
+        tensor = self._tf.constant(batch.astype(np.float32))
+        return np.asarray(self._fn(**{self._input_name: tensor})[self._output_name])
+
+
+def select_runtime(
+    artifact: LoadedArtifact, *, num_gpus: float = 0.0, num_threads: int = 1
+) -> ModelRuntime:
+    """The runtime a replica with these resources should use for this artifact."""
+    if num_gpus > 0:
+        if artifact.saved_model_path is None:
+            raise ArtifactError(f"{artifact.directory}: a GPU replica needs saved_model/")
+        return SavedModelRuntime(artifact.saved_model_path)
+    if artifact.tflite_path is not None:
+        return LiteRTRuntime(artifact.tflite_path, num_threads=num_threads)
+    if artifact.saved_model_path is not None:
+        return SavedModelRuntime(artifact.saved_model_path)
+    raise ArtifactError(f"{artifact.directory}: neither model.tflite nor saved_model/ present")
