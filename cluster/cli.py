@@ -342,7 +342,8 @@ def train(
             augment=augment,
         )
     except ValidationError as error:
-        fail(f"invalid training options: {error}", EXIT_USAGE)
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())
+        fail(f"invalid training options: {reasons}", EXIT_USAGE)
     run_train(config, console, fail)
 
 
@@ -374,22 +375,90 @@ def report_paper(
 
 @serve_app.command("deploy")
 def serve_deploy(
+    ctx: typer.Context,
     artifact: Annotated[Path, typer.Argument(help="Artifact directory to serve.")],
+    name: Annotated[str | None, typer.Option(help="Serve application name.")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscaling lower bound.")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscaling upper bound.")] = None,
+    num_cpus: Annotated[float | None, typer.Option(help="CPUs per replica.")] = None,
+    num_gpus: Annotated[float | None, typer.Option(
+        help="GPUs per replica (> 0 serves the SavedModel on GPU).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Dynamic batch size.")] = None,
+    batch_wait_timeout_s: Annotated[float | None, typer.Option(help="Batch wait (s).")] = None,
+    max_ongoing_requests: Annotated[int | None, typer.Option(
+        help="Requests a replica runs at once.")] = None,
+    max_queued_requests: Annotated[int | None, typer.Option(
+        help="Queued requests before 503 / BackPressureError.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="Serve HTTP port.")] = None,
 ) -> None:
     """Deploy an artifact as the Ray Serve application; returns once it is healthy."""
-    not_available("serve deploy", 4, "the Ray Serve application")
+    from cluster import stack
+    from serving.artifacts import ArtifactError
+    from serving.deploy import DeployError, deploy
+
+    settings = _opts(ctx).settings(serve={
+        "app_name": name, "min_replicas": min_replicas, "max_replicas": max_replicas,
+        "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": batch_wait_timeout_s,
+        "max_ongoing_requests": max_ongoing_requests,
+        "max_queued_requests": max_queued_requests, "http_port": http_port,
+    })
+    try:
+        with stack.ray_connection(settings), console.status(f"deploying {artifact}..."):
+            result = deploy(artifact, settings.serve, address=None,
+                            namespace=settings.ray.namespace)
+    except (ArtifactError, DeployError, ClusterError) as error:
+        fail(str(error))
+    model = result.get("model") or {}
+    console.print(
+        f"[green]{result['app']}[/] healthy in {result['seconds']:.1f}s at {result['url']} "
+        f"({model.get('name')} {model.get('version')}, {model.get('runtime')})", highlight=False)
 
 
 @serve_app.command("status")
-def serve_status() -> None:
-    """Status of the Serve application and its replicas."""
-    not_available("serve status", 4, "the Ray Serve application")
+def serve_status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Status of the Serve applications and their replicas."""
+    from cluster import stack
+    from serving.deploy import status as serve_app_status
+
+    settings = _opts(ctx).settings()
+    try:
+        with stack.ray_connection(settings):
+            report = serve_app_status(address=None, namespace=settings.ray.namespace)
+    except ClusterError as error:
+        fail(str(error))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    if not report:
+        console.print("no Serve application is running")
+    for app_name, app_report in report.items():
+        console.print(f"[bold]{app_name}[/]: {app_report['status']}", highlight=False)
+        for dep, dep_report in app_report["deployments"].items():
+            console.print(f"  {dep}: {dep_report['status']} replicas {dep_report['replicas']}",
+                          highlight=False)
 
 
 @serve_app.command("shutdown")
-def serve_shutdown() -> None:
+def serve_shutdown(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(
+        help="Delete only this application (default: shut Serve down).")] = None,
+) -> None:
     """Shut the Serve application down."""
-    not_available("serve shutdown", 4, "the Ray Serve application")
+    from cluster import stack
+    from serving.deploy import shutdown
+
+    settings = _opts(ctx).settings()
+    try:
+        with stack.ray_connection(settings):
+            shutdown(name, address=None, namespace=settings.ray.namespace)
+    except ClusterError as error:
+        fail(str(error))
+    console.print(f"{'application ' + name if name else 'Serve'} shut down")
 
 
 @app.command()
@@ -464,8 +533,9 @@ def submit_status(job_id: str) -> None:
 
     from cluster.submit import SubmitError, run_submit_status
 
+    settings = click.get_current_context().ensure_object(_Options).settings()
     try:
-        code = run_submit_status(_opts(click.get_current_context()).settings(), job_id, console)
+        code = run_submit_status(settings, job_id, console)
     except SubmitError as error:
         fail(str(error))
     if code:
@@ -479,8 +549,9 @@ def submit_logs(job_id: str) -> None:
 
     from cluster.submit import SubmitError, run_submit_logs
 
+    settings = click.get_current_context().ensure_object(_Options).settings()
     try:
-        run_submit_logs(_opts(click.get_current_context()).settings(), job_id, console)
+        run_submit_logs(settings, job_id, console)
     except SubmitError as error:
         fail(str(error))
 
@@ -492,8 +563,9 @@ def submit_stop(job_id: str) -> None:
 
     from cluster.submit import SubmitError, run_submit_stop
 
+    settings = click.get_current_context().ensure_object(_Options).settings()
     try:
-        run_submit_stop(_opts(click.get_current_context()).settings(), job_id, console)
+        run_submit_stop(settings, job_id, console)
     except SubmitError as error:
         fail(str(error))
 

@@ -8,19 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from jobs.data import normalize
+from jobs.names import QUANTIZE_MODES, validate_quantize
 from jobs.tf_env import keras, tf
 
-QUANTIZE_MODES = ("none", "int8", "float16", "dynamic")
+__all__ = ["QUANTIZE_MODES", "validate_quantize"]
+
 SERVING_SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
-
-
-def validate_quantize(mode: str) -> None:
-    """Raise ValueError unless mode is a known quantization mode."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantization {mode!r}; expected one of: "
-                         f"{', '.join(QUANTIZE_MODES)}")
 
 
 def save_float_saved_model(model: keras.Model, directory: Path) -> None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.names import MODEL_NAMES
 from jobs.tf_env import keras
 
-MODEL_NAMES = ("baseline_cnn", "mobilenet_v2", "optimized_cnn")
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MOBILENET_MIN_SIZE = 32
 MOBILENET_IMAGENET_SIZE = 96
@@ -77,7 +77,7 @@ def baseline_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.M
 
 
 def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """framecast's CNN: narrow full-resolution layers, BatchNorm, GAP head; ~1/5 of the baseline's MACs."""
+    """framecast's CNN: narrow full-resolution convs, BatchNorm, GAP head; ~1/5 the MACs."""
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs

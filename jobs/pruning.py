@@ -11,9 +11,11 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
+from jobs.names import PRUNE_SCHEDULES, validate_prune_options
 from jobs.tf_env import keras
 
-PRUNE_SCHEDULES = ("none", "polynomial", "constant", "2:4")
+__all__ = ["PRUNE_SCHEDULES", "validate_prune_options"]
+
 M_BY_N = (2, 4)
 SPARSITY_TOLERANCE = 0.02
 
@@ -39,16 +41,6 @@ class PruningPlan:
         if self.schedule == "none":
             return 0.0
         return 0.5 if self.schedule == "2:4" else self.target_sparsity
-
-
-def validate_prune_options(schedule: str, target_sparsity: float) -> None:
-    """Raise ValueError naming the constraint when the pruning options are not usable."""
-    if schedule not in PRUNE_SCHEDULES:
-        raise ValueError(f"unknown prune schedule {schedule!r}; expected one of: "
-                         f"{', '.join(PRUNE_SCHEDULES)}")
-    if schedule in ("polynomial", "constant") and not 0.0 < target_sparsity < 1.0:
-        raise ValueError(f"--target-sparsity must be in (0, 1) for --prune {schedule}, "
-                         f"got {target_sparsity}")
 
 
 def plan_pruning(schedule: str, target_sparsity: float, steps_per_epoch: int,

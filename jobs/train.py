@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.names import MODEL_NAMES, validate_prune_options, validate_quantize
 from serving.artifacts import MANIFEST_NAME
 
 CHECKPOINT_STATE = "state"
@@ -63,8 +64,6 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _validate_choices(self) -> TrainConfig:
-        from jobs.models import MODEL_NAMES
-
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; expected one of: "
                              f"{', '.join(MODEL_NAMES)}")
@@ -80,13 +79,10 @@ class TrainConfig(BaseModel):
 def validate_config(config: TrainConfig) -> None:
     """Check the options that need the data/model modules (cheap: no TensorFlow import)."""
     from jobs.data import _validate_dataset_name
-    from jobs.pruning import validate_prune_options
 
     _validate_dataset_name(config.dataset)
     validate_prune_options(config.prune, config.target_sparsity)
-    if config.quantize not in ("none", "int8", "float16", "dynamic"):
-        raise ValueError(f"unknown quantization {config.quantize!r}; expected one of: "
-                         "none, int8, float16, dynamic")
+    validate_quantize(config.quantize)
     if config.model != "mobilenet_v2" and config.weights != "none":
         raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():

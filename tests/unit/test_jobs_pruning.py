@@ -51,7 +51,7 @@ def test_polynomial_reaches_target_within_two_points(polynomial: Any) -> None:
     assert abs(measured - 0.6) <= 0.02
     assert all(abs(value - 0.6) <= 0.02 for value in per_layer.values())
     check_sparsity(measured, plan)
-    with pytest.raises(ValueError, match="not within 0.02 of the target"):
+    with pytest.raises(ValueError, match=r"not within 0\.02 of the target"):
         check_sparsity(0.3, plan)
 
 
