@@ -48,7 +48,10 @@ PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
 
 # Go module -> directory inside it that holds the CRD YAMLs.
 CRD_MODULES: dict[str, tuple[str, str]] = {
-    "kuberay": (f"github.com/ray-project/kuberay/ray-operator@{KUBERAY_VERSION}", "config/crd/bases"),
+    "kuberay": (
+        f"github.com/ray-project/kuberay/ray-operator@{KUBERAY_VERSION}",
+        "config/crd/bases",
+    ),
     "keda": (f"github.com/kedacore/keda/v2@{KEDA_VERSION}", "config/crd/bases"),
     "prometheus-operator": (
         f"github.com/prometheus-operator/prometheus-operator@{PROMETHEUS_OPERATOR_VERSION}",
@@ -79,7 +82,8 @@ class Tools:
         """kubeconform ``-schema-location`` templates: core kinds, then CRDs by group."""
         return [
             str(self.k8s_schemas) + "/{{ .ResourceKind }}{{ .KindSuffix }}.json",
-            str(self.crd_schemas) + "/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json",
+            str(self.crd_schemas)
+            + "/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json",
         ]
 
 
@@ -97,7 +101,7 @@ def _go() -> str:
     return go
 
 
-# -- helm and kubeconform ---------------------------------------------------------------------------
+# -- helm and kubeconform -------------------------------------------------------------------------
 
 
 def _go_install(package: str, version: str, name: str, cache: Path) -> Path:
@@ -116,7 +120,7 @@ def _go_install(package: str, version: str, name: str, cache: Path) -> Path:
     return binary
 
 
-# -- Kubernetes schemas -------------------------------------------------------------------------------
+# -- Kubernetes schemas ---------------------------------------------------------------------------
 
 
 def _refs(node: Any) -> Iterator[str]:
@@ -227,7 +231,7 @@ def build_kubernetes_schemas(cache: Path) -> Path:
     return target
 
 
-# -- CRD schemas -----------------------------------------------------------------------------------------
+# -- CRD schemas ----------------------------------------------------------------------------------
 
 
 def strict_crd_schema(node: Any) -> Any:
@@ -332,7 +336,7 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-# -- helm and kubeconform runs ----------------------------------------------------------------------------
+# -- helm and kubeconform runs --------------------------------------------------------------------
 
 
 def values_files(chart: Path = CHART) -> list[Path]:
@@ -342,7 +346,7 @@ def values_files(chart: Path = CHART) -> list[Path]:
 
 def helm_lint(tools: Tools, values: Path | None = None, chart: Path = CHART) -> str:
     """``helm lint --strict``; raises ToolError with helm's output when it fails."""
-    cmd = [str(tools.helm), "lint", "--strict", str(chart)]
+    cmd = [str(tools.helm), "lint", "--strict", str(chart), "--kube-version", KUBERNETES_VERSION]
     if values is not None:
         cmd += ["-f", str(values)]
     result = _run(cmd, env=_helm_env(tools))
@@ -370,7 +374,8 @@ def helm_template(
     namespace: str = "framecast",
 ) -> str:
     """``helm template`` output (multi-document YAML); ToolError with helm's message on failure."""
-    cmd = [str(tools.helm), "template", release, str(chart), "--namespace", namespace]
+    cmd = [str(tools.helm), "template", release, str(chart), "--namespace", namespace,
+           "--kube-version", KUBERNETES_VERSION]
     for path in values:
         cmd += ["-f", str(path)]
     for item in sets:

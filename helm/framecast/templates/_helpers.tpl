@@ -1,0 +1,98 @@
+{{/* Names, labels, images and the shared bits of every pod. */}}
+
+{{- define "framecast.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "framecast.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if contains (include "framecast.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "framecast.name" .) | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "framecast.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "framecast.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "framecast.labels" -}}
+{{ include "framecast.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: framecast
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Labels of every Ray pod (head and workers): the NetworkPolicy selects on these. */}}
+{{- define "framecast.rayPodLabels" -}}
+{{ include "framecast.selectorLabels" . }}
+app.kubernetes.io/part-of: framecast
+framecast.io/ray: "true"
+{{- end -}}
+
+{{- define "framecast.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "framecast.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "framecast.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "framecast.gpuImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-gpu" (default .Chart.AppVersion .Values.image.tag)) .Values.image.gpuTag) -}}
+{{- end -}}
+
+{{- define "framecast.artifactsClaim" -}}
+{{- default (printf "%s-artifacts" (include "framecast.fullname" .)) .Values.artifacts.persistence.existingClaim -}}
+{{- end -}}
+
+{{- define "framecast.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "framecast.fullname" .) -}}
+{{- end -}}
+
+{{/* Ray token authentication (KubeRay authOptions): the token comes from a Secret. */}}
+{{- define "framecast.rayAuth" -}}
+authOptions:
+  mode: {{ .Values.ray.auth.mode }}
+  {{- with .Values.ray.auth.existingSecret }}
+  secretName: {{ . }}
+  {{- end }}
+{{- end -}}
+
+{{- define "framecast.podSecurity" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "framecast.containerSecurity" -}}
+securityContext:
+  {{- toYaml .Values.containerSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/* Ray head ports: all stay inside the cluster (ClusterIP service, NetworkPolicy). */}}
+{{- define "framecast.rayHeadPorts" -}}
+ports:
+  - {name: gcs-server, containerPort: 6379}
+  - {name: dashboard, containerPort: 8265}
+  - {name: client, containerPort: 10001}
+  - {name: serve, containerPort: 8000}
+  - {name: metrics, containerPort: 8080}
+{{- end -}}
+
+{{- define "framecast.artifactVolume" -}}
+- name: artifacts
+  persistentVolumeClaim:
+    claimName: {{ include "framecast.artifactsClaim" . }}
+{{- end -}}
