@@ -8,7 +8,7 @@ KAFKA_LIBS := .framecast/kafka/libs
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: setup prereqs dataset demo test lint soak clean help
+.PHONY: setup prereqs dataset demo test lint soak clean help chart-check
 
 help:
 	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
@@ -46,7 +46,7 @@ dataset:
 demo: setup
 	$(BIN)/framecast demo
 
-test: setup
+test: setup chart-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -58,3 +58,15 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) .framecast .pytest_cache .mypy_cache .ruff_cache
+
+# Helm chart + KubeRay manifests, validated for real: helm lint, helm template for every
+# values file, kubeconform -strict against Kubernetes + KubeRay + KEDA + Prometheus-operator
+# schemas. helm/kubeconform (go install) and the schemas are built once into $(TOOLS).
+TOOLS := .framecast/tools
+$(TOOLS)/.ready: cluster/k8s/tools.py
+	@command -v go >/dev/null || { echo "missing: go (Go 1.22+; Debian: apt-get install golang)"; exit 1; }
+	$(BIN)/python -m cluster.k8s.tools ensure
+	@touch $@
+
+chart-check: setup $(TOOLS)/.ready
+	$(BIN)/python -m cluster.k8s.tools check

@@ -96,3 +96,16 @@ ports:
   persistentVolumeClaim:
     claimName: {{ include "framecast.artifactsClaim" . }}
 {{- end -}}
+
+{{/* Cross-field checks the JSON schema cannot express. */}}
+{{- define "framecast.validate" -}}
+{{- if lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas) -}}
+{{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" -}}
+{{- end -}}
+{{- if lt (int .Values.serve.maxReplicas) (int .Values.serve.minReplicas) -}}
+{{- fail "serve.maxReplicas must be >= serve.minReplicas" -}}
+{{- end -}}
+{{- if and .Values.serve.enabled (gt (float64 .Values.serve.numGpus) 0.0) (not .Values.serve.gpuWorkers.enabled) -}}
+{{- fail "serve.numGpus > 0 needs serve.gpuWorkers.enabled=true" -}}
+{{- end -}}
+{{- end -}}
