@@ -43,6 +43,19 @@ class RayHeadInfo:
     started_at: float
 
 
+def use_ray_auth_env(env: dict[str, str]) -> None:
+    """Put Ray auth env vars into this process and make an already-imported Ray see them.
+
+    Ray caches its config and the token when ``ray._raylet`` is first used; both caches are
+    refreshed here so that a later ``ray.init`` sends the right token.
+    """
+    os.environ.update(env)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _ray_executable() -> str:
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else "ray"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from cluster.exceptions import RayHeadError
 from cluster.kafka_broker import EmbeddedKafka, broker_answers_metadata
-from cluster.ray_head import LocalRayHead
+from cluster.ray_head import LocalRayHead, use_ray_auth_env
 from cluster.settings import FramecastSettings
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def ray_connection(settings: FramecastSettings, address: str | None = None) -> I
     if target is None:
         raise RayHeadError("no Ray cluster: run `framecast up` or pass --ray-address")
     if not settings.ray.address:
-        os.environ.update(local_ray_head(settings).client_env())
+        use_ray_auth_env(local_ray_head(settings).client_env())
     ray.init(
         address=target,
         namespace=settings.ray.namespace,

@@ -227,7 +227,8 @@ class Classifier:
             probs, ms = await asyncio.to_thread(self._predict, model, batch)
             for i, result in zip(good, model.results(probs, ms), strict=True):
                 results[i] = result
-        self.frames.inc(len(good), tags={"outcome": "classified"})
+        if good:  # Ray metrics refuse an increment of zero
+            self.frames.inc(len(good), tags={"outcome": "classified"})
         if len(frames) > len(good):
             self.frames.inc(len(frames) - len(good), tags={"outcome": "refused"})
         return results

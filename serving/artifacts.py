@@ -66,7 +66,9 @@ class Optimization(_Strict):
     prune_schedule: PruneSchedule = "none"
     target_sparsity: float = Field(default=0.0, ge=0.0, le=1.0)
     measured_sparsity: float = Field(
-        default=0.0, ge=0.0, le=1.0,
+        default=0.0,
+        ge=0.0,
+        le=1.0,
         description="Fraction of zero weights over the prunable layers (kernels).",
     )
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
@@ -93,7 +95,8 @@ class Training(_Strict):
     train_seconds: float | None = None
     early_stopped: bool = False
     resumed_from_epoch: int | None = Field(
-        default=None, description="Epoch of the checkpoint training resumed from after a failure.")
+        default=None, description="Epoch of the checkpoint training resumed from after a failure."
+    )
     history: list[dict[str, float]] = Field(default_factory=list)
 
 
@@ -240,5 +243,6 @@ def load_artifact(directory: Path | str) -> LoadedArtifact:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write a JSON document with a trailing newline (sorted keys, stable diffs)."""
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )

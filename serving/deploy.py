@@ -21,12 +21,19 @@ def _connect(address: str | None, namespace: str) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        ray.init(
+            address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False
+        )
 
 
-def deploy(artifact_dir: Path, settings: ServeSettings, *, address: str | None,
-           namespace: str = "framecast", timeout_s: float = 300.0) -> dict[str, Any]:
+def deploy(
+    artifact_dir: Path,
+    settings: ServeSettings,
+    *,
+    address: str | None,
+    namespace: str = "framecast",
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
     """Deploy (or update in place) the app serving artifact_dir; return once /healthz is ok."""
     from ray import serve
 
@@ -35,14 +42,18 @@ def deploy(artifact_dir: Path, settings: ServeSettings, *, address: str | None,
     artifact = load_artifact(artifact_dir)  # refuse a tampered artifact before sending anything
     _connect(address, namespace)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
-    application = app({"artifact_dir": str(artifact.directory),
-                       "serve": settings.model_dump()})
+    application = app({"artifact_dir": str(artifact.directory), "serve": settings.model_dump()})
     started = time.monotonic()
-    serve.run(application, name=settings.app_name, route_prefix=settings.route_prefix,
-              blocking=False)
+    serve.run(
+        application, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False
+    )
     health = wait_healthy(settings, timeout_s=max(10.0, timeout_s - (time.monotonic() - started)))
-    return {"app": settings.app_name, "url": settings.http_url + settings.route_prefix.rstrip("/"),
-            "model": health.get("model"), "seconds": time.monotonic() - started}
+    return {
+        "app": settings.app_name,
+        "url": settings.http_url + settings.route_prefix.rstrip("/"),
+        "model": health.get("model"),
+        "seconds": time.monotonic() - started,
+    }
 
 
 def wait_healthy(settings: ServeSettings, timeout_s: float) -> dict[str, Any]:
@@ -73,9 +84,12 @@ def status(*, address: str | None, namespace: str = "framecast") -> dict[str, An
             "status": str(getattr(app_status.status, "value", app_status.status)),
             "message": app_status.message,
             "deployments": {
-                dep: {"status": str(getattr(d.status, "value", d.status)),
-                      "replicas": {str(getattr(k, "value", k)): v
-                                   for k, v in d.replica_states.items()}}
+                dep: {
+                    "status": str(getattr(d.status, "value", d.status)),
+                    "replicas": {
+                        str(getattr(k, "value", k)): v for k, v in d.replica_states.items()
+                    },
+                }
                 for dep, d in app_status.deployments.items()
             },
         }

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.kafka_broker import EmbeddedKafka, resolve_jars
 from cluster.processes import free_port
-from cluster.ray_head import LocalRayHead, RayHeadInfo
+from cluster.ray_head import LocalRayHead, RayHeadInfo, use_ray_auth_env
 from cluster.settings import RaySettings
 from streams.config import KafkaSettings
 
@@ -61,7 +61,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
     info = head.start()
     # Ray clients in this session (in-process ray.init, CLI subprocesses) use its token.
     saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update(head.client_env())
+    use_ray_auth_env(head.client_env())
     yield info
     head.stop()
     for key, value in saved.items():

@@ -101,7 +101,7 @@ def test_cli_rejects_bad_config_at_start_up_naming_the_field(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("argv", "issue"),
     [
-        (["serve", "deploy", "models/fashion_mnist_optimized"], 4),
+        (["sweep", "--model", "optimized_cnn", "--out", "x"], 7),
         (["produce", "--source", "synthetic"], 5),
         (["stream", "run"], 5),
         (["bench", "all", "--quick"], 7),

@@ -1,0 +1,311 @@
+"""The Serve application on a real local Ray: labels, bad input, backpressure, hot swap."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+
+from cluster.processes import free_port
+from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
+from serving.config import ServeSettings
+from serving.deploy import deploy
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.idx import load_fashion_mnist
+from serving.runtimes import LiteRTRuntime
+from tests.conftest import REPO
+
+SHIPPED = REPO / "models" / "fashion_mnist_optimized"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the shipped model (FRAMECAST_TEST_ARTIFACT overrides it)."""
+    source = Path(os.environ.get("FRAMECAST_TEST_ARTIFACT", SHIPPED))
+    target = tmp_path_factory.mktemp("artifact") / "v1"
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[np.ndarray, np.ndarray]:
+    return load_fashion_mnist("test", limit=48)
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_head) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """Serve started on the session Ray head, on a free port, for this module."""
+    port = free_port()
+    ray.init(address=ray_head.address, namespace="framecast-tests", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def settings_for(port: int, name: str, **overrides: object) -> ServeSettings:
+    return ServeSettings(
+        app_name=name,
+        route_prefix=f"/{name}",
+        http_port=port,
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=1,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def app_url(serve_port: int, artifact: Path) -> str:
+    settings = settings_for(serve_port, "main")
+    deploy(artifact, settings, address=None, namespace="framecast-tests", timeout_s=240)
+    return f"http://127.0.0.1:{serve_port}/main"
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def raw_frames(images: np.ndarray) -> list[FrameRecord]:
+    return [
+        FrameRecord(
+            stream_id="cam",
+            frame_index=i,
+            captured_at_ns=0,
+            encoding="raw",
+            height=28,
+            width=28,
+            channels=1,
+            data=img.tobytes(),
+        )
+        for i, img in enumerate(images)
+    ]
+
+
+def test_http_and_handle_labels_equal_direct_litert(
+    app_url: str, artifact: Path, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = images
+    direct = LiteRTRuntime(artifact / "model.tflite").predict(x[:, :, :, None] / np.float32(255))
+    expected = direct.argmax(axis=1).tolist()
+
+    over_http = [
+        httpx.post(
+            f"{app_url}/classify",
+            content=png(img),
+            headers={"content-type": "image/png"},
+            timeout=60,
+        ).json()["class_id"]
+        for img in x[:12]
+    ]
+    assert over_http == expected[:12]
+
+    response = httpx.post(
+        f"{app_url}/classify",
+        content=encode_frames(raw_frames(x)),
+        headers={"content-type": ARROW_CONTENT_TYPE},
+        timeout=60,
+    )
+    assert response.status_code == 200
+    batch = response.json()
+    assert [r["class_id"] for r in batch] == expected
+    assert batch[0]["model"]["name"] == read_manifest(artifact).name
+    assert len(batch[0]["topk"]) == 3
+    np.testing.assert_allclose([r["score"] for r in batch], direct.max(axis=1), atol=1e-6)
+
+    handle = serve.get_app_handle("main")
+    results = handle.classify_frames.remote(raw_frames(x)).result(timeout_s=60)
+    assert [r["class_id"] for r in results] == expected
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG"
+    )
+    return buffer.getvalue()
+
+
+BAD_INPUTS = {
+    "garbage": (b"\x00\x01garbage" * 50, "image/jpeg", 400, "undecodable"),
+    "truncated_jpeg": (_jpeg((64, 64))[:400], "image/jpeg", 400, "undecodable"),
+    "bomb": (png(np.zeros((5000, 5000), dtype=np.uint8)), "image/png", 413, "too_many_pixels"),
+    "oversized": (b"\xff\xd8" + b"\x00" * (9 * 1024 * 1024), "image/jpeg", 413, "too_large"),
+    "wrong_type": (b"hello", "text/plain", 415, "unsupported_format"),
+    "bad_arrow": (b"not arrow at all", ARROW_CONTENT_TYPE, 400, "bad_arrow"),
+    "wrong_dimensions": (
+        encode_frames(
+            [
+                FrameRecord(
+                    stream_id="cam",
+                    frame_index=0,
+                    captured_at_ns=0,
+                    encoding="raw",
+                    height=28,
+                    width=28,
+                    channels=1,
+                    data=b"\x00" * 100,
+                )
+            ]
+        ),
+        ARROW_CONTENT_TYPE,
+        422,
+        "bad_dimensions",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_4xx_with_reason_and_replica_stays_healthy(app_url: str, case: str) -> None:
+    body, content_type, status, reason = BAD_INPUTS[case]
+    response = httpx.post(
+        f"{app_url}/classify", content=body, headers={"content-type": content_type}, timeout=60
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == reason
+    assert response.json()["detail"]
+    health = httpx.get(f"{app_url}/healthz", timeout=30)
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+
+
+def test_bad_frames_in_a_batch_get_per_frame_errors(
+    app_url: str, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    frames = raw_frames(images[0][:3])
+    frames[1] = FrameRecord(
+        stream_id="cam",
+        frame_index=1,
+        captured_at_ns=0,
+        encoding="jpeg",
+        height=0,
+        width=0,
+        channels=0,
+        data=b"not a jpeg",
+    )
+    results = serve.get_app_handle("main").classify_frames.remote(frames).result(timeout_s=60)
+    assert "class_id" in results[0] and "class_id" in results[2]
+    assert results[1]["error"] == "undecodable"
+
+
+def test_saturation_answers_503_with_retry_after_not_a_hang(
+    serve_port: int, artifact: Path, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    settings = settings_for(serve_port, "tight", max_ongoing_requests=1, max_queued_requests=1)
+    deploy(artifact, settings, address=None, namespace="framecast-tests", timeout_s=240)
+    url = f"http://127.0.0.1:{serve_port}/tight/classify"
+    body = encode_frames(raw_frames(np.repeat(images[0], 40, axis=0)))  # ~1900 frames per call
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(
+            url, content=body, headers={"content-type": ARROW_CONTENT_TYPE}, timeout=120
+        )
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(call, range(16)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1, codes
+    assert codes.count(200) >= 1, codes
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+
+    handle = serve.get_app_handle("tight")
+    from ray.serve.exceptions import BackPressureError
+
+    pending = [
+        handle.classify_frames.remote(raw_frames(np.repeat(images[0], 40, axis=0)))
+        for _ in range(8)
+    ]
+    outcomes = []
+    for response in pending:
+        try:
+            outcomes.append(len(response.result(timeout_s=120)))
+        except BackPressureError:
+            outcomes.append("backpressure")
+    assert "backpressure" in outcomes
+    serve.delete("tight")
+
+
+def test_tampered_artifact_is_refused_before_deploying(
+    serve_port: int, artifact: Path, tmp_path: Path
+) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(artifact, tampered)
+    model = tampered / "model.tflite"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        deploy(
+            tampered,
+            settings_for(serve_port, "tampered"),
+            address=None,
+            namespace="framecast-tests",
+        )
+    assert "tampered" not in serve.status().applications
+
+
+def test_hot_swap_under_load_fails_no_request(
+    app_url: str, serve_port: int, artifact: Path, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    v2 = artifact.parent / "v2"
+    shutil.copytree(artifact, v2)
+    manifest = read_manifest(v2)
+    write_manifest(v2, manifest.model_copy(update={"version": manifest.version + "-v2"}))
+    load_artifact(v2)
+
+    stop = threading.Event()
+    failures: list[str] = []
+    versions: list[str] = []
+    body = png(images[0][0])
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(
+                    f"{app_url}/classify", content=body, headers={"content-type": "image/png"}
+                )
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    versions.append(r.json()["model"]["version"])
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1.0)
+        deploy(
+            v2,
+            settings_for(serve_port, "main"),
+            address=None,
+            namespace="framecast-tests",
+            timeout_s=240,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not versions or not versions[-1].endswith("-v2")):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert failures == []
+    assert versions[0] == manifest.version
+    assert versions[-1] == manifest.version + "-v2"
+    assert json.loads(httpx.get(f"{app_url}/healthz").text)["model"]["version"].endswith("-v2")
