@@ -393,7 +393,7 @@ def documents(rendered: str) -> list[dict[str, Any]]:
 
 def kubeconform(tools: Tools, paths: Sequence[Path]) -> dict[str, Any]:
     """Run ``kubeconform -strict`` on files; return its JSON report; ToolError if not all valid."""
-    cmd = [str(tools.kubeconform), "-strict", "-summary", "-output", "json",
+    cmd = [str(tools.kubeconform), "-strict", "-summary", "-verbose", "-output", "json",
            "-kubernetes-version", KUBERNETES_VERSION]
     for location in tools.schema_locations():
         cmd += ["-schema-location", location]
