@@ -527,13 +527,11 @@ def submit_train(
 
 
 @submit_app.command("status")
-def submit_status(job_id: str) -> None:
+def submit_status(ctx: typer.Context, job_id: str) -> None:
     """Status of a submitted job."""
-    import click
-
     from cluster.submit import SubmitError, run_submit_status
 
-    settings = click.get_current_context().ensure_object(_Options).settings()
+    settings = _opts(ctx).settings()
     try:
         code = run_submit_status(settings, job_id, console)
     except SubmitError as error:
@@ -543,13 +541,11 @@ def submit_status(job_id: str) -> None:
 
 
 @submit_app.command("logs")
-def submit_logs(job_id: str) -> None:
+def submit_logs(ctx: typer.Context, job_id: str) -> None:
     """Logs of a submitted job."""
-    import click
-
     from cluster.submit import SubmitError, run_submit_logs
 
-    settings = click.get_current_context().ensure_object(_Options).settings()
+    settings = _opts(ctx).settings()
     try:
         run_submit_logs(settings, job_id, console)
     except SubmitError as error:
@@ -557,13 +553,11 @@ def submit_logs(job_id: str) -> None:
 
 
 @submit_app.command("stop")
-def submit_stop(job_id: str) -> None:
+def submit_stop(ctx: typer.Context, job_id: str) -> None:
     """Stop a submitted job."""
-    import click
-
     from cluster.submit import SubmitError, run_submit_stop
 
-    settings = click.get_current_context().ensure_object(_Options).settings()
+    settings = _opts(ctx).settings()
     try:
         run_submit_stop(settings, job_id, console)
     except SubmitError as error:
