@@ -481,6 +481,7 @@ def run_submit_train(settings: Any, address: str, args: Sequence[str], console: 
     """`framecast submit train`: submit, follow with progress, print the outcome; exit code."""
     options = split_submit_args(address, args)
     train_args = prepare_train_args(options)
+    _quiet_ray_client_logs()
     artifact = _option_value(train_args, "--out")
     local = is_local_address(options.address)
     if local and "FRAMECAST_HOME" not in options.env:
@@ -529,6 +530,15 @@ def run_submit_train(settings: Any, address: str, args: Sequence[str], console: 
     return 0
 
 
+def _quiet_ray_client_logs() -> None:
+    """Ray's packaging chatter (INFO lines per uploaded file) only under --verbose."""
+    import logging
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("ray", "ray.dashboard", "ray._private.runtime_env"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _follow_with_progress(
     client: JobsClient, job_id: str, artifact: str | None, console: Any
 ) -> JobOutcome:
@@ -539,7 +549,7 @@ def _follow_with_progress(
         nonlocal lines
         for line in chunk.splitlines():
             lines += 1
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         status.update(
             f"job {job_id} running · {time.monotonic() - started:.0f}s · {lines} log lines"
         )
