@@ -84,7 +84,7 @@ def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.
 
     def conv_bn(x: Any, filters: int, name: str) -> Any:
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
     x = conv_bn(x, 16, "conv1")

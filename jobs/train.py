@@ -83,6 +83,9 @@ def validate_config(config: TrainConfig) -> None:
     _validate_dataset_name(config.dataset)
     validate_prune_options(config.prune, config.target_sparsity)
     validate_quantize(config.quantize)
+    if config.qat:
+        raise ValueError("--qat (quantization-aware training) is not built yet; int8 models "
+                         "use post-training quantization with a calibration set")
     if config.model != "mobilenet_v2" and config.weights != "none":
         raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():

@@ -34,12 +34,12 @@ def ray_two_cpus() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def artifact(ray_two_cpus: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Train 4 epochs on 2 workers with constant pruning; every worker fails once after epoch 2."""
+    """Train 3 epochs on 2 workers with constant pruning; every worker fails once after epoch 1."""
     root = tmp_path_factory.mktemp("train")
     config = TrainConfig(
-        model="optimized_cnn", dataset="synthetic", epochs=4, out=str(root / "artifact"),
-        limit=320, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
-        quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=2,
+        model="optimized_cnn", dataset="synthetic", epochs=3, out=str(root / "artifact"),
+        limit=256, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
+        quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=1,
         storage_path=str(root / "ray"), augment=False,
     )
     epochs: list[dict] = []
@@ -70,11 +70,11 @@ def test_training_resumed_from_checkpoint_after_worker_failure(
         artifact: tuple[Path, dict]) -> None:
     directory, outcome = artifact
     training = load_artifact(directory).manifest.training
-    assert training.resumed_from_epoch == 2
-    assert training.epochs == 4
-    assert [int(h["epoch"]) for h in training.history] == [1, 2, 3, 4]
-    # Epochs 1-2 were reported before the failure, 3-4 after the restart (not 1-4 again).
-    assert [int(r["epoch"]) for r in outcome["epochs"]] == [1, 2, 3, 4]
+    assert training.resumed_from_epoch == 1
+    assert training.epochs == 3
+    assert [int(h["epoch"]) for h in training.history] == [1, 2, 3]
+    # Epoch 1 was reported before the failure, 2-3 after the restart (not 1-3 again).
+    assert [int(r["epoch"]) for r in outcome["epochs"]] == [1, 2, 3]
 
 
 def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict],

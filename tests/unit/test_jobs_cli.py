@@ -25,6 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     (["--quantize", "int4"], "unknown quantization 'int4'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--qat", "--quantize", "float16"], "--qat needs --quantize int8"),
+    (["--qat"], "--qat (quantization-aware training) is not built yet"),
     (["--prune", "constant", "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),
 ])
 def test_train_rejects_bad_flags(flags: list[str], message: str, tmp_path: Path) -> None:
