@@ -423,10 +423,10 @@ def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, 
         param_count=int(model.count_params()),
         macs=macs,
         optimization=Optimization(
-            prune_schedule=config.prune,  # type: ignore[arg-type]
+            prune_schedule=config.prune,
             target_sparsity=plan.effective_target,
             measured_sparsity=measured, layer_sparsity=per_layer,
-            quantization=config.quantize,  # type: ignore[arg-type]
+            quantization=config.quantize,
             qat=config.qat, calibration_sha256=calibration_hash,
             calibration_samples=calibration_count),
         training=Training(
