@@ -119,6 +119,8 @@ def test_kubeconform_catches_a_broken_render(
         (["containerSecurityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
         (["autoscaling.minReplicas=5", "autoscaling.maxReplicas=2"], "maxReplicas"),
         (["serve.numGpus=1"], "gpuWorkers"),
+        (["ray.auth.existingSecret="], "existingSecret"),
+        (["serve.enabled=false"], "serve.enabled"),
     ],
 )
 def test_bad_values_are_refused(built_tools: k8s.Tools, sets: list[str], message: str):
@@ -176,6 +178,12 @@ def test_network_policy_admits_ray_ports_only_from_ray_and_the_operator(
             (source,) = sources
             assert source["namespaceSelector"]["matchLabels"] == {
                 "kubernetes.io/metadata.name": "kuberay-system"}
+        elif 10001 in ports:  # Ray Client: only this release's stream classifiers
+            (source,) = sources
+            assert "namespaceSelector" not in source
+            assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+                "stream-classifier")
+            assert ports == {10001, 8000}
         else:
             assert ports <= {8000, 8080}
     if _kind(docs, "Deployment"):
@@ -280,6 +288,12 @@ def test_stream_classifier_runs_the_cli_with_probes_and_kafka_from_a_secret(
     bootstrap = env["FRAMECAST_KAFKA_BOOTSTRAP_SERVERS"]["valueFrom"]["secretKeyRef"]
     assert bootstrap == {"name": "framecast-kafka", "key": "bootstrap_servers"}
     assert env["FRAMECAST_SERVE_HTTP_HOST"]["value"] == "framecast-serve-svc"
+    # A token-authenticated Ray Client of the release's own Ray cluster (Serve handle calls).
+    assert env["RAY_ADDRESS"]["value"] == "ray://framecast-head-svc:10001"
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    token = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    (cluster,) = [c for c in _ray_clusters(docs)]
+    assert token == {"name": cluster["authOptions"]["secretName"], "key": "auth_token"}
 
 
 def test_sasl_ssl_values_wire_credentials_and_ca_from_the_secret(rendered: dict[str, Path]):
@@ -303,7 +317,7 @@ def test_sasl_ssl_values_wire_credentials_and_ca_from_the_secret(rendered: dict[
     assert trigger["metadata"]["tls"] == "enable"
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     (cluster,) = _ray_clusters(docs)
-    assert cluster["authOptions"]["secretName"] == "framecast-ray-token"
+    assert cluster["authOptions"]["secretName"] == "framecast-ray-token-prod"
 
 
 def test_gpu_values_give_serve_a_gpu_worker_group_and_keda_on_lag(rendered: dict[str, Path]):

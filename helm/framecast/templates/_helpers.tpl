@@ -105,6 +105,9 @@ ports:
 {{- if lt (int .Values.serve.maxReplicas) (int .Values.serve.minReplicas) -}}
 {{- fail "serve.maxReplicas must be >= serve.minReplicas" -}}
 {{- end -}}
+{{- if and .Values.streamClassifier.enabled (not .Values.serve.enabled) -}}
+{{- fail "streamClassifier.enabled needs serve.enabled (the classifiers call the release's Serve app)" -}}
+{{- end -}}
 {{- if and .Values.serve.enabled (gt (float64 .Values.serve.numGpus) 0.0) (not .Values.serve.gpuWorkers.enabled) -}}
 {{- fail "serve.numGpus > 0 needs serve.gpuWorkers.enabled=true" -}}
 {{- end -}}
