@@ -1,0 +1,355 @@
+"""Frame producers (`framecast produce`): cameras that send frames to the ``frames`` topic.
+
+A source (:mod:`streams.video`) gives each of ``streams`` cameras an endless iterator of
+pixels; :func:`produce_frames` takes ``count`` frames from each, paced in real time at ``fps``
+per camera (0 = as fast as possible), encodes them (jpeg | png | raw) and sends them with an
+idempotent producer (acks=all), keyed by ``stream_id`` so that each camera stays in one
+partition, in order. Messages follow the DESIGN contract, either
+
+* ``arrow`` — an Arrow IPC stream of ``batch`` frame records of one camera, header
+  ``content-type: application/vnd.apache.arrow.stream``; or
+* ``bare`` — one JPEG/PNG per message, metadata in the headers ``content-type``,
+  ``stream_id``, ``frame_index``, ``captured_at_ns`` and (when known) ``label``.
+
+The cameras are interleaved by one scheduler thread (camera k's frame i is due at
+``(i + k / streams) / fps`` seconds after the start); kafka-python's I/O thread sends in the
+background. ``captured_at_ns`` is ``time.time_ns()`` when the frame is taken from the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streams.client import admin_client
+from streams.config import KafkaSettings, TopicSettings
+from streams.exceptions import KafkaConnectionError, StreamsError
+from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames
+from streams.topics import apply_topic_specs, default_topic_specs
+from streams.video import (
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_HOLD_FRAMES,
+    DEFAULT_MAX_SIDE,
+    FrameSource,
+    SourceError,
+    open_source,
+)
+
+log = logging.getLogger(__name__)
+
+MessageFormat = Literal["arrow", "bare"]
+FORMATS = ("arrow", "bare")
+IMAGE_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+ProgressCallback = Callable[[int], None]
+
+
+class ProducerError(StreamsError):
+    """Frames could not be produced: bad options, a source failure, or undelivered messages."""
+
+
+def encode_pixels(pixels: np.ndarray, encoding: str, jpeg_quality: int = 90) -> bytes:
+    """uint8 [H, W] or [H, W, 3] pixels as JPEG, PNG or raw (row-major H x W x C) bytes."""
+    if encoding == "raw":
+        return np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    buffer = io.BytesIO()
+    if encoding == "jpeg":
+        image.save(buffer, format="JPEG", quality=jpeg_quality)
+    elif encoding == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        raise ProducerError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    return buffer.getvalue()
+
+
+def bare_headers(frame: FrameRecord) -> list[tuple[str, bytes]]:
+    """Kafka headers of a bare-image message (DESIGN): content type and frame metadata."""
+    headers = [
+        ("content-type", IMAGE_CONTENT_TYPES[frame.encoding].encode()),
+        ("stream_id", frame.stream_id.encode()),
+        ("frame_index", str(frame.frame_index).encode()),
+        ("captured_at_ns", str(frame.captured_at_ns).encode()),
+    ]
+    if frame.label is not None:
+        headers.append(("label", str(frame.label).encode()))
+    return headers
+
+
+def check_options(
+    *,
+    fps: float,
+    streams: int,
+    count: int,
+    encoding: str,
+    message_format: str,
+    batch: int,
+    jpeg_quality: int = 90,
+) -> None:
+    """Refuse inconsistent producer options with a ProducerError that says why."""
+    problems = []
+    if encoding not in ENCODINGS:
+        problems.append(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    if message_format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {message_format!r}")
+    if message_format == "bare" and encoding == "raw":
+        problems.append("--format bare carries JPEG or PNG images only, not --encoding raw")
+    if message_format == "bare" and batch != 1:
+        problems.append("--format bare sends one image per message: --batch must be 1")
+    if fps < 0 or not np.isfinite(fps):
+        problems.append(f"--fps must be >= 0 (0 = as fast as possible), got {fps}")
+    if streams < 1:
+        problems.append(f"--streams must be >= 1, got {streams}")
+    if count < 1:
+        problems.append(f"--count must be >= 1, got {count}")
+    if batch < 1:
+        problems.append(f"--batch must be >= 1, got {batch}")
+    if not 1 <= jpeg_quality <= 95:
+        problems.append(f"JPEG quality must be in 1..95, got {jpeg_quality}")
+    if problems:
+        raise ProducerError("; ".join(problems))
+
+
+def ensure_frames_topic(
+    settings: KafkaSettings, bootstrap: str | None, topic: str, topic_settings: TopicSettings
+) -> bool:
+    """Create the frames topic with the spec's defaults when it is missing; True if created."""
+    spec = default_topic_specs(topic_settings)[0].model_copy(update={"name": topic})
+    with admin_client(settings, bootstrap) as admin:
+        if topic in admin.list_topics():
+            return False
+        apply_topic_specs(admin, [spec])
+    return True
+
+
+def frames_producer(
+    settings: KafkaSettings,
+    bootstrap: str | None,
+    *,
+    linger_ms: int = 5,
+    max_request_size: int = 8 * 1024 * 1024,
+) -> KafkaProducer:
+    """An idempotent producer (acks=all) for frames, or KafkaConnectionError."""
+    config = settings.client_config(bootstrap)
+    try:
+        return KafkaProducer(
+            **config,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            batch_size=256 * 1024,
+            max_request_size=max_request_size,
+            max_in_flight_requests_per_connection=5,
+        )
+    except KafkaError as error:
+        raise KafkaConnectionError(
+            f"cannot produce to Kafka at {','.join(config['bootstrap_servers'])}: {error}"
+        ) from None
+
+
+class _Sender:
+    """Sends frame messages and counts what the broker confirmed or refused."""
+
+    def __init__(self, producer: KafkaProducer, topic: str, message_format: MessageFormat):
+        self.producer = producer
+        self.topic = topic
+        self.message_format = message_format
+        self.messages = 0
+        self.bytes = 0
+        self.failures: list[str] = []
+
+    def _failed(self, error: BaseException) -> None:
+        self.failures.append(f"{type(error).__name__}: {error}")
+
+    def send(self, frames: list[FrameRecord]) -> None:
+        """Send one message holding frames (all of one camera)."""
+        if self.message_format == "bare":
+            (frame,) = frames
+            value, headers = frame.data, bare_headers(frame)
+        else:
+            value = encode_frames(frames)
+            headers = [("content-type", ARROW_CONTENT_TYPE.encode())]
+        try:
+            future = self.producer.send(
+                self.topic, value=value, key=frames[0].stream_id.encode(), headers=headers
+            )
+        except KafkaError as error:
+            raise ProducerError(f"sending to {self.topic} failed: {error}") from None
+        future.add_errback(self._failed)
+        self.messages += 1
+        self.bytes += len(value)
+
+
+def _pace(due: float) -> None:
+    delay = due - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def produce_frames(
+    settings: KafkaSettings,
+    bootstrap: str | None,
+    source: str | FrameSource,
+    topic: str,
+    fps: float,
+    streams: int,
+    count: int,
+    encoding: str = "jpeg",
+    *,
+    message_format: MessageFormat = "arrow",
+    batch: int = 1,
+    seed: int = 0,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    hold_frames: int = DEFAULT_HOLD_FRAMES,
+    max_side: int = DEFAULT_MAX_SIDE,
+    jpeg_quality: int = 90,
+    data_dir: Path | None = None,
+    stream_prefix: str = "cam",
+    topic_settings: TopicSettings | None = None,
+    create_topic: bool = True,
+    progress: ProgressCallback | None = None,
+    flush_timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """Produce ``count`` frames from each of ``streams`` cameras to ``topic``; return a summary.
+
+    ``source`` is ``synthetic``, ``fashion-mnist``, a video file path, or a FrameSource.
+    ``progress`` is called with the number of frames each sent message holds. The summary has
+    ``frames``, ``messages``, ``bytes``, ``seconds``, ``fps`` (achieved, all cameras),
+    ``stream_ids``, ``topic_created`` and ``notes``. Raises ProducerError, SourceError or
+    KafkaConnectionError (all StreamsError).
+    """
+    check_options(
+        fps=fps,
+        streams=streams,
+        count=count,
+        encoding=encoding,
+        message_format=message_format,
+        batch=batch,
+        jpeg_quality=jpeg_quality,
+    )
+    frame_source = (
+        open_source(
+            source,
+            fps=fps,
+            seed=seed,
+            frame_size=frame_size,
+            hold_frames=hold_frames,
+            max_side=max_side,
+            data_dir=data_dir,
+        )
+        if isinstance(source, str)
+        else source
+    )
+    topic_settings = topic_settings or TopicSettings()
+    created = (
+        ensure_frames_topic(settings, bootstrap, topic, topic_settings) if create_topic else False
+    )
+    stream_ids = [f"{stream_prefix}-{k}" for k in range(streams)]
+    iterators = [frame_source.stream(k) for k in range(streams)]
+    pending: list[list[FrameRecord]] = [[] for _ in range(streams)]
+    producer = frames_producer(
+        settings, bootstrap, max_request_size=topic_settings.max_message_bytes
+    )
+    sender = _Sender(producer, topic, message_format)
+    frames = 0
+    start = time.perf_counter()
+    try:
+        for index in range(count):
+            for k, stream_id in enumerate(stream_ids):
+                if fps > 0:
+                    _pace(start + (index + k / streams) / fps)
+                try:
+                    shot = next(iterators[k])
+                except StopIteration:
+                    raise SourceError(f"source {frame_source.name} ran out of frames") from None
+                captured_at_ns = time.time_ns()
+                pixels = shot.pixels
+                pending[k].append(
+                    FrameRecord(
+                        stream_id=stream_id,
+                        frame_index=index,
+                        captured_at_ns=captured_at_ns,
+                        encoding=encoding,
+                        height=int(pixels.shape[0]),
+                        width=int(pixels.shape[1]),
+                        channels=1 if pixels.ndim == 2 else int(pixels.shape[2]),
+                        data=encode_pixels(pixels, encoding, jpeg_quality),
+                        label=shot.label,
+                    )
+                )
+                frames += 1
+                if len(pending[k]) >= batch or index == count - 1:
+                    sender.send(pending[k])
+                    if progress is not None:
+                        progress(len(pending[k]))
+                    pending[k] = []
+        producer.flush(timeout=flush_timeout_s)
+    except KafkaError as error:
+        raise ProducerError(f"producing to {topic} failed: {error}") from None
+    finally:
+        seconds = time.perf_counter() - start
+        producer.close(timeout=5)
+    if sender.failures:
+        raise ProducerError(
+            f"{len(sender.failures)} of {sender.messages} messages to {topic} were not "
+            f"delivered; first: {sender.failures[0]}"
+        )
+    return {
+        "source": frame_source.name,
+        "topic": topic,
+        "topic_created": created,
+        "streams": streams,
+        "stream_ids": stream_ids,
+        "encoding": encoding,
+        "format": message_format,
+        "batch": batch,
+        "frames": frames,
+        "messages": sender.messages,
+        "bytes": sender.bytes,
+        "seconds": round(seconds, 3),
+        "fps": round(frames / seconds, 1) if seconds > 0 else 0.0,
+        "target_fps": fps * streams,
+        "notes": list(frame_source.notes),
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line for people: frames, messages, bytes, seconds and achieved frame rate."""
+    return (
+        f"produced {summary['frames']} frames from {summary['streams']} stream(s) of "
+        f"{summary['source']} to {summary['topic']}: {summary['messages']} messages, "
+        f"{summary['bytes']:,} bytes in {summary['seconds']:.2f} s = {summary['fps']:,.1f} "
+        f"frames/s ({summary['format']}, {summary['encoding']})"
+    )
+
+
+@contextlib.contextmanager
+def progress_bar(
+    console: Console, total: int, description: str = "producing"
+) -> Iterator[ProgressCallback]:
+    """A rich progress bar over ``total`` frames; yields the callback for produce_frames."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(frames: int) -> None:
+            bar.advance(task, frames)
+
+        yield advance
