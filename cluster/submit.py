@@ -290,12 +290,17 @@ def train_entrypoint(train_args: Sequence[str], python: str = "python") -> str:
     return shlex.join([python, "-m", "cluster.cli", "train", *train_args])
 
 
-def auth_token(environ: dict[str, str] | None = None, home: Path | None = None) -> str | None:
+def auth_token(
+    environ: dict[str, str] | None = None,
+    home: Path | None = None,
+    local_head_token: Path | None = None,
+) -> str | None:
     """The Ray auth token the way Ray's own clients find it, or None.
 
-    ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then
-    ``~/.ray/auth_token`` (written by ``ray start --head``, which enables token auth by
-    default since Ray 2.5x, and by ``ray get-auth-token --generate``).
+    ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then the token of
+    framecast's own local head (``<home>/ray/auth_token``, for local addresses), then
+    ``~/.ray/auth_token`` (written by ``ray start --head`` and ``ray get-auth-token
+    --generate``; Ray 2.60 turns token auth on whenever it exists).
     """
     import os
 
@@ -306,6 +311,8 @@ def auth_token(environ: dict[str, str] | None = None, home: Path | None = None) 
     candidates = []
     if env.get("RAY_AUTH_TOKEN_PATH"):
         candidates.append(Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser())
+    if local_head_token is not None:
+        candidates.append(local_head_token)
     candidates.append((home or Path.home()) / ".ray" / "auth_token")
     for path in candidates:
         try:
@@ -317,7 +324,7 @@ def auth_token(environ: dict[str, str] | None = None, home: Path | None = None) 
     return None
 
 
-def connect(address: str) -> JobsClient:
+def connect(address: str, token: str | None = None) -> JobsClient:
     """A JobSubmissionClient for the dashboard at address (raises SubmitError if unreachable).
 
     The bearer token is sent explicitly when one is found, so a client whose own
@@ -327,7 +334,7 @@ def connect(address: str) -> JobsClient:
     from ray.job_submission import JobSubmissionClient
 
     url = normalize_address(address)
-    token = auth_token()
+    token = token or auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         client = JobSubmissionClient(url, headers=headers)
@@ -477,6 +484,14 @@ def _addresses_from(settings: Any) -> list[str | None]:
     return candidates
 
 
+def _connect_with(settings: Any, address: str) -> JobsClient:
+    """connect(), with the token of framecast's own local head when address is local."""
+    from cluster.stack import local_ray_head
+
+    local = local_ray_head(settings).token_file if is_local_address(address) else None
+    return connect(address, auth_token(local_head_token=local))
+
+
 def run_submit_train(settings: Any, address: str, args: Sequence[str], console: Any) -> int:
     """`framecast submit train`: submit, follow with progress, print the outcome; exit code."""
     options = split_submit_args(address, args)
@@ -489,7 +504,7 @@ def run_submit_train(settings: Any, address: str, args: Sequence[str], console: 
         options.env["FRAMECAST_HOME"] = str(Path(settings.home).resolve())
     runtime_env = build_runtime_env(options)
     entrypoint = train_entrypoint(train_args, job_python(options))
-    client = connect(options.address)
+    client = _connect_with(settings, options.address)
     job_id = submit_job(
         client,
         entrypoint,
@@ -561,7 +576,7 @@ def _follow_with_progress(
 def run_submit_status(settings: Any, job_id: str, console: Any) -> int:
     """`framecast submit status JOB_ID`."""
     address = resolve_address(job_id, JobBook(settings.home), _addresses_from(settings))
-    client = connect(address)
+    client = _connect_with(settings, address)
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as error:
@@ -580,7 +595,7 @@ def run_submit_status(settings: Any, job_id: str, console: Any) -> int:
 def run_submit_logs(settings: Any, job_id: str, console: Any, follow: bool = False) -> int:
     """`framecast submit logs JOB_ID`: everything the job printed so far."""
     address = resolve_address(job_id, JobBook(settings.home), _addresses_from(settings))
-    client = connect(address)
+    client = _connect_with(settings, address)
     try:
         if follow:
             tail_logs(client, job_id, lambda text: console.out(text, end="", highlight=False))
@@ -594,7 +609,7 @@ def run_submit_logs(settings: Any, job_id: str, console: Any, follow: bool = Fal
 def run_submit_stop(settings: Any, job_id: str, console: Any, wait: float = 60.0) -> int:
     """`framecast submit stop JOB_ID`: ask Ray to stop the job and wait until it has."""
     address = resolve_address(job_id, JobBook(settings.home), _addresses_from(settings))
-    client = connect(address)
+    client = _connect_with(settings, address)
     try:
         requested = client.stop_job(job_id)
     except RuntimeError as error:

@@ -279,6 +279,11 @@ def test_auth_token_is_found_where_ray_looks(tmp_path: Path):
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t3", encoding="utf-8")
     assert submit.auth_token({}, home=tmp_path) == "t3"
+    head_token = tmp_path / "head_token"
+    head_token.write_text("t4", encoding="utf-8")  # framecast's own local head wins over ~/.ray
+    assert submit.auth_token({}, home=tmp_path, local_head_token=head_token) == "t4"
+    assert submit.auth_token({"RAY_AUTH_TOKEN": "t1"}, tmp_path, head_token) == "t1"
+    assert submit.auth_token({}, tmp_path, tmp_path / "absent") == "t3"
 
 
 def test_job_book_remembers_where_each_job_went(tmp_path: Path):
