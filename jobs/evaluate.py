@@ -193,6 +193,16 @@ def measure_throughput(runner: Runner, images: np.ndarray,
             "throughput_by_batch": per_batch}
 
 
+def _threads_in_use(runner: Runner, asked: int) -> int:
+    """Threads a runner really uses: TF's setting is per process and fixed at first use."""
+    if runner.runtime != "saved_model":
+        return asked
+    from jobs.tf_env import tf
+
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    return configured or (os.cpu_count() or 1)
+
+
 def artifact_size(artifact: LoadedArtifact, runner: Runner) -> tuple[int, int]:
     """(bytes, gzip bytes) of the model the runner runs (all SavedModel files together)."""
     if runner.runtime == "tflite" and artifact.tflite_path is not None:
@@ -223,9 +233,11 @@ def evaluate_loaded(artifact: LoadedArtifact, images: np.ndarray, labels: np.nda
     metrics = classification_metrics(labels, probabilities.argmax(axis=1), len(manifest.classes))
     if speed:
         metrics.update(measure_latency(runner, images))
-        throughput_runner = open_runner(artifact, runtime=runner.runtime,
-                                        num_threads=os.cpu_count() or 1)
+        metrics["latency_threads"] = _threads_in_use(runner, 1)
+        threads = os.cpu_count() or 1
+        throughput_runner = open_runner(artifact, runtime=runner.runtime, num_threads=threads)
         metrics.update(measure_throughput(throughput_runner, images))
+        metrics["throughput_threads"] = _threads_in_use(throughput_runner, threads)
     size, gz = artifact_size(artifact, runner)
     metrics.update({
         "runtime": runner.runtime,
@@ -251,3 +263,24 @@ def evaluate_artifact(directory: Path, dataset: str | None = None, limit: int | 
     metrics = evaluate_loaded(artifact, data.x_test, data.y_test, runtime=runtime, speed=speed)
     metrics["dataset"] = name
     return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jobs.evaluate DIR``: evaluate in a fresh process (one TF thread setting)."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=main.__doc__)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES)
+    args = parser.parse_args(argv)
+    metrics = evaluate_artifact(args.artifact, dataset=args.dataset, limit=args.limit,
+                                runtime=args.runtime)
+    sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -390,7 +390,7 @@ def train_artifact(config: TrainConfig,
                              if calibration_hash else None,
                              started, finished, train_seconds, progress)
         stage("evaluating on the test split")
-        metrics = _evaluate_staged(staging, manifest, data)
+        metrics = _evaluate_staged(staging, manifest, config)
         metrics["train_seconds"] = train_seconds
         _finish_artifact(staging, manifest, metrics)
         if out.exists():
@@ -440,8 +440,7 @@ def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, 
     )
 
 
-def _evaluate_staged(staging: Path, manifest: Any, data: Any) -> dict[str, Any]:
-    from jobs.evaluate import evaluate_loaded
+def _evaluate_staged(staging: Path, manifest: Any, config: TrainConfig) -> dict[str, Any]:
     from serving.artifacts import load_artifact, write_manifest
 
     write_manifest(staging, manifest)
@@ -451,13 +450,28 @@ def _evaluate_staged(staging: Path, manifest: Any, data: Any) -> dict[str, Any]:
         manifest.input.dtype = runner_info["dtype"]
         manifest.input.scale = runner_info["scale"]
         manifest.input.zero_point = runner_info["zero_point"]
-    metrics = evaluate_loaded(artifact, data.x_test, data.y_test, runtime="auto")
+    metrics = _evaluate_in_fresh_process(staging, config, "auto")
     if artifact.tflite_path is not None:
-        float_metrics = evaluate_loaded(artifact, data.x_test, data.y_test,
-                                        runtime="saved_model")
+        float_metrics = _evaluate_in_fresh_process(staging, config, "saved_model")
         metrics["float"] = {k: v for k, v in float_metrics.items() if k != "confusion_matrix"}
-    metrics["dataset"] = manifest.training.dataset
     return metrics
+
+
+def _evaluate_in_fresh_process(directory: Path, config: TrainConfig,
+                               runtime: str) -> dict[str, Any]:
+    """Evaluate in a new Python process, so TensorFlow's thread setting (1) really applies."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "jobs.evaluate", str(directory), "--runtime", runtime]
+    if config.test_limit is not None:
+        command += ["--limit", str(config.test_limit)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluation of {directory} ({runtime}) failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _tflite_io(path: Path) -> dict[str, Any]:
