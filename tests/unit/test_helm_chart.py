@@ -5,6 +5,7 @@ the rendered YAML (the secure defaults: nothing of Ray exposed, token auth, no s
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,42 @@ def test_train_values_add_a_rayjob_that_runs_framecast_train(rendered: dict[str,
     assert workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"][
         "nvidia.com/gpu"] == "1"
     assert not _kind(docs, "Deployment")
+
+
+@pytest.mark.parametrize("variant", ["values.yaml", "values-sasl.yaml"])
+def test_the_classifier_env_is_understood_by_framecast_settings(
+    rendered: dict[str, Path], variant: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    from cluster.settings import load_settings
+
+    container = _stream(_docs(rendered, variant))
+    for key in [k for k in os.environ if k.startswith(("FRAMECAST_", "RAY_"))]:
+        monkeypatch.delenv(key)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    secret = {"bootstrap_servers": "b-1:9096,b-2:9096", "sasl_username": "fc",
+              "sasl_password": "pw", "auth_token": "tok"}
+    for env in container["env"]:
+        if "value" in env:
+            value = env["value"]
+        elif "secretKeyRef" in env["valueFrom"]:
+            value = secret[env["valueFrom"]["secretKeyRef"]["key"]]
+        else:
+            value = "framecast-stream-abc12"  # fieldRef metadata.name
+        if env["name"] == "FRAMECAST_KAFKA_SSL_CAFILE":
+            value = str(ca)  # the mounted Secret file
+        monkeypatch.setenv(env["name"], value)
+    settings = load_settings()
+    kafka = settings.kafka.client_config()
+    assert kafka["bootstrap_servers"] == ["b-1:9096", "b-2:9096"]
+    assert kafka["client_id"] == "framecast-stream-abc12"
+    assert settings.ray.address == "ray://framecast-head-svc:10001"
+    assert settings.serve.app_name == "framecast"
+    if variant == "values-sasl.yaml":
+        assert kafka["security_protocol"] == "SASL_SSL"
+        assert kafka["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert kafka["sasl_plain_username"] == "fc"
+        assert kafka["sasl_plain_password"] == "pw"
+        assert kafka["ssl_cafile"] == str(ca)
+    else:
+        assert kafka["security_protocol"] == "PLAINTEXT"
