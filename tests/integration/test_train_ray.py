@@ -27,9 +27,12 @@ def ray_two_cpus() -> Iterator[None]:
     """An in-process local Ray instance with 2 CPUs for this module."""
     import ray
 
+    saved_address = os.environ.pop("RAY_ADDRESS", None)  # our own instance, not a shared one
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    if saved_address is not None:
+        os.environ["RAY_ADDRESS"] = saved_address
 
 
 @pytest.fixture(scope="module")
