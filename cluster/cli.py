@@ -463,30 +463,150 @@ def serve_shutdown(
 
 @app.command()
 def produce(
+    ctx: typer.Context,
     source: Annotated[str, typer.Option(help="synthetic | fashion-mnist | VIDEO_PATH")],
-    topic: Annotated[str, typer.Option(help="Frames topic.")] = "frames",
-    fps: Annotated[float, typer.Option(min=0, help="Frames per second per stream.")] = 30.0,
+    topic: Annotated[
+        str | None, typer.Option(help="Frames topic (default: the configured frames topic).")
+    ] = None,
+    fps: Annotated[
+        float, typer.Option(min=0, help="Frames per second per stream (0 = as fast as possible).")
+    ] = 30.0,
     streams: Annotated[int, typer.Option(min=1, help="Parallel camera streams.")] = 1,
     count: Annotated[int, typer.Option(min=1, help="Frames per stream.")] = 100,
     encoding: Annotated[str, typer.Option(help="jpeg | png | raw")] = "jpeg",
+    message_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="arrow (Arrow IPC frame records) | bare (one JPEG/PNG per message)."
+        ),
+    ] = "arrow",
+    batch: Annotated[int, typer.Option(min=1, help="Frames per Arrow message.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic video.")] = 0,
+    frame_size: Annotated[
+        int, typer.Option(min=28, help="Side of the synthetic camera frame (28 = no motion).")
+    ] = 32,
+    max_side: Annotated[
+        int, typer.Option(min=2, help="Video files: shrink frames to this longest side.")
+    ] = 320,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Produce video frames to Kafka."""
-    not_available("produce", 5, "the frame producers")
+    from cluster.stack import kafka_bootstrap
+    from streams.exceptions import StreamsError
+    from streams.producers import check_options, produce_frames, progress_bar, summary_line
+
+    try:
+        check_options(
+            fps=fps,
+            streams=streams,
+            count=count,
+            encoding=encoding,
+            message_format=message_format,
+            batch=batch,
+        )
+    except StreamsError as error:
+        fail(str(error), EXIT_USAGE)
+    settings = _opts(ctx).settings()
+    try:
+        with progress_bar(err_console, streams * count) as advance:
+            summary = produce_frames(
+                settings.kafka,
+                kafka_bootstrap(settings),
+                source,
+                topic or settings.topics.frames,
+                fps,
+                streams,
+                count,
+                encoding,
+                message_format="bare" if message_format == "bare" else "arrow",
+                batch=batch,
+                seed=seed,
+                frame_size=frame_size,
+                max_side=max_side,
+                data_dir=settings.data_dir,
+                topic_settings=settings.topics,
+                progress=advance,
+            )
+    except (StreamsError, ValueError) as error:
+        fail(str(error))
+    for note in summary["notes"]:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        console.print(summary_line(summary), highlight=False)
 
 
 @stream_app.command("run")
 def stream_run(
-    frames: Annotated[str, typer.Option(help="Frames topic.")] = "frames",
-    labels: Annotated[str, typer.Option(help="Labels topic.")] = "labels",
-    latency: Annotated[str, typer.Option(help="Latency topic.")] = "latency",
-    dlq: Annotated[str, typer.Option(help="Dead-letter topic.")] = "frames.dlq",
+    ctx: typer.Context,
+    frames: Annotated[str | None, typer.Option(help="Frames topic.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Labels topic.")] = None,
+    latency: Annotated[str | None, typer.Option(help="Latency topic.")] = None,
+    dlq: Annotated[str | None, typer.Option(help="Dead-letter topic.")] = None,
     group: Annotated[str, typer.Option(help="Consumer group.")] = "framecast",
     guarantee: Annotated[str, typer.Option(help="at-least-once | exactly-once")] = "at-least-once",
     deadline_ms: Annotated[int | None, typer.Option(help="Drop frames older than this.")] = None,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
+    app_name: Annotated[str | None, typer.Option(help="Serve application to call.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Frames per Serve call.")] = 256,
+    max_wait_ms: Annotated[int, typer.Option(min=0, help="Micro-batch wait (ms).")] = 10,
+    in_flight: Annotated[int, typer.Option(min=1, help="Serve calls outstanding.")] = 2,
+    idle_exit_s: Annotated[float | None, typer.Option(
+        help="Exit after this many seconds without input.")] = None,
+    consumer_id: Annotated[str | None, typer.Option(help="Name of this consumer.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="Also write labels to Parquet here.")] = None,
 ) -> None:
-    """Run the stream classifier in the foreground."""
-    not_available("stream run", 5, "the stream classifier")
+    """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames)."""
+    import signal
+
+    from pydantic import ValidationError
+
+    from cluster import stack
+    from cluster.settings import describe_validation_error
+    from streams.classifier import ClassifierConfig, StreamClassifier
+    from streams.client import admin_client
+    from streams.exceptions import StreamsError
+    from streams.serve_client import serve_classify_fn
+    from streams.topics import default_topic_specs, ensure_topics
+
+    settings = _opts(ctx).settings()
+    topics = settings.topics
+    try:
+        config = ClassifierConfig(
+            frames_topic=frames or topics.frames, labels_topic=labels or topics.labels,
+            latency_topic=latency or topics.latency, dlq_topic=dlq or topics.dlq, group=group,
+            guarantee=guarantee, deadline_ms=deadline_ms, max_frames=max_frames,
+            max_batch_frames=max_batch, max_batch_wait_ms=max_wait_ms, max_in_flight=in_flight,
+            idle_exit_s=idle_exit_s, parquet_dir=parquet,
+            **({"consumer_id": consumer_id} if consumer_id else {}),
+        )
+    except ValidationError as error:
+        fail(f"invalid option:\n{describe_validation_error(error)}", EXIT_USAGE)
+    bootstrap = stack.kafka_bootstrap(settings)
+    names = {config.frames_topic, config.labels_topic, config.latency_topic, config.dlq_topic}
+    specs = [s.model_copy(update={"name": n}) for n in names
+             for s in default_topic_specs(topics)[:1]]
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+    try:
+        with admin_client(settings.kafka, bootstrap) as admin:
+            ensure_topics(admin, specs)
+        with stack.ray_connection(settings):
+            classify, retriable = serve_classify_fn(app_name or settings.serve.app_name)
+            classifier = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: classifier.stop())
+            err_console.print(f"stream classifier {config.consumer_id}: {config.frames_topic} -> "
+                              f"{config.labels_topic} ({config.guarantee})", highlight=False)
+            totals = classifier.run()
+    except (StreamsError, ClusterError) as error:
+        fail(str(error))
+    sys.stdout.write(json.dumps(totals) + "\n")
 
 
 @app.command()

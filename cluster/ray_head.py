@@ -50,7 +50,7 @@ def use_ray_auth_env(env: dict[str, str]) -> None:
     refreshed here so that a later ``ray.init`` sends the right token.
     """
     os.environ.update(env)
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

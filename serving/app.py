@@ -163,8 +163,9 @@ class Classifier:
         self.limits = DecodeLimits(
             max_bytes=config.max_frame_bytes, max_pixels=config.max_frame_pixels
         )
-        self._infer_one.set_max_batch_size(config.max_batch_size)
-        self._infer_one.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        batcher: Any = self._infer_one  # @serve.batch adds these setters at runtime
+        batcher.set_max_batch_size(config.max_batch_size)
+        batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
 
     def _load(self, artifact_dir: str) -> LoadedModel:

@@ -87,7 +87,7 @@ def decode_image(
         with warnings.catch_warnings():
             # Our own pixel limit is checked from the header below, before decoding.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[pil_format])
+            image: Image.Image = Image.open(io.BytesIO(data), formats=[pil_format])
             limits.check_dimensions(image.width, image.height)
             image.load()
     except FrameDecodeError:

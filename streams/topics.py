@@ -204,3 +204,12 @@ def _reconcile(admin: KafkaAdminClient, spec: TopicSpec, current: dict[str, Any]
     return TopicChange(
         name=spec.name, action="updated" if details else "unchanged", details=details
     )
+
+
+def ensure_topics(admin: KafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+    """Create the topics of specs that do not exist yet; existing ones are left as they are."""
+    existing = set(admin.list_topics())
+    missing = [spec for spec in specs if spec.name not in existing]
+    if missing:
+        apply_topic_specs(admin, missing)
+    return [spec.name for spec in missing]

@@ -87,3 +87,49 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+SHIPPED_MODEL = REPO / "models" / "fashion_mnist_optimized"
+
+
+@pytest.fixture(scope="session")
+def served_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the shipped model (FRAMECAST_TEST_ARTIFACT overrides the source)."""
+    import shutil
+
+    source = Path(os.environ.get("FRAMECAST_TEST_ARTIFACT", SHIPPED_MODEL))
+    target = tmp_path_factory.mktemp("artifact") / "v1"
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_head: RayHeadInfo) -> Iterator[int]:
+    """Ray Serve started on the session Ray head (this process is its driver), on a free port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(address=ray_head.address, namespace="framecast-tests", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stream_app(serve_port: int, served_artifact: Path) -> str:
+    """The shipped model deployed as the Serve app the stream classifier calls."""
+    from serving.config import ServeSettings
+    from serving.deploy import deploy
+
+    settings = ServeSettings(
+        app_name="stream",
+        route_prefix="/stream",
+        http_port=serve_port,
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=1,
+    )
+    deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
+    return "stream"

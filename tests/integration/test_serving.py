@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import threading
 import time
@@ -15,45 +14,25 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 from ray import serve
 
-from cluster.processes import free_port
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
 from serving.config import ServeSettings
 from serving.deploy import deploy
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
 from serving.idx import load_fashion_mnist
 from serving.runtimes import LiteRTRuntime
-from tests.conftest import REPO
-
-SHIPPED = REPO / "models" / "fashion_mnist_optimized"
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the shipped model (FRAMECAST_TEST_ARTIFACT overrides it)."""
-    source = Path(os.environ.get("FRAMECAST_TEST_ARTIFACT", SHIPPED))
-    target = tmp_path_factory.mktemp("artifact") / "v1"
-    shutil.copytree(source, target)
-    return target
+def artifact(served_artifact: Path) -> Path:
+    return served_artifact
 
 
 @pytest.fixture(scope="module")
 def images() -> tuple[np.ndarray, np.ndarray]:
     return load_fashion_mnist("test", limit=48)
-
-
-@pytest.fixture(scope="module")
-def serve_port(ray_head) -> Iterator[int]:  # type: ignore[no-untyped-def]
-    """Serve started on the session Ray head, on a free port, for this module."""
-    port = free_port()
-    ray.init(address=ray_head.address, namespace="framecast-tests", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    ray.shutdown()
 
 
 def settings_for(port: int, name: str, **overrides: object) -> ServeSettings:
@@ -69,10 +48,11 @@ def settings_for(port: int, name: str, **overrides: object) -> ServeSettings:
 
 
 @pytest.fixture(scope="module")
-def app_url(serve_port: int, artifact: Path) -> str:
+def app_url(serve_port: int, artifact: Path) -> Iterator[str]:
     settings = settings_for(serve_port, "main")
     deploy(artifact, settings, address=None, namespace="framecast-tests", timeout_s=240)
-    return f"http://127.0.0.1:{serve_port}/main"
+    yield f"http://127.0.0.1:{serve_port}/main"
+    serve.delete("main")
 
 
 def png(image: np.ndarray) -> bytes:

@@ -1,0 +1,542 @@
+"""The stream classifier: a Kafka consumer group -> Ray Serve -> labels, latency and DLQ topics.
+
+The commit path, at-least-once (the default):
+  1. poll frames; parse each message (Arrow rows or a bare image) into frames, or a DLQ entry;
+  2. micro-batch whole messages, bounded by frame count and by wait time;
+  3. send each batch to Serve (``classify_frames``), at most ``max_in_flight`` at a time;
+  4. complete batches in submission order, so labels keep each stream's order;
+  5. produce labels / DLQ records, then - on the commit interval - flush the producer and
+     only then commit the offsets. Never the other way round: a crash between 5's flush and
+     commit re-labels frames (deduplicable by ``source``), and never loses one.
+Exactly-once puts step 5 in a Kafka transaction with the offsets
+(``send_offsets_to_transaction``), so ``read_committed`` readers see one label per frame.
+
+When Serve pushes back (``BackPressureError``) or a replica dies mid-request, the consumer
+pauses its partitions and retries the same batch with bounded exponential backoff: memory
+stays bounded by ``max_in_flight`` batches, and no frame is skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
+from streams.config import KafkaSettings
+from streams.labels import encode_label, label_record
+from streams.latency import LatencyWindow, encode_latency
+from streams.sinks import ParquetSink
+
+log = logging.getLogger(__name__)
+
+Guarantee = Literal["at-least-once", "exactly-once"]
+_BARE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+
+FRAMES = Counter(
+    "framecast_stream_frames_total", "Frames handled by the stream classifier.", ["outcome"]
+)
+END_TO_END = Histogram(
+    "framecast_stream_end_to_end_ms",
+    "Capture to label, per frame (ms).",
+    buckets=[1, 2, 5, 10, 20, 30, 50, 75, 100, 200, 500, 1000, 5000],
+)
+LAG = Gauge("framecast_stream_lag", "Consumer lag over the assigned partitions.")
+RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
+
+
+class ClassifierConfig(BaseModel):
+    """How the stream classifier consumes, batches, calls Serve and commits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames_topic: str = Field(default="frames", min_length=1, description="Input frames topic.")
+    labels_topic: str = Field(default="labels", min_length=1, description="Labels topic.")
+    latency_topic: str = Field(default="latency", min_length=1, description="Aggregates topic.")
+    dlq_topic: str = Field(default="frames.dlq", min_length=1, description="Dead-letter topic.")
+    group: str = Field(default="framecast", min_length=1, description="Consumer group id.")
+    guarantee: Guarantee = Field(default="at-least-once", description="Processing guarantee.")
+    deadline_ms: PositiveInt | None = Field(
+        default=None, description="Frames older than this (capture to consume) are dropped."
+    )
+    max_frames: PositiveInt | None = Field(default=None, description="Stop after N frames.")
+    consumer_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name in the latency aggregates and transactional id.",
+    )
+    max_batch_frames: PositiveInt = Field(default=256, description="Frames per Serve call.")
+    max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
+    max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
+    commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
+    latency_window_s: PositiveFloat = Field(default=5.0, description="Aggregate period.")
+    serve_timeout_s: PositiveFloat = Field(default=60.0, description="One Serve call's limit.")
+    backoff_max_s: PositiveFloat = Field(default=5.0, description="Longest retry backoff.")
+    idle_exit_s: PositiveFloat | None = Field(
+        default=None, description="Stop after this long without input (tests, batch jobs)."
+    )
+    parquet_dir: Path | None = Field(default=None, description="Also write Parquet files here.")
+
+
+@dataclass
+class _Item:
+    """One consumed frame (or a message's DLQ entry), in consumption order."""
+
+    topic: str
+    partition: int
+    offset: int
+    row: int
+    key: bytes | None
+    consumed_ns: int
+    broker_ms: float
+    frame: FrameRecord | None = None
+    dropped: bool = False
+    dlq_reason: str | None = None
+    dlq_detail: str = ""
+    dlq_class: str = ""
+    value: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    items: list[_Item] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    response: Any = None
+    submitted_ns: int = 0
+
+    @property
+    def frames(self) -> list[FrameRecord]:
+        return [
+            i.frame
+            for i in self.items
+            if i.frame is not None and not i.dropped and i.dlq_reason is None
+        ]
+
+
+class _Revoke(ConsumerRebalanceListener):
+    def __init__(self, owner: StreamClassifier) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # Finish and commit what we hold before another consumer takes the partitions.
+        self.owner.drain(reason="rebalance")
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+ClassifyFn = Callable[[list[FrameRecord]], Any]
+"""Sends frames to Serve; returns an object whose ``result(timeout_s=...)`` gives the results."""
+
+
+class StreamClassifier:
+    """One member of the classifier consumer group."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        bootstrap: str,
+        config: ClassifierConfig,
+        classify: ClassifyFn,
+        retriable: tuple[type[BaseException], ...],
+    ) -> None:
+        self.config = config
+        self.classify = classify
+        self.retriable = retriable
+        client = kafka.client_config(bootstrap)
+        self.exactly_once = config.guarantee == "exactly-once"
+        self.consumer = KafkaConsumer(
+            **client,
+            group_id=config.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=2000,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        producer_extra: dict[str, Any] = {}
+        if self.exactly_once:
+            producer_extra["transactional_id"] = f"framecast-{config.group}-{config.consumer_id}"
+        self.producer = KafkaProducer(
+            **client,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=16 * 1024 * 1024,
+            **producer_extra,
+        )
+        if self.exactly_once:
+            self.producer.init_transactions()
+        self.in_txn = False
+        self.pending: collections.deque[_Batch] = collections.deque()
+        self.batch = _Batch()
+        self.done_offsets: dict[TopicPartition, int] = {}
+        self.last_commit = time.monotonic()
+        self.window = LatencyWindow(config.consumer_id)
+        self.sink = (
+            ParquetSink(config.parquet_dir, config.consumer_id) if config.parquet_dir else None
+        )
+        self.stopping = False
+        self.paused = False
+        self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
+        self.consumer.subscribe([config.frames_topic], listener=_Revoke(self))
+
+    # -- public ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to drain, commit and return (safe from a signal handler)."""
+        self.stopping = True
+
+    def run(self) -> dict[str, Any]:
+        """Consume until stop(), max_frames or idle_exit_s; returns the totals."""
+        started = time.monotonic()
+        last_input = time.monotonic()
+        try:
+            while not self.stopping:
+                wait_ms = max(1, self.config.max_batch_wait_ms) if self.batch.items else 100
+                records = self.consumer.poll(timeout_ms=wait_ms, max_records=2000)
+                if records:
+                    last_input = time.monotonic()
+                    for tp, messages in records.items():
+                        for message in messages:
+                            self._add(tp, message)
+                if self._batch_ready():
+                    self._submit(self.batch)
+                    self.batch = _Batch()
+                while self.pending and (
+                    len(self.pending) >= self.config.max_in_flight or not records
+                ):
+                    self._complete(self.pending.popleft())
+                self._maybe_commit()
+                self._maybe_publish_latency()
+                if self.config.max_frames and self._handled() >= self.config.max_frames:
+                    break
+                if not self.consumer.assignment():
+                    last_input = time.monotonic()  # idle only counts while we own partitions
+                if (
+                    self.config.idle_exit_s
+                    and not records
+                    and not self.pending
+                    and not self.batch.items
+                    and time.monotonic() - last_input > self.config.idle_exit_s
+                ):
+                    break
+            self.drain(reason="stop")
+            self._publish_latency()
+        finally:
+            self._close()
+        return {**self.totals, "seconds": round(time.monotonic() - started, 3)}
+
+    def drain(self, reason: str) -> None:
+        """Classify everything held, publish it, and commit (used on stop and on rebalance)."""
+        if self.batch.items:
+            self._submit(self.batch)
+            self.batch = _Batch()
+        while self.pending:
+            self._complete(self.pending.popleft())
+        self._commit(reason)
+
+    # -- consume ----------------------------------------------------------------------------
+    def _handled(self) -> int:
+        t = self.totals
+        return t["labelled"] + t["dropped_deadline"] + t["dlq"]
+
+    def _add(self, tp: TopicPartition, message: Any) -> None:
+        now = time.time_ns()
+        base = {
+            "topic": tp.topic,
+            "partition": tp.partition,
+            "offset": message.offset,
+            "key": message.key,
+            "consumed_ns": now,
+            "broker_ms": max(0.0, now / 1e6 - message.timestamp) if message.timestamp else 0.0,
+        }
+        for index, item in enumerate(self._parse(message, base)):
+            item.row = index
+            if (
+                item.frame is not None
+                and self.config.deadline_ms is not None
+                and (now - item.frame.captured_at_ns) / 1e6 > self.config.deadline_ms
+            ):
+                item.dropped = True
+            self.batch.items.append(item)
+        self.batch.offsets[tp] = message.offset + 1
+
+    def _parse(self, message: Any, base: dict[str, Any]) -> list[_Item]:
+        headers = {k: v for k, v in (message.headers or [])}
+        content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip()
+
+        def dlq(reason: str, detail: str, error_class: str) -> list[_Item]:
+            return [
+                _Item(
+                    **base,
+                    row=0,
+                    dlq_reason=reason,
+                    dlq_detail=detail,
+                    dlq_class=error_class,
+                    value=message.value,
+                    headers=list(message.headers or []),
+                )
+            ]
+
+        if not message.value:
+            return dlq("empty_value", "the message has no value", "FrameSchemaError")
+        if content_type == ARROW_CONTENT_TYPE:
+            try:
+                frames = decode_frames(message.value)
+            except FrameSchemaError as error:
+                return dlq("bad_arrow", str(error), "FrameSchemaError")
+            if not frames:
+                return dlq("bad_arrow", "Arrow stream holds no frames", "FrameSchemaError")
+            return [
+                _Item(
+                    **base,
+                    row=0,
+                    frame=frame,
+                    value=message.value,
+                    headers=list(message.headers or []),
+                )
+                for frame in frames
+            ]
+        encoding = _BARE_TYPES.get(content_type)
+        if encoding is None:
+            return dlq(
+                "unsupported_content_type",
+                f"content-type {content_type or '(none)'} is not {ARROW_CONTENT_TYPE}, "
+                "image/jpeg or image/png",
+                "FrameSchemaError",
+            )
+        try:
+            label = headers.get("label")
+            frame = FrameRecord(
+                stream_id=headers["stream_id"].decode()
+                if "stream_id" in headers
+                else (message.key or b"").decode(),
+                frame_index=int(headers["frame_index"]),
+                captured_at_ns=int(headers["captured_at_ns"]),
+                encoding=encoding,
+                height=0,
+                width=0,
+                channels=0,
+                data=message.value,
+                label=int(label) if label not in (None, b"") else None,
+            )
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            return dlq(
+                "bad_headers",
+                f"bare image needs headers frame_index and captured_at_ns (integers): {error!r}",
+                "FrameSchemaError",
+            )
+        return [
+            _Item(
+                **base, row=0, frame=frame, value=message.value, headers=list(message.headers or [])
+            )
+        ]
+
+    def _batch_ready(self) -> bool:
+        if not self.batch.items:
+            return False
+        if len(self.batch.items) >= self.config.max_batch_frames:
+            return True
+        return (time.monotonic() - self.batch.started) * 1000 >= self.config.max_batch_wait_ms
+
+    # -- Serve --------------------------------------------------------------------------------
+    def _submit(self, batch: _Batch) -> None:
+        frames = batch.frames
+        batch.submitted_ns = time.time_ns()
+        batch.response = self.classify(frames) if frames else None
+        self.pending.append(batch)
+
+    def _results(self, batch: _Batch) -> list[dict[str, Any]]:
+        if batch.response is None:
+            return []
+        delay = 0.05
+        while True:
+            try:
+                results = batch.response.result(timeout_s=self.config.serve_timeout_s)
+                if self.paused:
+                    self.consumer.resume(*self.consumer.assignment())
+                    self.paused = False
+                return list(results)
+            except self.retriable as error:
+                # Backpressure or a lost replica: hold the input, retry the same frames.
+                RETRIES.labels(reason=type(error).__name__).inc()
+                log.warning(
+                    "Serve call failed (%s: %s); retrying in %.2fs",
+                    type(error).__name__,
+                    str(error)[:200],
+                    delay,
+                )
+                if not self.paused:
+                    self.consumer.pause(*self.consumer.assignment())
+                    self.paused = True
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+                batch.submitted_ns = time.time_ns()
+                batch.response = self.classify(batch.frames)
+
+    def _complete(self, batch: _Batch) -> None:
+        results = iter(self._results(batch))
+        done_ns = time.time_ns()
+        if self.exactly_once and not self.in_txn:
+            self.producer.begin_transaction()
+            self.in_txn = True
+        dlq_sent: set[tuple[int, int]] = set()
+        for item in batch.items:
+            if item.dlq_reason is None and not item.dropped:
+                result = next(results)
+                if "error" in result:
+                    item.dlq_reason, item.dlq_detail = result["error"], result["detail"]
+                    item.dlq_class = "FrameDecodeError"
+            if item.dlq_reason is not None:
+                if (item.partition, item.offset) not in dlq_sent:  # one DLQ record per message
+                    dlq_sent.add((item.partition, item.offset))
+                    self._send_dlq(item)
+                continue
+            self._send_label(item, None if item.dropped else result, batch, done_ns)
+        for tp, offset in batch.offsets.items():
+            self.done_offsets[tp] = max(offset, self.done_offsets.get(tp, 0))
+
+    def _send_label(
+        self, item: _Item, result: dict[str, Any] | None, batch: _Batch, done_ns: int
+    ) -> None:
+        frame = item.frame
+        assert frame is not None  # noqa: S101 - only frames reach here
+        labeled_ns = time.time_ns()
+        timings = {
+            "broker": round(item.broker_ms, 3),
+            "queue": round(max(0, batch.submitted_ns - item.consumed_ns) / 1e6, 3),
+            "inference": round(result["inference_ms"], 3) if result else 0.0,
+            "end_to_end": round((labeled_ns - frame.captured_at_ns) / 1e6, 3),
+        }
+        record = label_record(
+            stream_id=frame.stream_id,
+            frame_index=frame.frame_index,
+            topic=item.topic,
+            partition=item.partition,
+            offset=item.offset,
+            row=item.row,
+            result=result,
+            captured_at_ns=frame.captured_at_ns,
+            labeled_at_ns=labeled_ns,
+            timings_ms=timings,
+            ground_truth=frame.label,
+        )
+        self.producer.send(
+            self.config.labels_topic, key=frame.stream_id.encode(), value=encode_label(record)
+        )
+        if self.sink:
+            self.sink.add_label(record)
+        if result is None:
+            self.totals["dropped_deadline"] += 1
+            self.window.dropped += 1
+            FRAMES.labels(outcome="dropped_deadline").inc()
+        else:
+            self.totals["labelled"] += 1
+            if frame.label is not None:
+                self.totals["with_ground_truth"] += 1
+                self.totals["correct"] += int(result["class_id"] == frame.label)
+            self.window.latencies_ms.append(timings["end_to_end"])
+            END_TO_END.observe(timings["end_to_end"])
+            FRAMES.labels(outcome="labelled").inc()
+
+    def _send_dlq(self, item: _Item) -> None:
+        headers = [(k, v) for k, v in item.headers if not k.startswith(("error.", "source."))]
+        headers += [
+            ("error.reason", item.dlq_reason.encode() if item.dlq_reason else b""),
+            ("error.class", item.dlq_class.encode()),
+            ("error.detail", item.dlq_detail[:1000].encode()),
+            ("source.topic", item.topic.encode()),
+            ("source.partition", str(item.partition).encode()),
+            ("source.offset", str(item.offset).encode()),
+        ]
+        self.producer.send(
+            self.config.dlq_topic, key=item.key, value=item.value or b"", headers=headers
+        )
+        self.totals["dlq"] += 1
+        self.window.dlq += 1
+        FRAMES.labels(outcome="dlq").inc()
+        log.info("DLQ %s[%d]@%d: %s", item.topic, item.partition, item.offset, item.dlq_reason)
+
+    # -- commit ----------------------------------------------------------------------------
+    def _maybe_commit(self) -> None:
+        if (time.monotonic() - self.last_commit) * 1000 >= self.config.commit_interval_ms:
+            self._commit("interval")
+
+    def _commit(self, reason: str) -> None:
+        self.last_commit = time.monotonic()
+        if not self.done_offsets:
+            return
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.done_offsets.items()}
+        if self.exactly_once:
+            if not self.in_txn:
+                self.producer.begin_transaction()
+            # 1. offsets join the transaction; 2. commit makes labels and offsets visible at once.
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            self.in_txn = False
+        else:
+            # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
+            self.producer.flush(timeout=60)
+            # 2. ... and only then the offsets: a crash in between re-labels, never loses.
+            self.consumer.commit(offsets)
+        self.done_offsets.clear()
+        log.debug("committed (%s)", reason)
+
+    # -- latency aggregates ------------------------------------------------------------------
+    def _maybe_publish_latency(self) -> None:
+        if self.window.elapsed() >= self.config.latency_window_s:
+            self._publish_latency()
+
+    def _lag(self) -> int | None:
+        assignment = list(self.consumer.assignment())
+        if not assignment:
+            return 0
+        try:
+            ends = self.consumer.end_offsets(assignment)
+            lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assignment)
+        except KafkaError:
+            return None
+        LAG.set(lag)
+        return lag
+
+    def _publish_latency(self) -> None:
+        record = self.window.snapshot(self._lag())
+        self.window.reset()
+        if self.exactly_once and not self.in_txn:
+            self.producer.begin_transaction()
+            self.in_txn = True
+        self.producer.send(
+            self.config.latency_topic,
+            key=self.config.consumer_id.encode(),
+            value=encode_latency(record),
+        )
+        if self.exactly_once:
+            self.producer.commit_transaction()
+            self.in_txn = False
+        if self.sink:
+            self.sink.add_latency(record)
+        self.totals["latency_windows"] += 1
+
+    def _close(self) -> None:
+        if self.exactly_once and self.in_txn:
+            self.producer.abort_transaction()  # uncommitted work is redone by the next owner
+        self.producer.close(timeout=30)
+        self.consumer.close(autocommit=False)
+        if self.sink:
+            self.sink.close()
