@@ -61,7 +61,8 @@ clean:
 
 # Helm chart + KubeRay manifests, validated for real: helm lint, helm template for every
 # values file, kubeconform -strict against Kubernetes + KubeRay + KEDA + Prometheus-operator
-# schemas. helm/kubeconform (go install) and the schemas are built once into $(TOOLS).
+# schemas, then the policy tests over the rendered YAML and the `ray up` schema test.
+# helm/kubeconform (go install) and the schemas are built once into $(TOOLS).
 TOOLS := .framecast/tools
 $(TOOLS)/.ready: cluster/k8s/tools.py
 	@command -v go >/dev/null || { echo "missing: go (Go 1.22+; Debian: apt-get install golang)"; exit 1; }
@@ -70,3 +71,4 @@ $(TOOLS)/.ready: cluster/k8s/tools.py
 
 chart-check: setup $(TOOLS)/.ready
 	$(BIN)/python -m cluster.k8s.tools check
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_helm_chart.py tests/unit/test_cluster_configs.py
