@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -549,9 +550,19 @@ def _quiet_ray_client_logs() -> None:
     """Ray's packaging chatter (INFO lines per uploaded file) only under --verbose."""
     import logging
 
+    import ray.job_submission  # noqa: F401 - its module loggers set their own levels on import
+
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        for name in ("ray", "ray.dashboard", "ray._private.runtime_env"):
+        for name in (
+            "ray",
+            "ray.dashboard.modules.dashboard_sdk",
+            "ray._private.runtime_env.packaging",
+            "ray._private.runtime_env.working_dir",
+        ):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours worker prefixes in job logs
 
 
 def _follow_with_progress(
@@ -562,7 +573,7 @@ def _follow_with_progress(
 
     def on_text(chunk: str) -> None:
         nonlocal lines
-        for line in chunk.splitlines():
+        for line in _ANSI.sub("", chunk).splitlines():
             lines += 1
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         status.update(
