@@ -107,6 +107,8 @@ def main_callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """framecast: real-time video-frame classification on Kafka and Ray."""
+    # kafka-python reports every reconnect and slow poll at WARNING; the CLI says what matters.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.ERROR)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -534,7 +536,7 @@ def produce(
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
-        console.print(summary_line(summary), highlight=False)
+        console.print(summary_line(summary), highlight=False, soft_wrap=True)
 
 
 @stream_app.command("run")
@@ -690,29 +692,30 @@ def submit_stop(ctx: typer.Context, job_id: str) -> None:
 @app.command()
 def demo(
     ctx: typer.Context,
-    frames: Annotated[int, typer.Option(min=1, help="Frames to send through the broker.")] = 2000,
-    cameras: Annotated[int, typer.Option(min=1, help="Simulated camera streams.")] = 4,
-    fps: Annotated[
-        float, typer.Option(min=0, help="Frames per second per camera (0 = flat out).")
-    ] = 30.0,
-    keep_running: Annotated[
-        bool, typer.Option("--keep-running", help="Leave the stack running afterwards.")
-    ] = False,
+    cameras: Annotated[int, typer.Option(min=1, help="Simulated camera streams.")] = 8,
+    fps: Annotated[float, typer.Option(min=0.1, help="Frames per second per camera.")] = 30.0,
+    seconds: Annotated[float, typer.Option(min=1, help="Length of the video (s).")] = 60.0,
+    deadline_ms: Annotated[int | None, typer.Option(
+        help="Drop frames older than this (counted, labelled as dropped).")] = None,
+    artifact: Annotated[Path | None, typer.Option(
+        help="Artifact to serve (default: models/fashion_mnist_optimized).")] = None,
+    keep_running: Annotated[bool, typer.Option(
+        "--keep-running", help="Leave the stack and the Serve app running afterwards.")] = False,
 ) -> None:
-    """The main job, end to end, with what exists today (see the summary it prints)."""
+    """The main job: synthetic cameras -> Kafka -> Ray Serve -> Kafka, live, with a report."""
     from cluster.demo import run_demo
+    from serving.artifacts import ArtifactError
+    from serving.deploy import DeployError
+    from streams.exceptions import StreamsError
 
     try:
-        run_demo(
-            _opts(ctx).settings(),
-            console,
-            frames=frames,
-            cameras=cameras,
-            fps=fps,
-            keep_running=keep_running,
-        )
-    except ClusterError as error:
+        report = run_demo(_opts(ctx).settings(), console, cameras=cameras, fps=fps,
+                          seconds=seconds, deadline_ms=deadline_ms, artifact=artifact,
+                          keep_running=keep_running)
+    except (ClusterError, StreamsError, ArtifactError, DeployError) as error:
         fail(str(error))
+    if report.get("unaccounted"):
+        fail(f"{report['unaccounted']} frames were neither labelled, dropped nor dead-lettered")
 
 
 def main() -> None:
