@@ -133,37 +133,46 @@ class SyntheticVideo:
         self.hold_frames = hold_frames
         self.background = background
         self.noise = noise
+        self._segments: dict[int, tuple[int, float, float]] = {}
+        # Sensor noise comes from a fixed bank of fields (frame t uses field t mod 61): the
+        # video stays deterministic and a frame costs tens of microseconds, not hundreds.
+        bank_rng = np.random.default_rng([seed, stream_index, 2**31])
+        self._noise = np.rint(bank_rng.normal(0.0, noise, size=(61, frame_size, frame_size)))
+        self._noise = self._noise.astype(np.int16)
 
-    def _segment(self, k: int) -> tuple[int, np.ndarray]:
+    def _segment(self, k: int) -> tuple[int, float, float]:
         """Garment index and start waypoint (y, x) of segment k."""
-        rng = np.random.default_rng([self.seed, self.stream_index, k])
-        garment = int(rng.integers(len(self.images)))
-        waypoint = rng.uniform(0, self.frame_size - GARMENT, size=2)
-        return garment, waypoint
+        cached = self._segments.get(k)
+        if cached is None:
+            rng = np.random.default_rng([self.seed, self.stream_index, k])
+            garment = int(rng.integers(len(self.images)))
+            y, x = rng.uniform(0, self.frame_size - GARMENT, size=2)
+            cached = garment, float(y), float(x)
+            if len(self._segments) > 256:
+                self._segments.clear()
+            self._segments[k] = cached
+        return cached
 
     def position(self, t: int) -> tuple[int, int]:
         """(x, y) of the garment's top-left corner in frame t."""
         k, step = divmod(t, self.hold_frames)
-        _, start = self._segment(k)
-        _, end = self._segment(k + 1)
+        _, y0, x0 = self._segment(k)
+        _, y1, x1 = self._segment(k + 1)
         ease = (1 - math.cos(math.pi * step / self.hold_frames)) / 2
-        y, x = np.rint(start + (end - start) * ease).astype(int)
-        return int(x), int(y)
+        return round(x0 + (x1 - x0) * ease), round(y0 + (y1 - y0) * ease)
 
     def frame(self, t: int) -> SyntheticFrame:
         """Frame t of this camera."""
         if t < 0:
             raise ValueError(f"frame index must be >= 0, got {t}")
-        garment, _ = self._segment(t // self.hold_frames)
+        garment = self._segment(t // self.hold_frames)[0]
         x, y = self.position(t)
-        rng = np.random.default_rng([self.seed, self.stream_index, t, 1])
         size = self.frame_size
-        canvas = np.full((size, size), float(self.background), dtype=np.float32)
+        canvas = np.full((size, size), self.background, dtype=np.int16)
         patch = canvas[y : y + GARMENT, x : x + GARMENT]
         np.maximum(patch, self.images[garment], out=patch)
-        if self.noise > 0:
-            canvas += rng.normal(0.0, self.noise, size=canvas.shape).astype(np.float32)
-        pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+        canvas += self._noise[t % len(self._noise)]
+        pixels = np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)
         label = None if self.labels is None else int(self.labels[garment])
         return SyntheticFrame(pixels=pixels, label=label, garment=garment, x=x, y=y)
 
