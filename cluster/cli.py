@@ -613,12 +613,38 @@ def stream_run(
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     what: Annotated[str, typer.Argument(help="all | model | serve | pipeline")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    artifact: Annotated[Path | None, typer.Option(
+        help="Artifact to benchmark (default: models/fashion_mnist_optimized).")] = None,
 ) -> None:
-    """Benchmarks against baselines and peers, in one run."""
-    not_available("bench", 7, "the benchmark suite")
+    """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG)."""
+    if what not in ("serve", "pipeline"):
+        not_available(f"bench {what}", 7, f"`bench {what}` (model exports, peers, sweeps)")
+    from cluster import bench as benchmarks
+    from cluster import stack
+    from cluster.demo import SHIPPED_MODEL
+    from serving.artifacts import ArtifactError
+    from streams.exceptions import StreamsError
+
+    settings = _opts(ctx).settings()
+    was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
+              "ray": stack.local_ray_head(settings).info() is not None}
+    out_dir = out or settings.home / "reports" / "bench"
+    try:
+        with console.status("starting the embedded stack..."):
+            stack.up(settings, kafka=what == "pipeline")
+        console.rule(f"framecast bench {what}{' (quick)' if quick else ''}")
+        run = benchmarks.bench_serve if what == "serve" else benchmarks.bench_pipeline
+        results = run(settings, artifact or SHIPPED_MODEL, console, quick=quick)
+    except (ClusterError, StreamsError, ArtifactError) as error:
+        fail(str(error))
+    finally:
+        stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
+    for path in benchmarks.write_outputs(out_dir, what, results):
+        console.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
