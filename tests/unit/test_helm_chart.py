@@ -283,8 +283,9 @@ def test_stream_classifier_runs_the_cli_with_probes_and_kafka_from_a_secret(
     assert command[:3] == ["framecast", "stream", "run"]
     flags = [c for c in command[3:] if c.startswith("--")]
     assert set(flags) <= _cli_options("stream", "run"), flags
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    port = command[command.index("--metrics-port") + 1]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert f"127.0.0.1:{port}/metrics" in container[probe]["exec"]["command"][-1]
     env = {e["name"]: e for e in container["env"]}
     bootstrap = env["FRAMECAST_KAFKA_BOOTSTRAP_SERVERS"]["valueFrom"]["secretKeyRef"]
     assert bootstrap == {"name": "framecast-kafka", "key": "bootstrap_servers"}
@@ -424,3 +425,35 @@ def test_the_classifier_env_is_understood_by_framecast_settings(
         assert kafka["ssl_cafile"] == str(ca)
     else:
         assert kafka["security_protocol"] == "PLAINTEXT"
+
+
+def test_the_default_probe_passes_against_the_classifiers_metrics_endpoint(
+    rendered: dict[str, Path],
+):
+    """Run the rendered probe command against a real prometheus_client endpoint on 127.0.0.1,
+    as `stream run --metrics-port` serves it, and against a dead port."""
+    import subprocess
+    import sys
+
+    from prometheus_client import start_http_server
+
+    from cluster.processes import free_port
+
+    container = _stream(_docs(rendered, "values.yaml"))
+    probe = container["livenessProbe"]["exec"]["command"]
+    port = int(container["command"][container["command"].index("--metrics-port") + 1])
+    assert probe[0] == "python"
+
+    def run(script: str) -> int:
+        return subprocess.run([sys.executable, "-c", script], timeout=30, check=False).returncode
+
+    dead = probe[-1].replace(f":{port}/", f":{free_port()}/")
+    assert run(dead) != 0
+    live_port = free_port()
+    server, thread = start_http_server(live_port, addr="127.0.0.1")
+    try:
+        assert run(probe[-1].replace(f":{port}/", f":{live_port}/")) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
