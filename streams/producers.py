@@ -13,7 +13,9 @@ partition, in order. Messages follow the DESIGN contract, either
 
 The cameras are interleaved by one scheduler thread (camera k's frame i is due at
 ``(i + k / streams) / fps`` seconds after the start); kafka-python's I/O thread sends in the
-background. ``captured_at_ns`` is ``time.time_ns()`` when the frame is taken from the source.
+background. ``captured_at_ns`` is ``time.time_ns()`` when the frame is taken from the source;
+with ``batch > 1`` a camera's frames wait until its batch is full, which adds up to
+``(batch - 1) / fps`` seconds to their end-to-end latency (use batches for throughput tests).
 """
 
 from __future__ import annotations
