@@ -95,11 +95,11 @@ def test_kubeconform_catches_a_broken_render(
 ):
     docs = _docs(rendered, "values.yaml")
     deployment = _kind(docs, "Deployment")[0]
-    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"][
-        "pathh"] = "/x"
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"][
+        "commandd"] = ["true"]
     target = tmp_path / "broken.yaml"
     target.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
-    with pytest.raises(k8s.ToolError, match="pathh"):
+    with pytest.raises(k8s.ToolError, match="commandd"):
         k8s.kubeconform(built_tools, [target])
 
 
