@@ -558,7 +558,9 @@ def stream_run(
         help="Exit after this many seconds without input.")] = None,
     consumer_id: Annotated[str | None, typer.Option(help="Name of this consumer.")] = None,
     metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+        help="Serve Prometheus metrics on METRICS_HOST:PORT.")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        help="Address the metrics endpoint binds (0.0.0.0 in a pod).")] = "127.0.0.1",
     parquet: Annotated[Path | None, typer.Option(help="Also write labels to Parquet here.")] = None,
 ) -> None:
     """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames)."""
@@ -594,7 +596,7 @@ def stream_run(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     try:
         with admin_client(settings.kafka, bootstrap) as admin:
             ensure_topics(admin, specs)

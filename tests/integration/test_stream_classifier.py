@@ -66,11 +66,15 @@ def send_arrow_frames(
     streams: int,
     per_stream: int,
     captured_at_ns: int | None = None,
+    fps: float = 0.0,
 ) -> list[tuple[str, int, int]]:
-    """Raw Fashion-MNIST frames, one per message; returns (stream, index, image row)."""
+    """Raw Fashion-MNIST frames, one per message (paced at fps per stream if > 0)."""
     sent = []
     p = producer(kafka_settings)
+    started = time.monotonic()
     for i in range(per_stream):
+        if fps > 0:
+            time.sleep(max(0.0, started + i / fps - time.monotonic()))
         for s in range(streams):
             row = (i * streams + s) % len(IMAGES)
             frame = FrameRecord(
@@ -290,8 +294,22 @@ def test_frames_past_their_deadline_are_labelled_dropped_and_counted(
 def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
     kafka_settings: KafkaSettings, stream_app: str, ray_head: Any, tmp_path: Path
 ) -> None:
+    import threading
+
     config = topics(kafka_settings)
-    sent = send_arrow_frames(kafka_settings, config.frames_topic, streams=3, per_stream=1000)
+    expected = [(f"cam-{s}", i) for i in range(1000) for s in range(3)]
+    # Frames keep arriving (3 x 100 fps for 10 s) while the first classifier is killed.
+    feeder = threading.Thread(
+        target=send_arrow_frames,
+        kwargs={
+            "kafka_settings": kafka_settings,
+            "topic": config.frames_topic,
+            "streams": 3,
+            "per_stream": 1000,
+            "fps": 100.0,
+        },
+    )
+    feeder.start()
     argv = [
         str(Path(sys.executable).parent / "framecast"),
         "--home",
@@ -332,18 +350,50 @@ def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
         )
         seen = 0
         deadline = time.monotonic() + 180
-        while seen < 1 and time.monotonic() < deadline and first.poll() is None:
+        while seen < 300 and time.monotonic() < deadline and first.poll() is None:
             seen += len(list(probe))
         probe.close()
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-    assert seen >= 1, log.read_text()[-2000:]
+    feeder.join()
+    assert seen >= 300, log.read_text()[-2000:]
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-3000:]
-    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(sent)))
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(expected)))
     got = {(lab.stream_id, lab.frame_index) for lab in labels}
-    assert got == {(s, i) for s, i, _ in sent}  # no frame lost
+    assert got == set(expected)  # no frame lost
     resumed = json.loads(second.stdout.strip().splitlines()[-1])
-    assert 0 < resumed["labelled"] < len(sent)  # the restart resumed from committed offsets
+    assert 0 < resumed["labelled"] < len(expected)  # resumed from the committed offsets
     # At-least-once: duplicates are only the frames labelled but not yet committed.
-    assert len(labels) - len(sent) <= len(sent) - resumed["labelled"]
+    assert len(labels) - len(expected) <= len(expected) - resumed["labelled"]
+
+
+def test_two_classifiers_in_one_group_share_the_partitions(
+    kafka_settings: KafkaSettings, stream_app: str
+) -> None:
+    import threading
+
+    config = topics(kafka_settings, partitions=4).model_copy(update={"idle_exit_s": 6.0})
+    sent = send_arrow_frames(kafka_settings, config.frames_topic, streams=8, per_stream=40)
+    outcomes: list[dict[str, Any]] = []
+    classifiers = []
+    for member in ("a", "b"):
+        classify, retriable = serve_classify_fn(stream_app)
+        classifiers.append(
+            StreamClassifier(
+                kafka_settings,
+                str(kafka_settings.bootstrap_servers),
+                config.model_copy(update={"consumer_id": f"member-{member}"}),
+                classify,
+                retriable,
+            )
+        )
+    threads = [threading.Thread(target=lambda c=c: outcomes.append(c.run())) for c in classifiers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(outcomes) == 2
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(sent)))
+    assert {(lab.stream_id, lab.frame_index) for lab in labels} == {(s, i) for s, i, _ in sent}
+    assert sum(o["labelled"] for o in outcomes) == len(labels)
