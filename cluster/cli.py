@@ -392,6 +392,9 @@ def serve_deploy(
     max_queued_requests: Annotated[int | None, typer.Option(
         help="Queued requests before 503 / BackPressureError.")] = None,
     http_port: Annotated[int | None, typer.Option(help="Serve HTTP port.")] = None,
+    route_prefix: Annotated[str | None, typer.Option(
+        help="HTTP route of this app (default /, or /NAME with --name): versions side by side.")
+    ] = None,
 ) -> None:
     """Deploy an artifact as the Ray Serve application; returns once it is healthy."""
     from cluster import stack
@@ -404,6 +407,7 @@ def serve_deploy(
         "batch_wait_timeout_s": batch_wait_timeout_s,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests, "http_port": http_port,
+        "route_prefix": route_prefix or (f"/{name}" if name else None),
     })
     try:
         with stack.ray_connection(settings), console.status(f"deploying {artifact}..."):
