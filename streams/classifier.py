@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
 from streams.config import KafkaSettings
+from streams.exceptions import StreamsError
 from streams.labels import encode_label, label_record
 from streams.latency import LatencyWindow, encode_latency
 from streams.sinks import ParquetSink
@@ -167,6 +168,8 @@ class StreamClassifier:
             max_poll_records=2000,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            # Notice new partitions (and recover from a missed topic) within 30 s, not 5 min.
+            metadata_max_age_ms=30_000,
         )
         producer_extra: dict[str, Any] = {}
         if self.exactly_once:
@@ -193,7 +196,18 @@ class StreamClassifier:
         self.stopping = False
         self.paused = False
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
+        self._await_topic_metadata(config.frames_topic)
         self.consumer.subscribe([config.frames_topic], listener=_Revoke(self))
+
+    def _await_topic_metadata(self, topic: str, timeout_s: float = 60.0) -> None:
+        # The group's assignor only hands out partitions it knows; joining before this
+        # client has the topic's metadata can leave us with no partitions until the next
+        # metadata refresh. So fetch it first.
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.partitions_for_topic(topic):
+            if time.monotonic() > deadline:
+                raise StreamsError(f"topic {topic} has no partitions (does it exist?)")
+            time.sleep(0.2)
 
     # -- public ---------------------------------------------------------------------------
     def stop(self) -> None:
