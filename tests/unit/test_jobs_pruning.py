@@ -99,3 +99,18 @@ def test_bad_pruning_options_are_rejected() -> None:
         plan_pruning("cubic", 0.5, 10, 2)
     with pytest.raises(ValueError, match=r"--target-sparsity must be in \(0, 1\)"):
         plan_pruning("constant", 0.0, 10, 2)
+
+
+@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+def test_float16_and_dynamic_exports_run_and_agree(polynomial: Any, mode: str,
+                                                   tmp_path: Any) -> None:
+    from jobs.evaluate import LiteRTRunner
+
+    model, _, _, data = polynomial
+    path = tmp_path / "model.tflite"
+    path.write_bytes(convert_tflite(model, mode))
+    runner = LiteRTRunner(path)
+    assert runner.input_dtype == np.float32
+    lite = runner.predict(data.x_test).argmax(axis=1)
+    reference = model.predict(normalize(data.x_test), verbose=0).argmax(axis=1)
+    assert float(np.mean(lite == reference)) >= 0.9
