@@ -132,8 +132,12 @@ class _Revoke(ConsumerRebalanceListener):
         self.owner = owner
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # Finish and commit what we hold before another consumer takes the partitions.
-        self.owner.drain(reason="rebalance")
+        # kafka-python 3 calls this on its IO thread, where blocking consumer calls (commit)
+        # are refused, so nothing is finished here. The main loop's next commit for a
+        # partition we lost then fails and is dropped: its new owner redoes that work from
+        # the committed offset (at-least-once: duplicates, never a loss; exactly-once: the
+        # transaction aborts and nothing of it becomes visible).
+        self.owner.revoked.update(revoked)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
@@ -185,6 +189,7 @@ class StreamClassifier:
         if self.exactly_once:
             self.producer.init_transactions()
         self.in_txn = False
+        self.revoked: set[TopicPartition] = set()
         self.pending: collections.deque[_Batch] = collections.deque()
         self.batch = _Batch()
         self.done_offsets: dict[TopicPartition, int] = {}
@@ -497,20 +502,48 @@ class StreamClassifier:
         from kafka.structs import OffsetAndMetadata
 
         offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.done_offsets.items()}
-        if self.exactly_once:
-            if not self.in_txn:
-                self.producer.begin_transaction()
-            # 1. offsets join the transaction; 2. commit makes labels and offsets visible at once.
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
-            self.in_txn = False
-        else:
-            # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
-            self.producer.flush(timeout=60)
-            # 2. ... and only then the offsets: a crash in between re-labels, never loses.
-            self.consumer.commit(offsets)
         self.done_offsets.clear()
+        try:
+            if self.exactly_once:
+                if not self.in_txn:
+                    self.producer.begin_transaction()
+                    self.in_txn = True
+                # 1. offsets join the transaction; 2. commit makes labels and offsets visible
+                # at once.
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+                self.producer.commit_transaction()
+                self.in_txn = False
+            else:
+                # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
+                self.producer.flush(timeout=60)
+                # 2. ... and only then the offsets: a crash in between re-labels, never loses.
+                self.consumer.commit(offsets)
+        except KafkaError as error:
+            # Typically a rebalance took partitions away (the group generation moved on).
+            log.warning("commit (%s) failed: %s; uncommitted work will be redone", reason, error)
+            if self.exactly_once:
+                if self.in_txn:
+                    self.producer.abort_transaction()
+                    self.in_txn = False
+                self._rewind()
+            return
+        finally:
+            self.revoked.clear()
         log.debug("committed (%s)", reason)
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: re-read owned partitions from their committed offsets."""
+        for batch in self.pending:  # results of aborted work would be produced out of a txn
+            batch.response = None
+            batch.items.clear()
+        self.pending.clear()
+        self.batch = _Batch()
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
 
     # -- latency aggregates ------------------------------------------------------------------
     def _maybe_publish_latency(self) -> None:
