@@ -346,7 +346,8 @@ def _naive_baseline(
     from streams.labels import encode_label, label_record
 
     artifact = settings_artifact(settings)
-    signature = tf.saved_model.load(str(artifact / "saved_model")).signatures["serving_default"]
+    loaded = tf.saved_model.load(str(artifact / "saved_model"))  # kept: it owns the variables
+    signature = loaded.signatures["serving_default"]
     (input_name,) = signature.structured_input_signature[1].keys()
     (output_name,) = signature.structured_outputs.keys()
 
@@ -355,6 +356,7 @@ def _naive_baseline(
             return signature(**{input_name: images})[output_name]
 
     model = SavedModelAsKeras()
+    model.saved_model = loaded
     client = settings.kafka.client_config(bootstrap)
     consumer = KafkaConsumer(
         names["frames"],
