@@ -54,8 +54,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
     """A real local Ray head (2 CPUs) for the whole test session."""
     head = LocalRayHead(
         tmp_path_factory.mktemp("ray-home"),
+        # 4 logical CPUs on 2 cores: Serve replicas (0.5 CPU each) and a submitted training
+        # job must fit side by side.
         RaySettings(
-            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=2, object_store_mb=256
+            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=4, object_store_mb=256
         ),
     )
     info = head.start()
@@ -113,8 +115,9 @@ def serve_port(ray_head: RayHeadInfo) -> Iterator[int]:
     ray.init(address=ray_head.address, namespace="framecast-tests", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
-    serve.shutdown()
-    ray.shutdown()
+    if ray.is_initialized():  # a later module may have taken the driver connection over
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

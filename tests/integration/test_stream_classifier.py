@@ -363,7 +363,8 @@ def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
     got = {(lab.stream_id, lab.frame_index) for lab in labels}
     assert got == set(expected)  # no frame lost
     resumed = json.loads(second.stdout.strip().splitlines()[-1])
-    assert 0 < resumed["labelled"] < len(expected)  # resumed from the committed offsets
+    # resumed from the committed offsets
+    assert 0 < resumed["labelled"] < len(expected), log.read_text()[-3000:]
     # At-least-once: duplicates are only the frames labelled but not yet committed.
     assert len(labels) - len(expected) <= len(expected) - resumed["labelled"]
 

@@ -28,6 +28,11 @@ def ray_two_cpus() -> Iterator[None]:
     import ray
 
     saved_address = os.environ.pop("RAY_ADDRESS", None)  # our own instance, not a shared one
+    if ray.is_initialized():  # the session's Serve driver connection, done with by now
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
