@@ -6,6 +6,7 @@ ports, under a temporary home, and stopped at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -49,28 +50,37 @@ def kafka_settings(kafka_broker: EmbeddedKafka) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=kafka_broker.bootstrap_servers)
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
-    """A real local Ray head (2 CPUs) for the whole test session."""
+@contextlib.contextmanager
+def local_ray_head(home: Path, num_cpus: int = 4) -> Iterator[RayHeadInfo]:
+    """A real local Ray head on free ports whose token this process's Ray clients use."""
     head = LocalRayHead(
-        tmp_path_factory.mktemp("ray-home"),
-        # 4 logical CPUs on 2 cores: Serve replicas (0.5 CPU each) and a submitted training
-        # job must fit side by side.
+        home,
         RaySettings(
-            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=4, object_store_mb=256
+            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=num_cpus,
+            object_store_mb=256,
         ),
     )
     info = head.start()
-    # Ray clients in this session (in-process ray.init, CLI subprocesses) use its token.
     saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     use_ray_auth_env(head.client_env())
-    yield info
-    head.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        yield info
+    finally:
+        head.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+        use_ray_auth_env({k: v for k, v in saved.items() if v is not None})
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
+    """A real local Ray head for the whole test session.
+
+    4 logical CPUs on 2 cores: Serve replicas (0.5 CPU each) and training must fit side by side.
+    """
+    with local_ray_head(tmp_path_factory.mktemp("ray-home")) as info:
+        yield info
 
 
 def run_cli(

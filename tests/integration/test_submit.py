@@ -8,18 +8,15 @@ Then status/logs of that job, a job stopped through `submit stop`, and a job tha
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster import submit
-from cluster.processes import free_port
-from cluster.ray_head import LocalRayHead, RayHeadInfo, use_ray_auth_env
-from cluster.settings import RaySettings
+from cluster.ray_head import RayHeadInfo
 from serving.artifacts import load_artifact
-from tests.conftest import run_cli
+from tests.conftest import local_ray_head, run_cli
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -27,20 +24,8 @@ pytestmark = pytest.mark.timeout(420)
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
     """A Ray head of this module's own: the session head is busy with Serve replicas."""
-    head = LocalRayHead(
-        tmp_path_factory.mktemp("submit-ray-home"),
-        RaySettings(gcs_port=free_port(), dashboard_port=free_port(), num_cpus=4,
-                    object_store_mb=256),
-    )
-    info = head.start()
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    use_ray_auth_env(head.client_env())
-    yield info
-    head.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-    use_ray_auth_env({k: v for k, v in saved.items() if v is not None})  # refresh Ray's cache
+    with local_ray_head(tmp_path_factory.mktemp("submit-ray-home")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
