@@ -51,8 +51,15 @@ def kafka_settings(kafka_broker: EmbeddedKafka) -> KafkaSettings:
 
 
 @contextlib.contextmanager
-def local_ray_head(home: Path, num_cpus: int = 4) -> Iterator[RayHeadInfo]:
-    """A real local Ray head on free ports whose token this process's Ray clients use."""
+def local_ray_head(
+    home: Path, num_cpus: int = 4, *, in_process: bool = True
+) -> Iterator[tuple[RayHeadInfo, dict[str, str]]]:
+    """A real local Ray head on free ports: (its info, the env its clients need).
+
+    With ``in_process`` this process's own Ray clients are switched to the head's token;
+    without, the caller hands the env to subprocesses only (a driver already connected to
+    another head keeps its token).
+    """
     head = LocalRayHead(
         home,
         RaySettings(
@@ -61,16 +68,19 @@ def local_ray_head(home: Path, num_cpus: int = 4) -> Iterator[RayHeadInfo]:
         ),
     )
     info = head.start()
+    env = head.client_env()
     saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    use_ray_auth_env(head.client_env())
+    if in_process:
+        use_ray_auth_env(env)
     try:
-        yield info
+        yield info, env
     finally:
         head.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-        use_ray_auth_env({k: v for k, v in saved.items() if v is not None})
+        if in_process:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+            use_ray_auth_env({k: v for k, v in saved.items() if v is not None})
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +89,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
 
     4 logical CPUs on 2 cores: Serve replicas (0.5 CPU each) and training must fit side by side.
     """
-    with local_ray_head(tmp_path_factory.mktemp("ray-home")) as info:
+    with local_ray_head(tmp_path_factory.mktemp("ray-home")) as (info, _env):
         yield info
 
 

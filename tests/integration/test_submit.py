@@ -22,15 +22,35 @@ pytestmark = pytest.mark.timeout(420)
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
-    """A Ray head of this module's own: the session head is busy with Serve replicas."""
-    with local_ray_head(tmp_path_factory.mktemp("submit-ray-home")) as info:
-        yield info
+def submit_head(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RayHeadInfo, dict[str, str]]]:
+    """A Ray head of this module's own: the session head is busy with Serve replicas.
+
+    This process may hold a driver connected to the session head, so the new head's token
+    goes only to the CLI subprocesses and to the Jobs client, never into this process's env.
+    """
+    with local_ray_head(tmp_path_factory.mktemp("submit-ray-home"), in_process=False) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def ray_head(submit_head: tuple[RayHeadInfo, dict[str, str]]) -> RayHeadInfo:
+    return submit_head[0]
+
+
+@pytest.fixture(scope="module")
+def head_env(submit_head: tuple[RayHeadInfo, dict[str, str]]) -> dict[str, str]:
+    return submit_head[1]
+
+
+def _token(env: dict[str, str]) -> str:
+    return Path(env["RAY_AUTH_TOKEN_PATH"]).read_text(encoding="utf-8").strip()
 
 
 @pytest.fixture(scope="module")
 def trained(
-    ray_head: RayHeadInfo, tmp_path_factory: pytest.TempPathFactory
+    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path, str]:
     """(home, artifact dir, CLI stdout) of one `submit train` run."""
     home = tmp_path_factory.mktemp("submit-home")
@@ -40,7 +60,7 @@ def trained(
         "--model", "optimized_cnn", "--dataset", "synthetic", "--epochs", "1",
         "--limit", "64", "--test-limit", "32", "--batch-size", "32", "--workers", "1",
         "--quantize", "int8", "--out", str(out),
-        home=home, timeout=360,
+        home=home, env=head_env, timeout=360,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return home, out, result.stdout
@@ -67,39 +87,43 @@ def test_submitted_training_job_produces_a_verified_artifact(trained: tuple[Path
     assert book[_job_id(stdout)]["artifact"] == str(out)
 
 
-def test_status_and_logs_find_the_job_again(trained: tuple[Path, Path, str]):
+def test_status_and_logs_find_the_job_again(
+    trained: tuple[Path, Path, str], head_env: dict[str, str]
+):
     home, out, stdout = trained
     job_id = _job_id(stdout)
-    status = run_cli("submit", "status", job_id, home=home, timeout=60)
+    status = run_cli("submit", "status", job_id, home=home, env=head_env, timeout=60)
     assert status.returncode == 0, status.stderr
     assert f"{job_id}: SUCCEEDED" in status.stdout
     assert str(out) in status.stdout
-    logs = run_cli("submit", "logs", job_id, home=home, timeout=60)
+    logs = run_cli("submit", "logs", job_id, home=home, env=head_env, timeout=60)
     assert logs.returncode == 0, logs.stderr
     assert "training optimized_cnn on synthetic" in logs.stdout
 
 
-def test_stop_ends_a_running_job(ray_head: RayHeadInfo, tmp_path: Path):
-    client = submit.connect(ray_head.dashboard_url)
+def test_stop_ends_a_running_job(ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path):
+    client = submit.connect(ray_head.dashboard_url, token=_token(head_env))
     job_id = submit.submit_job(
         client, "python -c 'import time; time.sleep(300)'", {"env_vars": {"X": "1"}}
     )
     # No address recorded for this job: `submit stop` finds the cluster through RAY_ADDRESS.
     result = run_cli(
         "submit", "stop", job_id, home=tmp_path,
-        env={"RAY_ADDRESS": ray_head.dashboard_url}, timeout=120,
+        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url}, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "STOPPED" in result.stdout
     assert submit.status_name(client.get_job_status(job_id)) == "STOPPED"
 
 
-def test_a_failing_training_job_is_reported_as_failed(ray_head: RayHeadInfo, tmp_path: Path):
+def test_a_failing_training_job_is_reported_as_failed(
+    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
+):
     result = run_cli(
         "submit", "train", "--address", ray_head.dashboard_url,
         "--model", "no_such_model", "--dataset", "synthetic", "--epochs", "1",
         "--out", str(tmp_path / "never"),
-        home=tmp_path, timeout=180,
+        home=tmp_path, env=head_env, timeout=180,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout
@@ -107,10 +131,12 @@ def test_a_failing_training_job_is_reported_as_failed(ray_head: RayHeadInfo, tmp
     assert not (tmp_path / "never").exists()
 
 
-def test_unknown_job_and_bad_address_are_plain_errors(ray_head: RayHeadInfo, tmp_path: Path):
+def test_unknown_job_and_bad_address_are_plain_errors(
+    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
+):
     result = run_cli(
         "submit", "status", "raysubmit_nope", home=tmp_path,
-        env={"RAY_ADDRESS": ray_head.dashboard_url}, timeout=60,
+        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url}, timeout=60,
     )
     assert result.returncode == 1
     assert "raysubmit_nope" in result.stderr
