@@ -385,6 +385,8 @@ def serve_deploy(
     num_cpus: Annotated[float | None, typer.Option(help="CPUs per replica.")] = None,
     num_gpus: Annotated[float | None, typer.Option(
         help="GPUs per replica (> 0 serves the SavedModel on GPU).")] = None,
+    gpu_precision: Annotated[str | None, typer.Option(
+        help="SavedModel precision on GPU replicas: float16 (default) | float32.")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Dynamic batch size.")] = None,
     batch_wait_timeout_s: Annotated[float | None, typer.Option(help="Batch wait (s).")] = None,
     max_ongoing_requests: Annotated[int | None, typer.Option(
@@ -403,8 +405,8 @@ def serve_deploy(
 
     settings = _opts(ctx).settings(serve={
         "app_name": name, "min_replicas": min_replicas, "max_replicas": max_replicas,
-        "num_cpus": num_cpus, "num_gpus": num_gpus, "max_batch_size": max_batch_size,
-        "batch_wait_timeout_s": batch_wait_timeout_s,
+        "num_cpus": num_cpus, "num_gpus": num_gpus, "gpu_precision": gpu_precision,
+        "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests, "http_port": http_port,
         "route_prefix": route_prefix or (f"/{name}" if name else None),

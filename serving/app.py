@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -68,6 +68,7 @@ class LoadedModel:
             "version": manifest.version,
             "sha256": primary.sha256 if primary else None,
             "runtime": runtime.kind,
+            "precision": runtime.precision,
         }
 
     def results(self, probs: np.ndarray, inference_ms: float) -> list[dict[str, Any]]:
@@ -109,6 +110,9 @@ class ReplicaConfig(BaseModel):
     batch_wait_timeout_s: NonNegativeFloat = Field(default=0.005, description="Batch wait.")
     max_frame_bytes: PositiveInt = Field(default=8 * 1024 * 1024, description="Per-frame bytes.")
     max_frame_pixels: PositiveInt = Field(default=3840 * 2160, description="Per-frame pixels.")
+    gpu_precision: Literal["float16", "float32"] = Field(
+        default="float16", description="SavedModel precision on GPU replicas."
+    )
 
 
 @serve.deployment(
@@ -151,14 +155,20 @@ class Classifier:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new user_config; a new artifact_dir hot-swaps the model."""
         config = ReplicaConfig.model_validate(user_config)
-        if self.config is None or config.artifact_dir != self.config.artifact_dir:
-            model = self._load(config.artifact_dir)
+        old = self.config
+        if (
+            old is None
+            or config.artifact_dir != old.artifact_dir
+            or config.gpu_precision != old.gpu_precision
+        ):
+            model = self._load(config.artifact_dir, config.gpu_precision)
             self.model = model  # one assignment: in-flight calls keep the model they started with
             log.info(
-                "serving %s %s (%s)",
+                "serving %s %s (%s, %s)",
                 model.info["name"],
                 model.info["version"],
                 model.info["runtime"],
+                model.info["precision"],
             )
         self.limits = DecodeLimits(
             max_bytes=config.max_frame_bytes, max_pixels=config.max_frame_pixels
@@ -168,9 +178,14 @@ class Classifier:
         batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
 
-    def _load(self, artifact_dir: str) -> LoadedModel:
+    def _load(self, artifact_dir: str, gpu_precision: str) -> LoadedModel:
         artifact = load_artifact(artifact_dir)  # verifies every checksum
-        runtime = select_runtime(artifact, num_gpus=self.num_gpus, num_threads=self.num_threads)
+        runtime = select_runtime(
+            artifact,
+            num_gpus=self.num_gpus,
+            num_threads=self.num_threads,
+            gpu_precision=gpu_precision,
+        )
         model = LoadedModel(artifact, runtime)
         _canary(model)
         return model
@@ -331,6 +346,7 @@ def app(args: dict[str, Any]) -> Any:
         artifact_dir=str(artifact_dir),
         max_batch_size=settings.max_batch_size,
         batch_wait_timeout_s=settings.batch_wait_timeout_s,
+        gpu_precision=settings.gpu_precision,
     )
     return Classifier.options(  # type: ignore[attr-defined]
         **deployment_options(settings), user_config=user_config.model_dump()

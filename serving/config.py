@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -35,6 +37,10 @@ class ServeSettings(BaseSettings):
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."
+    )
+    gpu_precision: Literal["float16", "float32"] = Field(
+        default="float16",
+        description="SavedModel precision on GPU replicas (float16: auto mixed precision).",
     )
 
     @model_validator(mode="after")

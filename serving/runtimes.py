@@ -19,6 +19,7 @@ class ModelRuntime(Protocol):
     """What a replica needs from a model."""
 
     kind: str
+    precision: str  # what the arithmetic runs in: int8, float16 or float32
     input_hwc: tuple[int, int, int]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -55,6 +56,7 @@ class LiteRTRuntime:
         self.input_hwc = (shape[1], shape[2], shape[3])
         self.input_dtype = np.dtype(inp["dtype"])
         self.output_dtype = np.dtype(out["dtype"])
+        self.precision = "int8" if self.input_dtype in (np.int8, np.uint8) else "float32"
         self._in_q = inp["quantization"]
         self._out_q = out["quantization"]
 
@@ -106,16 +108,34 @@ class LiteRTRuntime:
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
+GPU_PRECISIONS = ("float16", "float32")
+
+
 class SavedModelRuntime:
-    """The float TensorFlow SavedModel, for GPU replicas (and CPU, for comparison)."""
+    """The float TensorFlow SavedModel, for GPU replicas (and CPU, for comparison).
+
+    On a GPU with ``precision="float16"`` TensorFlow's auto mixed precision graph rewrite
+    runs the convolutions and matmuls in float16 (tensor cores) while inputs, outputs and
+    the softmax stay float32, so callers see the same structures as with LiteRT. On CPU
+    float16 would be slower than float32, so the SavedModel runs in float32 there.
+    """
 
     kind = "savedmodel"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, precision: str = "float16") -> None:
+        if precision not in GPU_PRECISIONS:
+            raise ValueError(f"precision must be one of {GPU_PRECISIONS}, got {precision!r}")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
         self._tf = tf
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        # Process-wide, set before the first graph runs: a replica is its own process.
+        tf.config.optimizer.set_experimental_options(
+            {"auto_mixed_precision": on_gpu and precision == "float16"}
+        )
+        self.device = "GPU" if on_gpu else "CPU"
+        self.precision = precision if on_gpu else "float32"
         loaded = tf.saved_model.load(str(path))
         self._keepalive = loaded
         self._fn = loaded.signatures["serving_default"]
@@ -124,24 +144,28 @@ class SavedModelRuntime:
         shape = tensor_spec.shape.as_list()
         self.input_hwc = (int(shape[1]), int(shape[2]), int(shape[3]))
         (self._output_name,) = self._fn.structured_outputs.keys()
-        self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
         tensor = self._tf.constant(batch.astype(np.float32))
-        return np.asarray(self._fn(**{self._input_name: tensor})[self._output_name])
+        out = self._fn(**{self._input_name: tensor})[self._output_name]
+        return np.asarray(out, dtype=np.float32)
 
 
 def select_runtime(
-    artifact: LoadedArtifact, *, num_gpus: float = 0.0, num_threads: int = 1
+    artifact: LoadedArtifact,
+    *,
+    num_gpus: float = 0.0,
+    num_threads: int = 1,
+    gpu_precision: str = "float16",
 ) -> ModelRuntime:
     """The runtime a replica with these resources should use for this artifact."""
     if num_gpus > 0:
         if artifact.saved_model_path is None:
             raise ArtifactError(f"{artifact.directory}: a GPU replica needs saved_model/")
-        return SavedModelRuntime(artifact.saved_model_path)
+        return SavedModelRuntime(artifact.saved_model_path, precision=gpu_precision)
     if artifact.tflite_path is not None:
         return LiteRTRuntime(artifact.tflite_path, num_threads=num_threads)
     if artifact.saved_model_path is not None:
-        return SavedModelRuntime(artifact.saved_model_path)
+        return SavedModelRuntime(artifact.saved_model_path, precision="float32")
     raise ArtifactError(f"{artifact.directory}: neither model.tflite nor saved_model/ present")

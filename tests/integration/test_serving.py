@@ -162,6 +162,10 @@ def test_bad_input_gets_4xx_with_reason_and_replica_stays_healthy(app_url: str, 
     health = httpx.get(f"{app_url}/healthz", timeout=30)
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
+    assert (health.json()["model"]["runtime"], health.json()["model"]["precision"]) == (
+        "litert",
+        "int8",
+    )
 
 
 def test_bad_frames_in_a_batch_get_per_frame_errors(
@@ -289,3 +293,75 @@ def test_hot_swap_under_load_fails_no_request(
     assert versions[0] == manifest.version
     assert versions[-1] == manifest.version + "-v2"
     assert json.loads(httpx.get(f"{app_url}/healthz").text)["model"]["version"].endswith("-v2")
+
+
+def _scrape_ray_metrics() -> str:
+    """The Prometheus text that this Ray node's metrics agent exports."""
+    import ray
+
+    texts = []
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            texts.append(httpx.get(url, timeout=30).text)
+    return "\n".join(texts)
+
+
+def _metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric name whose labels include the given ones."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_prometheus_metrics_count_frames_batches_time_and_errors(
+    app_url: str, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    before = _scrape_ray_metrics()
+    app = "main"
+    classified_before = _metric_total(
+        before, "ray_framecast_frames_total", outcome="classified", application=app
+    )
+    undecodable_before = _metric_total(
+        before, "ray_framecast_errors_total", reason="undecodable", application=app
+    )
+    frames = raw_frames(images[0][:16])
+    response = httpx.post(
+        f"{app_url}/classify",
+        content=encode_frames(frames),
+        headers={"content-type": ARROW_CONTENT_TYPE},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    bad = httpx.post(
+        f"{app_url}/classify",
+        content=b"\xff\xd8\xff\xe0 truncated",
+        headers={"content-type": "image/jpeg"},
+        timeout=60,
+    )
+    assert bad.status_code == 400
+    # Ray's metrics agent exports every few seconds: poll until the new counts show.
+    deadline = time.monotonic() + 90
+    while True:
+        text = _scrape_ray_metrics()
+        classified = _metric_total(
+            text, "ray_framecast_frames_total", outcome="classified", application=app
+        )
+        undecodable = _metric_total(
+            text, "ray_framecast_errors_total", reason="undecodable", application=app
+        )
+        if (classified - classified_before >= 16 and undecodable - undecodable_before >= 1) or (
+            time.monotonic() > deadline
+        ):
+            break
+        time.sleep(2)
+    assert classified - classified_before >= 16
+    assert undecodable - undecodable_before >= 1
+    assert _metric_total(text, "ray_framecast_batch_size_count", application=app) >= 1
+    assert _metric_total(text, "ray_framecast_inference_ms_count", application=app) >= 1
+    assert _metric_total(text, "ray_framecast_inference_ms_bucket", le="+Inf", application=app) > 0
