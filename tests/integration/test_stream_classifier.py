@@ -9,136 +9,29 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 from PIL import Image
 
-from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
-from serving.idx import load_fashion_mnist
+from serving.frames import ARROW_CONTENT_TYPE
 from serving.runtimes import LiteRTRuntime
-from streams.classifier import ClassifierConfig, StreamClassifier
-from streams.client import admin_client
+from streams.classifier import StreamClassifier
 from streams.config import KafkaSettings
-from streams.labels import LabelRecord
 from streams.latency import LatencyRecord
 from streams.serve_client import serve_classify_fn
-from streams.topics import TopicSpec, ensure_topics
-
-IMAGES, LABELS = load_fashion_mnist("test", limit=64)
-
-
-def topics(kafka_settings: KafkaSettings, partitions: int = 3) -> ClassifierConfig:
-    """Fresh topics and group for one test."""
-    tag = uuid.uuid4().hex[:8]
-    config = ClassifierConfig(
-        frames_topic=f"frames-{tag}",
-        labels_topic=f"labels-{tag}",
-        latency_topic=f"latency-{tag}",
-        dlq_topic=f"dlq-{tag}",
-        group=f"g-{tag}",
-        idle_exit_s=4.0,
-        latency_window_s=1.0,
-    )
-    with admin_client(kafka_settings) as admin:
-        ensure_topics(
-            admin,
-            [
-                TopicSpec(name=config.frames_topic, partitions=partitions),
-                TopicSpec(name=config.labels_topic, partitions=partitions),
-                TopicSpec(name=config.latency_topic),
-                TopicSpec(name=config.dlq_topic),
-            ],
-        )
-    return config
-
-
-def producer(kafka_settings: KafkaSettings, **extra: Any) -> KafkaProducer:
-    return KafkaProducer(**kafka_settings.client_config(), acks="all", **extra)
-
-
-def send_arrow_frames(
-    kafka_settings: KafkaSettings,
-    topic: str,
-    streams: int,
-    per_stream: int,
-    captured_at_ns: int | None = None,
-    fps: float = 0.0,
-) -> list[tuple[str, int, int]]:
-    """Raw Fashion-MNIST frames, one per message (paced at fps per stream if > 0)."""
-    sent = []
-    p = producer(kafka_settings)
-    started = time.monotonic()
-    for i in range(per_stream):
-        if fps > 0:
-            time.sleep(max(0.0, started + i / fps - time.monotonic()))
-        for s in range(streams):
-            row = (i * streams + s) % len(IMAGES)
-            frame = FrameRecord(
-                stream_id=f"cam-{s}",
-                frame_index=i,
-                captured_at_ns=captured_at_ns or time.time_ns(),
-                encoding="raw",
-                height=28,
-                width=28,
-                channels=1,
-                data=IMAGES[row].tobytes(),
-                label=int(LABELS[row]),
-            )
-            p.send(
-                topic,
-                key=frame.stream_id.encode(),
-                value=encode_frames([frame]),
-                headers=[("content-type", ARROW_CONTENT_TYPE.encode())],
-            )
-            sent.append((frame.stream_id, i, row))
-    p.flush()
-    p.close()
-    return sent
-
-
-def run_classifier(
-    kafka_settings: KafkaSettings, config: ClassifierConfig, app: str
-) -> dict[str, Any]:
-    classify, retriable = serve_classify_fn(app)
-    return StreamClassifier(
-        kafka_settings, str(kafka_settings.bootstrap_servers), config, classify, retriable
-    ).run()
-
-
-def read_topic(
-    kafka_settings: KafkaSettings,
-    topic: str,
-    expected: int,
-    committed_only: bool = False,
-    settle_s: float = 3.0,
-) -> list[Any]:
-    """Every record of topic (waits for `expected`, then a little longer for extras)."""
-    consumer = KafkaConsumer(
-        topic,
-        **kafka_settings.client_config(),
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed" if committed_only else "read_uncommitted",
-        consumer_timeout_ms=int(settle_s * 1000),
-    )
-    records = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        batch = list(consumer)
-        records += batch
-        if len(records) >= expected and not batch:
-            break
-    consumer.close()
-    return records
-
-
-def labels_of(records: list[Any]) -> list[LabelRecord]:
-    return [LabelRecord.model_validate_json(r.value) for r in records]
+from tests.streaming import (
+    IMAGES,
+    LABELS,
+    labels_of,
+    producer,
+    read_topic,
+    run_classifier,
+    send_arrow_frames,
+    topics,
+)
 
 
 def test_every_frame_gets_one_label_in_per_stream_order(
@@ -340,7 +233,11 @@ def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMECAST_")}
     log = tmp_path / "first.log"
     with log.open("wb") as log_handle:
-        first = subprocess.Popen(argv, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
+        # A long idle exit for the first one: on a loaded machine the feeder may take seconds
+        # to send its first frame, and this process must still be there to be killed.
+        first = subprocess.Popen(
+            [*argv[:-1], "60"], env=env, stdout=log_handle, stderr=subprocess.STDOUT
+        )
         # Kill it hard as soon as labels flow: mid-stream, with uncommitted work in hand.
         probe = KafkaConsumer(
             config.labels_topic,
