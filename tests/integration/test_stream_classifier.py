@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from tests.streaming import (
     read_topic,
     run_classifier,
     send_arrow_frames,
+    stream_run_argv,
+    stream_run_env,
     topics,
 )
 
@@ -203,34 +204,10 @@ def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
         },
     )
     feeder.start()
-    argv = [
-        str(Path(sys.executable).parent / "framecast"),
-        "--home",
-        str(tmp_path),
-        "--bootstrap-servers",
-        str(kafka_settings.bootstrap_servers),
-        "--ray-address",
-        ray_head.address,
-        "stream",
-        "run",
-        "--frames",
-        config.frames_topic,
-        "--labels",
-        config.labels_topic,
-        "--latency",
-        config.latency_topic,
-        "--dlq",
-        config.dlq_topic,
-        "--group",
-        config.group,
-        "--app-name",
-        stream_app,
-        "--max-batch",
-        "16",
-        "--idle-exit-s",
-        "5",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMECAST_")}
+    argv = stream_run_argv(
+        kafka_settings, config, stream_app, ray_head, tmp_path, "--max-batch", "16"
+    )
+    env = stream_run_env()
     log = tmp_path / "first.log"
     with log.open("wb") as log_handle:
         # A long idle exit for the first one: on a loaded machine the feeder may take seconds

@@ -1,0 +1,299 @@
+"""Helpers for tests that push numbered frames through the real broker and the real Serve app.
+
+Every frame is ``(stream_id, frame_index)``; tests compare the set of frames sent with the
+labels read back from the labels topic, and count duplicates and losses with :func:`tally`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.idx import load_fashion_mnist
+from streams.classifier import ClassifierConfig, StreamClassifier
+from streams.client import admin_client
+from streams.config import KafkaSettings
+from streams.labels import LabelRecord
+from streams.serve_client import serve_classify_fn
+from streams.topics import TopicSpec, ensure_topics
+
+IMAGES, LABELS = load_fashion_mnist("test", limit=64)
+
+FrameKey = tuple[str, int]
+
+
+def topics(
+    kafka_settings: KafkaSettings,
+    partitions: int = 3,
+    replication_factor: int = 1,
+    topic_config: dict[str, str] | None = None,
+) -> ClassifierConfig:
+    """Fresh topics and group for one test."""
+    tag = uuid.uuid4().hex[:8]
+    config = ClassifierConfig(
+        frames_topic=f"frames-{tag}",
+        labels_topic=f"labels-{tag}",
+        latency_topic=f"latency-{tag}",
+        dlq_topic=f"dlq-{tag}",
+        group=f"g-{tag}",
+        idle_exit_s=4.0,
+        latency_window_s=1.0,
+    )
+    common = {"replication_factor": replication_factor, "config": topic_config or {}}
+    with admin_client(kafka_settings) as admin:
+        ensure_topics(
+            admin,
+            [
+                TopicSpec(name=config.frames_topic, partitions=partitions, **common),
+                TopicSpec(name=config.labels_topic, partitions=partitions, **common),
+                TopicSpec(name=config.latency_topic, **common),
+                TopicSpec(name=config.dlq_topic, **common),
+            ],
+        )
+    return config
+
+
+def producer(kafka_settings: KafkaSettings, **extra: Any) -> KafkaProducer:
+    return KafkaProducer(**kafka_settings.client_config(), acks="all", **extra)
+
+
+def frame(stream: int, index: int, captured_at_ns: int | None = None) -> FrameRecord:
+    """Frame ``index`` of camera ``cam-<stream>``: a Fashion-MNIST image, raw pixels."""
+    row = (index * 7 + stream) % len(IMAGES)
+    return FrameRecord(
+        stream_id=f"cam-{stream}",
+        frame_index=index,
+        captured_at_ns=captured_at_ns or time.time_ns(),
+        encoding="raw",
+        height=28,
+        width=28,
+        channels=1,
+        data=IMAGES[row].tobytes(),
+        label=int(LABELS[row]),
+    )
+
+
+def send_arrow_frames(
+    kafka_settings: KafkaSettings,
+    topic: str,
+    streams: int,
+    per_stream: int,
+    captured_at_ns: int | None = None,
+    fps: float = 0.0,
+    start: int = 0,
+    stop: threading.Event | None = None,
+) -> list[tuple[str, int, int]]:
+    """Raw Fashion-MNIST frames, one per message, from an idempotent producer (acks=all).
+
+    Paced at ``fps`` per stream when > 0; numbered ``start .. start + per_stream - 1``.
+    Returns (stream_id, frame_index, image row) of every frame the broker acknowledged and
+    raises if any was not acknowledged. ``stop`` ends the feed early.
+    """
+    sent = []
+    p = producer(kafka_settings, enable_idempotence=True, linger_ms=2)
+    futures = []
+    started = time.monotonic()
+    for i in range(start, start + per_stream):
+        if stop is not None and stop.is_set():
+            break
+        if fps > 0:
+            time.sleep(max(0.0, started + (i - start) / fps - time.monotonic()))
+        for s in range(streams):
+            f = frame(s, i, captured_at_ns)
+            futures.append(
+                p.send(
+                    topic,
+                    key=f.stream_id.encode(),
+                    value=encode_frames([f]),
+                    headers=[("content-type", ARROW_CONTENT_TYPE.encode())],
+                )
+            )
+            sent.append((f.stream_id, i, (i * 7 + s) % len(IMAGES)))
+    p.flush(timeout=180)
+    p.close()
+    for future in futures:
+        future.get(timeout=1)  # raises the delivery error, if any
+    return sent
+
+
+class Feeder(threading.Thread):
+    """send_arrow_frames in the background; ``keys`` are the acknowledged frames."""
+
+    def __init__(self, kafka_settings: KafkaSettings, topic: str, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.args = (kafka_settings, topic)
+        self.kwargs = kwargs
+        self.stop_event = threading.Event()
+        self.sent: list[tuple[str, int, int]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.sent = send_arrow_frames(*self.args, stop=self.stop_event, **self.kwargs)
+        except BaseException as error:  # reported by finish()
+            self.error = error
+
+    def finish(self, timeout: float = 300) -> set[FrameKey]:
+        self.join(timeout)
+        assert not self.is_alive(), "the feeder did not finish"
+        if self.error is not None:
+            raise self.error
+        return {(s, i) for s, i, _ in self.sent}
+
+
+def classifier(
+    kafka_settings: KafkaSettings, config: ClassifierConfig, app: str
+) -> StreamClassifier:
+    classify, retriable = serve_classify_fn(app)
+    return StreamClassifier(
+        kafka_settings, str(kafka_settings.bootstrap_servers), config, classify, retriable
+    )
+
+
+def run_classifier(
+    kafka_settings: KafkaSettings, config: ClassifierConfig, app: str
+) -> dict[str, Any]:
+    return classifier(kafka_settings, config, app).run()
+
+
+class BackgroundClassifier(threading.Thread):
+    """One StreamClassifier running in a thread of this process."""
+
+    def __init__(self, member: StreamClassifier) -> None:
+        super().__init__(daemon=True)
+        self.member = member
+        self.totals: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.totals = self.member.run()
+        except BaseException as error:  # reported by finish()
+            self.error = error
+
+    def finish(self, timeout: float = 300) -> dict[str, Any]:
+        self.join(timeout)
+        assert not self.is_alive(), "the classifier did not stop"
+        if self.error is not None:
+            raise self.error
+        assert self.totals is not None
+        return self.totals
+
+
+def read_topic(
+    kafka_settings: KafkaSettings,
+    topic: str,
+    expected: int,
+    committed_only: bool = False,
+    settle_s: float = 3.0,
+    timeout_s: float = 60.0,
+) -> list[Any]:
+    """Every record of topic (waits for `expected`, then a little longer for extras)."""
+    consumer = KafkaConsumer(
+        topic,
+        **kafka_settings.client_config(),
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+        consumer_timeout_ms=int(settle_s * 1000),
+    )
+    records = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = list(consumer)
+        records += batch
+        if len(records) >= expected and not batch:
+            break
+    consumer.close()
+    return records
+
+
+def labels_of(records: list[Any]) -> list[LabelRecord]:
+    return [LabelRecord.model_validate_json(r.value) for r in records]
+
+
+class LabelProbe:
+    """Counts records arriving on a topic, to time a fault 'mid-stream'."""
+
+    def __init__(self, kafka_settings: KafkaSettings, topic: str) -> None:
+        self.consumer = KafkaConsumer(
+            topic,
+            **kafka_settings.client_config(),
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            consumer_timeout_ms=200,
+        )
+        self.seen = 0
+
+    def wait_for(self, count: int, timeout_s: float = 180) -> int:
+        """Block until ``count`` records were seen in all (or timeout); returns the count."""
+        deadline = time.monotonic() + timeout_s
+        while self.seen < count and time.monotonic() < deadline:
+            self.seen += len(list(self.consumer))
+        return self.seen
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def tally(expected: Iterable[FrameKey], labels: list[LabelRecord]) -> dict[str, int]:
+    """Frames sent, labels received, duplicates (extra labels of one frame), losses."""
+    wanted = set(expected)
+    counts = collections.Counter((lab.stream_id, lab.frame_index) for lab in labels)
+    by_source = collections.Counter(
+        (lab.source.topic, lab.source.partition, lab.source.offset, lab.source.row)
+        for lab in labels
+    )
+    return {
+        "frames_sent": len(wanted),
+        "labels_received": len(labels),
+        "duplicates": sum(c - 1 for c in counts.values()),
+        "losses": len(wanted - set(counts)),
+        "unexpected": len(set(counts) - wanted),
+        "distinct_sources": len(by_source),
+    }
+
+
+def stream_run_argv(
+    kafka_settings: KafkaSettings,
+    config: ClassifierConfig,
+    app: str,
+    ray_head: Any,
+    home: Path,
+    *extra: str,
+    idle_exit_s: float = 5.0,
+) -> list[str]:
+    """`framecast stream run` for config's topics and group, as a separate process."""
+    return [
+        str(Path(sys.executable).parent / "framecast"),
+        "--home", str(home),
+        "--bootstrap-servers", str(kafka_settings.bootstrap_servers),
+        "--ray-address", ray_head.address,
+        "stream", "run",
+        "--frames", config.frames_topic,
+        "--labels", config.labels_topic,
+        "--latency", config.latency_topic,
+        "--dlq", config.dlq_topic,
+        "--group", config.group,
+        "--guarantee", config.guarantee,
+        "--app-name", app,
+        *extra,
+        "--idle-exit-s", str(idle_exit_s),  # last: callers may swap the value
+    ]
+
+
+def stream_run_env() -> dict[str, str]:
+    """This process's env (with its Ray token) without FRAMECAST_* overrides."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FRAMECAST_")}
