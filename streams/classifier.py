@@ -96,6 +96,9 @@ class ClassifierConfig(BaseModel):
         default=None, description="Stop after this long without input (tests, batch jobs)."
     )
     parquet_dir: Path | None = Field(default=None, description="Also write Parquet files here.")
+    topic_wait_s: PositiveFloat = Field(
+        default=60.0, description="How long start-up waits for the frames topic to exist."
+    )
 
 
 @dataclass
@@ -210,7 +213,12 @@ class StreamClassifier:
         self.stopping = False
         self.paused = False
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
-        self._await_topic_metadata(config.frames_topic)
+        try:
+            self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
+        except StreamsError:
+            self.producer.close(timeout=5)
+            self.consumer.close(autocommit=False)
+            raise
         self.consumer.subscribe([config.frames_topic], listener=_Revoke(self))
 
     def _await_topic_metadata(self, topic: str, timeout_s: float = 60.0) -> None:
@@ -220,7 +228,10 @@ class StreamClassifier:
         deadline = time.monotonic() + timeout_s
         while not self.consumer.partitions_for_topic(topic):
             if time.monotonic() > deadline:
-                raise StreamsError(f"topic {topic} has no partitions (does it exist?)")
+                raise StreamsError(
+                    f"frames_topic: topic {topic!r} has no partitions after {timeout_s:g}s "
+                    "(does it exist? create it with `framecast topics create`)"
+                )
             time.sleep(0.2)
 
     # -- public ---------------------------------------------------------------------------

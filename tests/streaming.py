@@ -7,6 +7,7 @@ labels read back from the labels topic, and count duplicates and losses with :fu
 from __future__ import annotations
 
 import collections
+import json
 import os
 import sys
 import threading
@@ -224,7 +225,7 @@ def labels_of(records: list[Any]) -> list[LabelRecord]:
 
 
 class LabelProbe:
-    """Counts records arriving on a topic, to time a fault 'mid-stream'."""
+    """Watches a labels topic: how many labels, and which frames, have arrived so far."""
 
     def __init__(self, kafka_settings: KafkaSettings, topic: str) -> None:
         self.consumer = KafkaConsumer(
@@ -236,16 +237,41 @@ class LabelProbe:
             consumer_timeout_ms=200,
         )
         self.seen = 0
+        self.keys: set[FrameKey] = set()
+
+    def _read(self) -> None:
+        for record in self.consumer:
+            self.seen += 1
+            label = json.loads(record.value)
+            self.keys.add((label["stream_id"], label["frame_index"]))
 
     def wait_for(self, count: int, timeout_s: float = 180) -> int:
-        """Block until ``count`` records were seen in all (or timeout); returns the count."""
+        """Block until ``count`` labels were seen in all (or timeout); returns the count."""
         deadline = time.monotonic() + timeout_s
         while self.seen < count and time.monotonic() < deadline:
-            self.seen += len(list(self.consumer))
+            self._read()
         return self.seen
+
+    def wait_for_frames(self, keys: set[FrameKey], timeout_s: float = 180) -> bool:
+        """Block until every frame in keys has a label (or timeout); True if they all do."""
+        deadline = time.monotonic() + timeout_s
+        while not keys <= self.keys and time.monotonic() < deadline:
+            self._read()
+        return keys <= self.keys
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def stop_when_labelled(
+    member: BackgroundClassifier, probe: LabelProbe, keys: set[FrameKey], timeout_s: float = 180
+) -> dict[str, Any]:
+    """Stop a classifier once every frame has a label (or the wait timed out): the stop is
+    explicit, so a starved feeder on a busy machine cannot make it exit early on idleness.
+    Returns its totals; missing frames show up as losses in :func:`tally`."""
+    probe.wait_for_frames(keys, timeout_s)
+    member.member.stop()
+    return member.finish()
 
 
 def tally(expected: Iterable[FrameKey], labels: list[LabelRecord]) -> dict[str, int]:

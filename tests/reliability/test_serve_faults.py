@@ -1,0 +1,318 @@
+"""Serve-side faults under a running stream: replica crashes, saturation, bad and new artifacts.
+
+Every test feeds numbered frames through the real broker into a real Serve app, and compares
+the labels topic with what it sent: duplicates and losses are counted, losses must be zero.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from ray import serve
+
+from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
+from serving.config import ServeSettings
+from serving.deploy import deploy
+from streams.classifier import RETRIES
+from streams.config import KafkaSettings
+from tests.reliability.conftest import Record, Replicas
+from tests.streaming import (
+    BackgroundClassifier,
+    Feeder,
+    LabelProbe,
+    classifier,
+    labels_of,
+    read_topic,
+    stop_when_labelled,
+    tally,
+    topics,
+)
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def retries() -> dict[str, float]:
+    """The classifier's Serve retries so far, by reason (a process-wide Prometheus counter)."""
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in RETRIES.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def retries_since(before: dict[str, float]) -> dict[str, int]:
+    now = retries()
+    return {k: int(v - before.get(k, 0)) for k, v in now.items() if v - before.get(k, 0) > 0}
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_replica_killed_mid_stream_loses_no_frame(
+    kafka_settings: KafkaSettings,
+    reliability_app: str,
+    replicas: Replicas,
+    figures: Record,
+    guarantee: str,
+) -> None:
+    config = topics(kafka_settings, partitions=2).model_copy(
+        update={"guarantee": guarantee, "max_batch_frames": 16, "idle_exit_s": None}
+    )
+    before = retries()
+    probe = LabelProbe(kafka_settings, config.labels_topic)
+    feeder = Feeder(kafka_settings, config.frames_topic, streams=2, per_stream=150, fps=25.0)
+    member = BackgroundClassifier(classifier(kafka_settings, config, reliability_app))
+    member.start()
+    feeder.start()
+    try:
+        assert probe.wait_for(60) >= 60, "no labels before the fault"
+        killed = replicas.kill(reliability_app)  # SIGKILL: in-flight calls die with it
+        replicas.wait_replaced(reliability_app, killed)
+        expected = feeder.finish()
+        totals = stop_when_labelled(member, probe, expected)
+    finally:
+        feeder.stop_event.set()
+        probe.close()
+    exactly_once = guarantee == "exactly-once"
+    labels = labels_of(
+        read_topic(kafka_settings, config.labels_topic, len(expected), committed_only=exactly_once)
+    )
+    counts = tally(expected, labels)
+    figures(
+        guarantee=guarantee, **counts, replicas_killed=len(killed), retries=retries_since(before)
+    )
+    assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
+    # Whether the crash surfaced as a retried error here (an in-flight call died) or was
+    # absorbed by Serve's router (no call in flight), no frame may be lost: figures say which.
+    if exactly_once:
+        assert counts["duplicates"] == 0, counts
+    else:
+        # At-least-once: a duplicate is a frame labelled twice, and every label is sent once
+        # per classification, so labels_received == what this classifier counted.
+        assert counts["labels_received"] == totals["labelled"]
+
+
+@pytest.fixture(scope="module")
+def saturated_app(serve_port: int, served_artifact: Path) -> Any:
+    """One replica that runs one request and queues one: the rest is refused at once."""
+    settings = ServeSettings(
+        app_name="saturated",
+        route_prefix="/saturated",
+        http_port=serve_port,
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    )
+    deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
+    yield "saturated"
+    serve.delete("saturated")
+
+
+def test_saturated_serve_pauses_and_retries_with_bounded_memory(
+    kafka_settings: KafkaSettings, saturated_app: str, figures: Record
+) -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    from tests.streaming import frame
+
+    config = topics(kafka_settings, partitions=4).model_copy(
+        update={
+            "max_batch_frames": 8, "max_batch_wait_ms": 0, "max_in_flight": 4, "idle_exit_s": None
+        }
+    )
+    probe = LabelProbe(kafka_settings, config.labels_topic)
+    # A noisy neighbour keeps the one replica busy with big calls, so the classifier's
+    # calls find the replica running one request and one queued: BackPressureError.
+    handle = serve.get_app_handle(saturated_app)
+    big = [frame(0, i) for i in range(1500)]
+    stop_noise = threading.Event()
+    noise = {"calls": 0, "refused": 0}
+
+    def neighbour() -> None:
+        while not stop_noise.is_set():
+            try:
+                handle.classify_frames.remote(big).result(timeout_s=120)
+                noise["calls"] += 1
+            except BackPressureError:
+                noise["refused"] += 1
+                time.sleep(0.01)
+
+    noisy = [threading.Thread(target=neighbour, daemon=True) for _ in range(2)]
+    feeder = Feeder(kafka_settings, config.frames_topic, streams=4, per_stream=100, fps=20.0)
+    before = retries()
+    member = classifier(kafka_settings, config, saturated_app)
+    runner = BackgroundClassifier(member)
+    me = psutil.Process()
+    rss_start = me.memory_info().rss
+    peak = {"pending": 0, "rss": rss_start, "paused": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak["pending"] = max(peak["pending"], len(member.pending))
+            peak["rss"] = max(peak["rss"], me.memory_info().rss)
+            peak["paused"] += int(member.paused)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for thread in noisy:
+        thread.start()
+    runner.start()
+    feeder.start()
+    try:
+        expected = feeder.finish()
+    finally:
+        stop_noise.set()
+        for thread in noisy:
+            thread.join(180)
+    try:
+        stop_when_labelled(runner, probe, expected)
+    finally:
+        done.set()
+        watcher.join()
+        probe.close()
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(expected)))
+    counts = tally(expected, labels)
+    refused = retries_since(before)
+    growth_mb = (peak["rss"] - rss_start) / 2**20
+    figures(
+        **counts,
+        retries=refused,
+        neighbour=noise,
+        max_pending_batches=peak["pending"],
+        rss_growth_mb=round(growth_mb, 1),
+    )
+    assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
+    assert counts["duplicates"] == 0, counts  # retries resend to Serve, never to Kafka
+    assert refused.get("BackPressureError", 0) > 0, (refused, noise)
+    assert peak["paused"] > 0, "the consumer never paused while Serve pushed back"
+    assert peak["pending"] <= config.max_in_flight
+    # Bounded: while Serve pushes back the consumer is paused and the backlog stays in
+    # Kafka. Loose bound: this process also hosts the Ray driver and the neighbour's calls.
+    assert growth_mb < 300, growth_mb
+
+
+def _corrupt(source: Path, target: Path, how: str) -> Path:
+    shutil.copytree(source, target)
+    model = target / "model.tflite"
+    if how == "flipped byte":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif how == "truncated model":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif how == "missing model":
+        model.unlink()
+    elif how == "extra file":
+        (target / "payload.py").write_text("import os\n")
+    elif how == "no manifest":
+        (target / "manifest.json").unlink()
+    elif how == "broken manifest":
+        (target / "manifest.json").write_text('{"name": "x"')
+    return target
+
+
+BAD_ARTIFACTS = {
+    "flipped byte": "does not match its manifest",
+    "truncated model": "does not match its manifest",
+    "missing model": "missing file 'model.tflite'",
+    "extra file": "unlisted file 'payload.py'",
+    "no manifest": "no manifest.json",
+    "broken manifest": "not valid JSON",
+}
+
+
+def test_tampered_or_incomplete_artifacts_are_refused_and_the_live_app_keeps_serving(
+    serve_port: int, served_artifact: Path, reliability_app: str, tmp_path: Path, figures: Record
+) -> None:
+    live = serve.status().applications[reliability_app]
+    refused = {}
+    for how, message in BAD_ARTIFACTS.items():
+        bad = _corrupt(served_artifact, tmp_path / how.replace(" ", "-"), how)
+        with pytest.raises(ArtifactError, match=message) as excinfo:
+            load_artifact(bad)
+        # A hot swap of the live app to the bad artifact is refused before Serve hears of it.
+        with pytest.raises(ArtifactError):
+            deploy(
+                bad,
+                ServeSettings(
+                    app_name=reliability_app,
+                    route_prefix=f"/{reliability_app}",
+                    http_port=serve_port,
+                    num_cpus=0.5,
+                    min_replicas=1,
+                    max_replicas=1,
+                ),
+                address=None,
+                namespace="framecast-tests",
+            )
+        refused[how] = str(excinfo.value).split(": ", 1)[-1][:80]
+    after = serve.status().applications[reliability_app]
+    assert str(after.status) == str(live.status)
+    version = serve.get_app_handle(reliability_app).classify_frames.remote([]).result(timeout_s=60)
+    assert version == []  # the app still answers
+    figures(artifacts_refused=len(refused), reasons=refused)
+
+
+def test_hot_swap_under_stream_load_loses_nothing(
+    kafka_settings: KafkaSettings,
+    serve_port: int,
+    served_artifact: Path,
+    reliability_app: str,
+    tmp_path: Path,
+    figures: Record,
+) -> None:
+    v2 = tmp_path / "v2"
+    shutil.copytree(served_artifact, v2)
+    manifest = read_manifest(v2)
+    write_manifest(v2, manifest.model_copy(update={"version": manifest.version + "-v2"}))
+    config = topics(kafka_settings, partitions=2).model_copy(
+        update={"max_batch_frames": 16, "idle_exit_s": None}
+    )
+    probe = LabelProbe(kafka_settings, config.labels_topic)
+    # Frames flow until well after the swap: the feeder is stopped once v2 labels flow.
+    feeder = Feeder(kafka_settings, config.frames_topic, streams=2, per_stream=2000, fps=25.0)
+    member = BackgroundClassifier(classifier(kafka_settings, config, reliability_app))
+    member.start()
+    feeder.start()
+    try:
+        assert probe.wait_for(60) >= 60
+        deploy(
+            v2,
+            ServeSettings(
+                app_name=reliability_app,
+                route_prefix=f"/{reliability_app}",
+                http_port=serve_port,
+                num_cpus=0.5,
+                min_replicas=1,
+                max_replicas=1,
+            ),
+            address=None,
+            namespace="framecast-tests",
+            timeout_s=240,
+        )
+        probe.wait_for(probe.seen + 100)
+        feeder.stop_event.set()
+        expected = feeder.finish()
+        stop_when_labelled(member, probe, expected)
+    finally:
+        feeder.stop_event.set()
+        probe.close()
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(expected)))
+    counts = tally(expected, labels)
+    versions = [lab.model["version"] for lab in labels if lab.model]
+    by_version = {v: versions.count(v) for v in sorted(set(versions))}
+    figures(**counts, labels_by_version=by_version)
+    assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
+    assert counts["duplicates"] == 0, counts
+    assert set(by_version) == {manifest.version, manifest.version + "-v2"}, by_version
+    last = max(labels, key=lambda lab: lab.labeled_at_ns)
+    assert last.model is not None and last.model["version"].endswith("-v2")
