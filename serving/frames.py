@@ -13,12 +13,16 @@ with the header ``content-type: application/vnd.apache.arrow.stream``.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+# What one message may decode to. Arrow IPC may compress its buffers (LZ4/ZSTD): 8 kB on the
+# wire can declare 200 MB, so the declared sizes are checked before anything is inflated.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 ENCODINGS = ("jpeg", "png", "raw")
 
 FRAME_SCHEMA = pa.schema(
@@ -65,10 +69,71 @@ def encode_frames(frames: Sequence[FrameRecord]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def decode_frames(payload: bytes) -> list[FrameRecord]:
-    """Parse an Arrow IPC stream of frames; raise FrameSchemaError on anything else."""
+def _flat_table(buf: bytes, pos: int) -> list[int | None]:
+    """Absolute positions of a flatbuffer table's fields (None = absent)."""
+    vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+    size = struct.unpack_from("<H", buf, vtable)[0]
+    offsets = struct.unpack_from(f"<{(size - 4) // 2}H", buf, vtable + 4)
+    return [pos + o if o else None for o in offsets]
+
+
+def _field(fields: list[int | None], index: int) -> int | None:
+    return fields[index] if index < len(fields) else None
+
+
+def _declared_bytes(metadata: bytes, body: memoryview) -> int:
+    """Bytes a record/dictionary batch message inflates to, read from its metadata (Arrow
+    Message.fbs) without decompressing: a compressed buffer starts with its int64 length."""
+    message = _flat_table(metadata, struct.unpack_from("<I", metadata, 0)[0])
+    header_at = _field(message, 2)  # Message.header
+    if header_at is None:
+        return len(body)
+    header = _flat_table(metadata, header_at + struct.unpack_from("<I", metadata, header_at)[0])
+    if struct.unpack_from("<B", metadata, _field(message, 1) or 0)[0] == 2:  # DictionaryBatch
+        data_at = _field(header, 1)
+        if data_at is None:
+            return len(body)
+        header = _flat_table(metadata, data_at + struct.unpack_from("<I", metadata, data_at)[0])
+    buffers_at, compression_at = _field(header, 2), _field(header, 3)
+    if compression_at is None or buffers_at is None:
+        return len(body)  # uncompressed: the body is what it decodes to
+    vector = buffers_at + struct.unpack_from("<I", metadata, buffers_at)[0]
+    total = 0
+    for k in range(struct.unpack_from("<I", metadata, vector)[0]):
+        offset, length = struct.unpack_from("<qq", metadata, vector + 4 + 16 * k)
+        if length >= 8:
+            declared = struct.unpack_from("<q", body, offset)[0]
+            total += declared if declared >= 0 else length - 8
+    return total
+
+
+def check_decoded_size(payload: bytes, limit: int = MAX_DECODED_BYTES) -> None:
+    """Refuse an Arrow IPC stream that would inflate past ``limit`` bytes (FrameSchemaError)."""
+    total = 0
+    try:
+        reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(payload))
+        for message in reader:
+            if message.type in ("record batch", "dictionary batch"):
+                body = memoryview(message.body if message.body is not None else b"")
+                total += _declared_bytes(message.metadata.to_pybytes(), body)
+    except (pa.ArrowInvalid, OSError, struct.error, IndexError) as error:
+        raise FrameSchemaError(f"not an Arrow IPC stream: {error}") from None
+    if total > limit:
+        raise FrameSchemaError(
+            f"the Arrow stream declares {total} decoded bytes, over the limit of {limit} "
+            "(a compressed decompression bomb?): refused before decoding"
+        )
+
+
+def decode_frames(payload: bytes, max_decoded_bytes: int = MAX_DECODED_BYTES) -> list[FrameRecord]:
+    """Parse an Arrow IPC stream of frames; raise FrameSchemaError on anything else.
+
+    Streams whose (possibly compressed) buffers declare more than ``max_decoded_bytes``
+    are refused before any buffer is inflated.
+    """
     if not payload:
         raise FrameSchemaError("empty message value")
+    check_decoded_size(payload, max_decoded_bytes)
     try:
         table = pa.ipc.open_stream(payload).read_all()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:

@@ -55,3 +55,30 @@ def test_schema_matches_design_contract() -> None:
         "label",
     ]
     assert FRAME_SCHEMA.field("label").nullable
+
+
+def _compressed(frames: list[FrameRecord], codec: str) -> bytes:
+    columns = {name: [getattr(f, name) for f in frames] for name in FRAME_SCHEMA.names}
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=codec)
+    with pa.ipc.new_stream(sink, FRAME_SCHEMA, options=options) as writer:
+        writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=FRAME_SCHEMA))
+    return bytes(sink.getvalue().to_pybytes())
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_compressed_frames_within_the_limit_decode(codec: str) -> None:
+    frames = [_frame(i) for i in range(5)]
+    assert decode_frames(_compressed(frames, codec)) == frames
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_a_compressed_arrow_bomb_is_refused_before_inflating(codec: str) -> None:
+    bomb = FrameRecord(
+        stream_id="cam-1", frame_index=0, captured_at_ns=1, encoding="raw",
+        height=2048, width=4096, channels=1, data=bytes(8 * 2**20),
+    )
+    payload = _compressed([bomb], codec)
+    assert len(payload) < 2**20  # 8 MiB of zeros in well under 1 MiB on the wire
+    with pytest.raises(FrameSchemaError, match=r"declares \d+ decoded bytes, over the limit"):
+        decode_frames(payload, max_decoded_bytes=4 * 2**20)
