@@ -328,6 +328,7 @@ def _pipeline_run(
         "p95_ms": _pct(e2e, 95),
         "p99_ms": _pct(e2e, 99),
         "max_ms": round(max(e2e), 3) if e2e else None,
+        "classifier_totals": outcome,
     }
 
 

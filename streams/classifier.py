@@ -220,6 +220,12 @@ class StreamClassifier:
             self.consumer.close(autocommit=False)
             raise
         self.consumer.subscribe([config.frames_topic], listener=_Revoke(self))
+        # One metadata fetch after subscribing, before the first poll joins the group: the
+        # group leader records the subscribed topics' partitions as its assignment snapshot
+        # at the join, and a snapshot still empty then makes the next metadata refresh force
+        # a second rebalance right after the first (kafka-python 3.0.12 could then stall
+        # with no partitions fetched).
+        self.consumer.topics()
 
     def _await_topic_metadata(self, topic: str, timeout_s: float = 60.0) -> None:
         # The group's assignor only hands out partitions it knows; joining before this
