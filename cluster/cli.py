@@ -315,7 +315,10 @@ def train(
     prune: Annotated[str, typer.Option(help="none | polynomial | constant | 2:4")] = "none",
     target_sparsity: Annotated[float, typer.Option(min=0, max=0.99, help="Pruning target.")] = 0.5,
     quantize: Annotated[str, typer.Option(help="none | int8 | float16 | dynamic")] = "int8",
-    qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training.")] = False,
+    qat: Annotated[bool, typer.Option(
+        "--qat", help="Quantization-aware fine-tune before the int8 export (keeps sparsity).")
+    ] = False,
+    qat_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the --qat fine-tune.")] = 2,
     alpha: Annotated[float, typer.Option(help="mobilenet_v2 width multiplier.")] = 0.35,
     weights: Annotated[str, typer.Option(help="mobilenet_v2: none | imagenet | PATH.")] = "none",
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 128,
@@ -339,7 +342,8 @@ def train(
             model=model, dataset=dataset, epochs=epochs, out=str(out), limit=limit,
             test_limit=test_limit, workers=workers, gpus_per_worker=gpus_per_worker,
             prune=prune, target_sparsity=target_sparsity, quantize=quantize, qat=qat,
-            alpha=alpha, weights=weights, batch_size=batch_size, learning_rate=learning_rate,
+            qat_epochs=qat_epochs, alpha=alpha, weights=weights, batch_size=batch_size,
+            learning_rate=learning_rate,
             lr_schedule=lr_schedule, patience=patience, max_failures=max_failures, seed=seed,
             augment=augment,
         )

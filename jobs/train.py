@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     target_sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
     quantize: str = "int8"
     qat: bool = False
+    qat_epochs: int = Field(default=2, ge=1, description="Quantization-aware fine-tune epochs.")
     alpha: float = 0.35
     weights: str = "none"
     batch_size: int = Field(default=128, ge=1, description="Global batch (all workers).")
@@ -83,9 +84,9 @@ def validate_config(config: TrainConfig) -> None:
     _validate_dataset_name(config.dataset)
     validate_prune_options(config.prune, config.target_sparsity)
     validate_quantize(config.quantize)
-    if config.qat:
-        raise ValueError("--qat (quantization-aware training) is not built yet; int8 models "
-                         "use post-training quantization with a calibration set")
+    if config.qat and config.model == "mobilenet_v2":
+        raise ValueError("--qat works for baseline_cnn and optimized_cnn; tfmot cannot quantize "
+                         "mobilenet_v2's Resizing/Rescaling layers (use post-training int8)")
     if config.model != "mobilenet_v2" and config.weights != "none":
         raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
@@ -371,6 +372,16 @@ def train_artifact(config: TrainConfig,
             config, Path(checkpoint_dir), data.input_shape, len(data.classes), steps_per_epoch)
     measured, per_layer = measure_sparsity(model, layers)
     check_sparsity(measured, plan)
+    quantized_model = model
+    if config.qat:
+        from jobs.qat import finetune_quantization_aware
+
+        stage(f"quantization-aware fine-tuning ({config.qat_epochs} epoch(s)"
+              f"{', sparsity preserved' if plan.enabled else ''})")
+        quantized_model, _ = finetune_quantization_aware(
+            model, x_train, y_train, epochs=config.qat_epochs, batch_size=config.batch_size,
+            learning_rate=config.learning_rate, preserve_sparsity=plan.enabled,
+            seed=config.seed)
     macs = count_macs(build_model(ModelSpec(config.model, config.alpha, "none"),
                                   data.input_shape, len(data.classes)))
     out = Path(config.out)
@@ -381,7 +392,7 @@ def train_artifact(config: TrainConfig,
         calibration = calibration_sample(x_train, CALIBRATION_SAMPLES, config.seed)
         calibration_hash = None
         if config.quantize != "none":
-            tflite = convert_tflite(model, config.quantize, calibration)
+            tflite = convert_tflite(quantized_model, config.quantize, calibration)
             (staging / "model.tflite").write_bytes(tflite)
             if config.quantize == "int8":
                 calibration_hash = array_sha256(calibration)
@@ -427,7 +438,8 @@ def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, 
             target_sparsity=plan.effective_target,
             measured_sparsity=measured, layer_sparsity=per_layer,
             quantization=config.quantize,
-            qat=config.qat, calibration_sha256=calibration_hash,
+            qat=config.qat, qat_epochs=config.qat_epochs if config.qat else None,
+            calibration_sha256=calibration_hash,
             calibration_samples=calibration_count),
         training=Training(
             dataset=config.dataset, epochs=int(progress["epoch"]),

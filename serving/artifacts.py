@@ -74,6 +74,9 @@ class Optimization(_Strict):
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     quantization: QuantizationMode = "none"
     qat: bool = False
+    qat_epochs: int | None = Field(
+        default=None, description="Quantization-aware fine-tune epochs (the int8 model only)."
+    )
     calibration_sha256: str | None = Field(
         default=None, description="sha256 of the representative (calibration) set, int8 only."
     )

@@ -25,7 +25,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     (["--quantize", "int4"], "unknown quantization 'int4'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--qat", "--quantize", "float16"], "--qat needs --quantize int8"),
-    (["--qat"], "--qat (quantization-aware training) is not built yet"),
+    (["--qat", "--qat-epochs", "0"], "--qat-epochs"),
+    (["--qat", "--model", "mobilenet_v2"], "tfmot cannot quantize mobilenet_v2"),
     (["--prune", "constant", "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),
 ])
 def test_train_rejects_bad_flags(flags: list[str], message: str, tmp_path: Path) -> None:

@@ -114,3 +114,46 @@ def test_float16_and_dynamic_exports_run_and_agree(polynomial: Any, mode: str,
     lite = runner.predict(data.x_test).argmax(axis=1)
     reference = model.predict(normalize(data.x_test), verbose=0).argmax(axis=1)
     assert float(np.mean(lite == reference)) >= 0.9
+
+
+def test_pruning_preserving_qat_keeps_sparsity_and_exports_int8(polynomial: Any) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from jobs.qat import finetune_quantization_aware
+
+    model, _, _, data = polynomial
+    qat_model, history = finetune_quantization_aware(
+        model, data.x_train, data.y_train, epochs=1, batch_size=BATCH, learning_rate=3e-3,
+        preserve_sparsity=True, seed=0,
+    )
+    assert len(history) == 1 and "accuracy" in history[0]
+    assert any("quant" in layer.name for layer in qat_model.layers)  # fake-quant wrappers
+    kernels = [w.numpy() for w in qat_model.weights if w.name.endswith("kernel:0")]
+    assert len(kernels) == 6
+    zeros = sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+    assert abs(zeros - 0.6) <= 0.02, zeros  # PQAT kept the pruned zeros
+    interpreter = Interpreter(
+        model_content=convert_tflite(qat_model, "int8", data.x_train[:64]), num_threads=1
+    )
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    images = normalize(data.x_test[:60])
+    float_labels = model.predict(images, verbose=0).argmax(axis=1)
+    scale, zero = inp["quantization"]
+    agree = 0
+    for image, expected in zip(images, float_labels, strict=True):
+        q = np.clip(np.round(image / scale + zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q[None])
+        interpreter.invoke()
+        agree += int(interpreter.get_tensor(out["index"])[0].argmax() == expected)
+    assert agree / len(images) >= 0.8, agree
+
+
+def test_qat_refuses_a_model_tfmot_cannot_quantize() -> None:
+    from jobs.qat import quantization_aware
+
+    inputs = keras.Input(shape=(8, 8, 1))
+    outputs = keras.layers.Resizing(16, 16)(inputs)  # as in mobilenet_v2 on 28x28 frames
+    with pytest.raises(ValueError, match=r"cannot make odd quantization-aware"):
+        quantization_aware(keras.Model(inputs, outputs, name="odd"), preserve_sparsity=False)
