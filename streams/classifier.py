@@ -202,6 +202,10 @@ class StreamClassifier:
             self.producer.init_transactions()
         self.in_txn = False
         self.revoked: set[TopicPartition] = set()
+        # Exactly-once: the group membership (generation) under which the oldest record still
+        # held was polled. Offsets are committed with it, so a rebalance since then makes the
+        # coordinator refuse them (KIP-447) and the work is redone, not committed twice.
+        self.txn_group: Any = None
         self.pending: collections.deque[_Batch] = collections.deque()
         self.batch = _Batch()
         self.done_offsets: dict[TopicPartition, int] = {}
@@ -252,7 +256,11 @@ class StreamClassifier:
         try:
             while not self.stopping:
                 wait_ms = max(1, self.config.max_batch_wait_ms) if self.batch.items else 100
+                if self.exactly_once and self.txn_group is None:
+                    self._hold_group_generation()
                 records = self.consumer.poll(timeout_ms=wait_ms, max_records=2000)
+                if records and self.exactly_once and self.txn_group is None:
+                    self._hold_group_generation()  # joined during this very poll
                 if records:
                     last_input = time.monotonic()
                     for tp, messages in records.items():
@@ -536,9 +544,12 @@ class StreamClassifier:
                     self.in_txn = True
                 # 1. offsets join the transaction; 2. commit makes labels and offsets visible
                 # at once.
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+                group = self.txn_group or self.consumer.group_metadata()
+                self.producer.send_offsets_to_transaction(offsets, group)
                 self.producer.commit_transaction()
                 self.in_txn = False
+                if not self.pending and not self.batch.items:
+                    self.txn_group = None  # nothing polled under it is held any more
             else:
                 # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
                 self.producer.flush(timeout=60)
@@ -557,8 +568,14 @@ class StreamClassifier:
             self.revoked.clear()
         log.debug("committed (%s)", reason)
 
+    def _hold_group_generation(self) -> None:
+        group = self.consumer.group_metadata()
+        if getattr(group, "generation_id", -1) > 0:  # -1 (not joined) would skip the check
+            self.txn_group = group
+
     def _rewind(self) -> None:
         """After an aborted transaction: re-read owned partitions from their committed offsets."""
+        self.txn_group = None
         for batch in self.pending:  # results of aborted work would be produced out of a txn
             batch.response = None
             batch.items.clear()

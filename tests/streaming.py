@@ -13,7 +13,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,12 @@ class BackgroundClassifier(threading.Thread):
         except BaseException as error:  # reported by finish()
             self.error = error
 
+    def abandon(self) -> None:
+        """Stop it if it still runs (a failed test must not leave it consuming)."""
+        if self.is_alive():
+            self.member.stop()
+            self.join(120)
+
     def finish(self, timeout: float = 300) -> dict[str, Any]:
         self.join(timeout)
         assert not self.is_alive(), "the classifier did not stop"
@@ -323,3 +330,52 @@ def stream_run_argv(
 def stream_run_env() -> dict[str, str]:
     """This process's env (with its Ray token) without FRAMECAST_* overrides."""
     return {k: v for k, v in os.environ.items() if not k.startswith("FRAMECAST_")}
+
+
+@dataclass
+class FaultRun:
+    """What a stream run through a fault produced: frames sent, the classifier's totals,
+    the labels read back (committed only under exactly-once) and their tally."""
+
+    expected: set[FrameKey]
+    totals: dict[str, Any]
+    labels: list[LabelRecord]
+    counts: dict[str, int]
+    outcome: Any = None
+
+
+def stream_through_fault(
+    kafka_settings: KafkaSettings,
+    config: ClassifierConfig,
+    app: str,
+    fault: Callable[[LabelProbe, Feeder], Any],
+    *,
+    streams: int,
+    per_stream: int,
+    fps: float,
+    fault_after: int,
+) -> FaultRun:
+    """Numbered frames through one classifier; ``fault(probe, feeder)`` strikes once
+    ``fault_after`` labels are out. The classifier is stopped once every frame is labelled."""
+    config = config.model_copy(update={"idle_exit_s": None})
+    probe = LabelProbe(kafka_settings, config.labels_topic)
+    feeder = Feeder(
+        kafka_settings, config.frames_topic, streams=streams, per_stream=per_stream, fps=fps
+    )
+    member = BackgroundClassifier(classifier(kafka_settings, config, app))
+    member.start()
+    feeder.start()
+    try:
+        assert probe.wait_for(fault_after) >= fault_after, "no labels before the fault"
+        outcome = fault(probe, feeder)
+        expected = feeder.finish()
+        totals = stop_when_labelled(member, probe, expected)
+    finally:
+        feeder.stop_event.set()
+        member.abandon()
+        probe.close()
+    committed_only = config.guarantee == "exactly-once"
+    labels = labels_of(
+        read_topic(kafka_settings, config.labels_topic, len(expected), committed_only)
+    )
+    return FaultRun(expected, totals, labels, tally(expected, labels), outcome)

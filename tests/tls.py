@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 
 @dataclass(frozen=True)
-class TestCA:
+class ThrowawayCA:
     ca_file: Path
     keystore: Path
     keystore_password: str
@@ -29,7 +29,7 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca_and_keystore(directory: Path, keystore_password: str) -> TestCA:
+def make_ca_and_keystore(directory: Path, keystore_password: str) -> ThrowawayCA:
     """A CA (ca.pem) and a broker key+certificate for 127.0.0.1/localhost (broker.p12)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -90,4 +90,4 @@ def make_ca_and_keystore(directory: Path, keystore_password: str) -> TestCA:
         )
     )
     keystore.chmod(0o600)
-    return TestCA(ca_file=ca_file, keystore=keystore, keystore_password=keystore_password)
+    return ThrowawayCA(ca_file=ca_file, keystore=keystore, keystore_password=keystore_password)
