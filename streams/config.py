@@ -6,6 +6,7 @@ variable or by a CLI flag; secrets are ``SecretStr`` and never appear in reprs o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,32 @@ from pydantic import AliasChoices, Field, PositiveInt, SecretStr, model_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+REDACTED = "**********"
+# kafka-python loggers that print a client's whole configuration (passwords included) at
+# DEBUG, which `framecast -v` shows.
+_CONFIG_LOGGERS = ("kafka.admin.client",)
+
+
+class _RedactSecrets(logging.Filter):
+    """Replaces every secret handed to a Kafka client with asterisks in log records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(secret in message for secret in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, REDACTED)
+                record.msg, record.args = message, None
+        return True
+
+
+_REDACT = _RedactSecrets()
+for _name in _CONFIG_LOGGERS:
+    logging.getLogger(_name).addFilter(_REDACT)
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
@@ -105,6 +132,11 @@ class KafkaSettings(BaseSettings):
                     config[name] = str(value)
             if self.ssl_password is not None:
                 config["ssl_password"] = self.ssl_password.get_secret_value()
+        _REDACT.secrets.update(
+            secret.get_secret_value()
+            for secret in (self.sasl_password, self.ssl_password)
+            if secret is not None and secret.get_secret_value()
+        )
         return config
 
 
