@@ -601,6 +601,48 @@ class EmbeddedKafkaCluster:
             node.wait_ready(proc, max(10.0, deadline - time.monotonic()))
         return [info for info in (node.info() for node in self.nodes) if info is not None]
 
+    def under_replicated(self) -> list[str]:
+        """``topic[partition]`` of every partition whose in-sync replicas are fewer than its
+        replicas (internal topics included); ``["unreachable"]`` when no node answers."""
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers.split(","), request_timeout_ms=5000
+            )
+        except (KafkaError, OSError):
+            return ["unreachable"]
+        try:
+            lagging = []
+            for topic in admin.describe_topics():
+                for partition in topic["partitions"]:
+                    if len(partition["isr_nodes"]) < len(partition["replica_nodes"]):
+                        lagging.append(f"{topic['name']}[{partition['partition_index']}]")
+            return lagging
+        except (KafkaError, OSError):
+            return ["unreachable"]
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                admin.close()
+
+    def wait_in_sync(self, timeout: float = 120.0) -> None:
+        """Wait until every partition is fully replicated again (after a node restarts).
+
+        Until then a further node loss can leave a partition below ``min.insync.replicas``,
+        where Kafka rightly refuses writes (acks=all) instead of risking a loss.
+        """
+        deadline = time.monotonic() + timeout
+        lagging = self.under_replicated()
+        while lagging:
+            if time.monotonic() > deadline:
+                raise BrokerStartError(
+                    f"the Kafka cluster is not fully in sync after {timeout:.0f}s: "
+                    f"{', '.join(lagging[:10])}"
+                )
+            time.sleep(1)
+            lagging = self.under_replicated()
+
     def stop(self, timeout: float = 60.0) -> None:
         """Stop every node at once (SIGTERM, then SIGKILL after timeout).
 

@@ -65,22 +65,29 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 RELIABILITY_APP = "reliability"
 
 
+def reliability_settings(serve_port: int, app: str = RELIABILITY_APP, **extra: Any) -> Any:
+    """ServeSettings of a one-replica app at /<app> (0.5 CPU: several fit the test head)."""
+    from serving.config import ServeSettings
+
+    return ServeSettings(
+        app_name=app,
+        route_prefix=f"/{app}",
+        http_port=serve_port,
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=1,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def reliability_app(serve_port: int, served_artifact: Path) -> Iterator[str]:
     """The shipped model as a Serve app of the reliability tests' own (its replicas get killed)."""
     from ray import serve
 
-    from serving.config import ServeSettings
     from serving.deploy import deploy
 
-    settings = ServeSettings(
-        app_name=RELIABILITY_APP,
-        route_prefix=f"/{RELIABILITY_APP}",
-        http_port=serve_port,
-        num_cpus=0.5,
-        min_replicas=1,
-        max_replicas=1,
-    )
+    settings = reliability_settings(serve_port)
     deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
     yield RELIABILITY_APP
     serve.delete(RELIABILITY_APP)
@@ -139,3 +146,17 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+@contextlib.contextmanager
+def own_broker(home: Path, libs: Path) -> Iterator[Any]:
+    """A single embedded broker of a module's own (256 MiB heap), for tests that kill it."""
+    from cluster.kafka_broker import EmbeddedKafka
+    from cluster.processes import free_port
+
+    broker = EmbeddedKafka(home, libs_dir=libs, port=free_port(), heap_mb=256)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -17,11 +17,10 @@ import pytest
 from ray import serve
 
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
-from serving.config import ServeSettings
 from serving.deploy import deploy
 from streams.classifier import RETRIES
 from streams.config import KafkaSettings
-from tests.reliability.conftest import Record, Replicas
+from tests.reliability.conftest import Record, Replicas, reliability_settings
 from tests.streaming import (
     BackgroundClassifier,
     Feeder,
@@ -30,6 +29,7 @@ from tests.streaming import (
     labels_of,
     read_topic,
     stop_when_labelled,
+    stream_through_fault,
     tally,
     topics,
 )
@@ -61,54 +61,39 @@ def test_replica_killed_mid_stream_loses_no_frame(
     guarantee: str,
 ) -> None:
     config = topics(kafka_settings, partitions=2).model_copy(
-        update={"guarantee": guarantee, "max_batch_frames": 16, "idle_exit_s": None}
+        update={"guarantee": guarantee, "max_batch_frames": 16}
     )
     before = retries()
-    probe = LabelProbe(kafka_settings, config.labels_topic)
-    feeder = Feeder(kafka_settings, config.frames_topic, streams=2, per_stream=150, fps=25.0)
-    member = BackgroundClassifier(classifier(kafka_settings, config, reliability_app))
-    member.start()
-    feeder.start()
-    try:
-        assert probe.wait_for(60) >= 60, "no labels before the fault"
+
+    def crash_replica(probe: LabelProbe, feeder: Feeder) -> list[int]:
         killed = replicas.kill(reliability_app)  # SIGKILL: in-flight calls die with it
         replicas.wait_replaced(reliability_app, killed)
-        expected = feeder.finish()
-        totals = stop_when_labelled(member, probe, expected)
-    finally:
-        feeder.stop_event.set()
-        probe.close()
-    exactly_once = guarantee == "exactly-once"
-    labels = labels_of(
-        read_topic(kafka_settings, config.labels_topic, len(expected), committed_only=exactly_once)
+        return killed
+
+    run = stream_through_fault(
+        kafka_settings, config, reliability_app, crash_replica,
+        streams=2, per_stream=150, fps=25.0, fault_after=60,
     )
-    counts = tally(expected, labels)
+    counts = run.counts
     figures(
-        guarantee=guarantee, **counts, replicas_killed=len(killed), retries=retries_since(before)
+        guarantee=guarantee, **counts, replicas_killed=len(run.outcome),
+        retries=retries_since(before),
     )
     assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
     # Whether the crash surfaced as a retried error here (an in-flight call died) or was
     # absorbed by Serve's router (no call in flight), no frame may be lost: figures say which.
-    if exactly_once:
+    if guarantee == "exactly-once":
         assert counts["duplicates"] == 0, counts
     else:
-        # At-least-once: a duplicate is a frame labelled twice, and every label is sent once
-        # per classification, so labels_received == what this classifier counted.
-        assert counts["labels_received"] == totals["labelled"]
+        # Every label is sent once per classification: what arrived is what was counted.
+        assert counts["labels_received"] == run.totals["labelled"]
 
 
 @pytest.fixture(scope="module")
 def saturated_app(serve_port: int, served_artifact: Path) -> Any:
     """One replica that runs one request and queues one: the rest is refused at once."""
-    settings = ServeSettings(
-        app_name="saturated",
-        route_prefix="/saturated",
-        http_port=serve_port,
-        num_cpus=0.5,
-        min_replicas=1,
-        max_replicas=1,
-        max_ongoing_requests=1,
-        max_queued_requests=1,
+    settings = reliability_settings(
+        serve_port, "saturated", max_ongoing_requests=1, max_queued_requests=1
     )
     deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
     yield "saturated"
@@ -242,17 +227,7 @@ def test_tampered_or_incomplete_artifacts_are_refused_and_the_live_app_keeps_ser
         # A hot swap of the live app to the bad artifact is refused before Serve hears of it.
         with pytest.raises(ArtifactError):
             deploy(
-                bad,
-                ServeSettings(
-                    app_name=reliability_app,
-                    route_prefix=f"/{reliability_app}",
-                    http_port=serve_port,
-                    num_cpus=0.5,
-                    min_replicas=1,
-                    max_replicas=1,
-                ),
-                address=None,
-                namespace="framecast-tests",
+                bad, reliability_settings(serve_port), address=None, namespace="framecast-tests"
             )
         refused[how] = str(excinfo.value).split(": ", 1)[-1][:80]
     after = serve.status().applications[reliability_app]
@@ -274,45 +249,27 @@ def test_hot_swap_under_stream_load_loses_nothing(
     shutil.copytree(served_artifact, v2)
     manifest = read_manifest(v2)
     write_manifest(v2, manifest.model_copy(update={"version": manifest.version + "-v2"}))
-    config = topics(kafka_settings, partitions=2).model_copy(
-        update={"max_batch_frames": 16, "idle_exit_s": None}
-    )
-    probe = LabelProbe(kafka_settings, config.labels_topic)
-    # Frames flow until well after the swap: the feeder is stopped once v2 labels flow.
-    feeder = Feeder(kafka_settings, config.frames_topic, streams=2, per_stream=2000, fps=25.0)
-    member = BackgroundClassifier(classifier(kafka_settings, config, reliability_app))
-    member.start()
-    feeder.start()
-    try:
-        assert probe.wait_for(60) >= 60
+    config = topics(kafka_settings, partitions=2).model_copy(update={"max_batch_frames": 16})
+
+    def swap(probe: LabelProbe, feeder: Feeder) -> None:
         deploy(
-            v2,
-            ServeSettings(
-                app_name=reliability_app,
-                route_prefix=f"/{reliability_app}",
-                http_port=serve_port,
-                num_cpus=0.5,
-                min_replicas=1,
-                max_replicas=1,
-            ),
-            address=None,
-            namespace="framecast-tests",
+            v2, reliability_settings(serve_port), address=None, namespace="framecast-tests",
             timeout_s=240,
         )
-        probe.wait_for(probe.seen + 100)
+        probe.wait_for(probe.seen + 100)  # v2 labels flow, then the feed ends
         feeder.stop_event.set()
-        expected = feeder.finish()
-        stop_when_labelled(member, probe, expected)
-    finally:
-        feeder.stop_event.set()
-        probe.close()
-    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(expected)))
-    counts = tally(expected, labels)
-    versions = [lab.model["version"] for lab in labels if lab.model]
+
+    # Frames flow until well after the swap: the feeder is stopped once v2 labels flow.
+    run = stream_through_fault(
+        kafka_settings, config, reliability_app, swap,
+        streams=2, per_stream=2000, fps=25.0, fault_after=60,
+    )
+    versions = [lab.model["version"] for lab in run.labels if lab.model]
     by_version = {v: versions.count(v) for v in sorted(set(versions))}
-    figures(**counts, labels_by_version=by_version)
+    figures(**run.counts, labels_by_version=by_version)
+    counts = run.counts
     assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
     assert counts["duplicates"] == 0, counts
     assert set(by_version) == {manifest.version, manifest.version + "-v2"}, by_version
-    last = max(labels, key=lambda lab: lab.labeled_at_ns)
+    last = max(run.labels, key=lambda lab: lab.labeled_at_ns)
     assert last.model is not None and last.model["version"].endswith("-v2")
