@@ -631,10 +631,24 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     artifact: Annotated[Path | None, typer.Option(
         help="Artifact to benchmark (default: models/fashion_mnist_optimized).")] = None,
+    models: Annotated[str | None, typer.Option(
+        help="model: comma-separated models (default all three; --quick: optimized_cnn).")
+    ] = None,
+    dataset: Annotated[str, typer.Option(
+        help="model: dataset for accuracy (and training).")] = "fashion-mnist",
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="model: epochs for models the artifact is not (default 2; --quick 1).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="model: training images for those (default 6000; --quick 2000).")] = None,
+    test_limit: Annotated[int | None, typer.Option(
+        min=1, help="model: test images for accuracy (default 2000; --quick 1000).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG)."""
-    if what not in ("serve", "pipeline"):
-        not_available(f"bench {what}", 7, f"`bench {what}` (model exports, peers, sweeps)")
+    import time
+
+    if what not in ("all", "model", "serve", "pipeline"):
+        fail(f"unknown bench {what!r}; expected all, model, serve or pipeline", EXIT_USAGE)
     from cluster import bench as benchmarks
     from cluster import stack
     from cluster.demo import SHIPPED_MODEL
@@ -642,30 +656,128 @@ def bench(
     from streams.exceptions import StreamsError
 
     settings = _opts(ctx).settings()
-    was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
-              "ray": stack.local_ray_head(settings).info() is not None}
     out_dir = out or settings.home / "reports" / "bench"
-    try:
-        with console.status("starting the embedded stack..."):
-            stack.up(settings, kafka=what == "pipeline")
-        console.rule(f"framecast bench {what}{' (quick)' if quick else ''}")
-        run = benchmarks.bench_serve if what == "serve" else benchmarks.bench_pipeline
-        results = run(settings, artifact or SHIPPED_MODEL, console, quick=quick)
-    except (ClusterError, StreamsError, ArtifactError) as error:
-        fail(str(error))
-    finally:
-        stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
-    for path in benchmarks.write_outputs(out_dir, what, results):
-        console.print(f"wrote {path}", highlight=False)
+    command = "framecast " + " ".join(sys.argv[1:])
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    written: dict[str, list[Path]] = {}
+    if what in ("model", "all"):
+        from cluster.bench_model import ModelBenchOptions, bench_model, write_model_outputs
+
+        options = ModelBenchOptions.quick() if quick else ModelBenchOptions(
+            models=["baseline_cnn", "mobilenet_v2", "optimized_cnn"])
+        options.dataset, options.artifact = dataset, str(artifact or SHIPPED_MODEL)
+        if models is not None:
+            options.models = [m.strip() for m in models.split(",") if m.strip()]
+        unknown = [m for m in options.models
+                   if m not in ("baseline_cnn", "mobilenet_v2", "optimized_cnn")]
+        if unknown or not options.models:
+            fail(f"--models: unknown {', '.join(unknown) or '(none given)'}", EXIT_USAGE)
+        for key, value in (("epochs", epochs), ("limit", limit), ("test_limit", test_limit)):
+            if value is not None:
+                setattr(options, key, value)
+        console.rule(f"framecast bench model{' (quick)' if quick else ''}")
+        clock = time.perf_counter()
+        try:
+            results["model"] = bench_model(
+                options, log=lambda line: console.print(line, highlight=False))
+        except (RuntimeError, ValueError, ArtifactError) as error:
+            fail(str(error))
+        seconds["model"] = time.perf_counter() - clock
+        written["model"] = write_model_outputs(out_dir, results["model"], command)
+    parts = [p for p in ("serve", "pipeline") if what in (p, "all")]
+    if parts:
+        was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
+                  "ray": stack.local_ray_head(settings).info() is not None}
+        try:
+            with console.status("starting the embedded stack..."):
+                stack.up(settings, kafka="pipeline" in parts)
+            for part in parts:
+                console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
+                clock = time.perf_counter()
+                run = benchmarks.bench_serve if part == "serve" else benchmarks.bench_pipeline
+                results[part] = run(settings, artifact or SHIPPED_MODEL, console, quick=quick)
+                seconds[part] = time.perf_counter() - clock
+                written[part] = benchmarks.write_outputs(out_dir, part, results[part])
+        except (ClusterError, StreamsError, ArtifactError) as error:
+            fail(str(error))
+        finally:
+            stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
+    if what == "all":
+        from cluster.bench_all import write_all_outputs
+        from cluster.machine import describe
+
+        results.update(
+            machine=describe(), wall_seconds=time.perf_counter() - started,
+            section_seconds=seconds, loadavg_after=describe()["loadavg"],
+            section_markdown={k: v[1].read_text(encoding="utf-8") for k, v in written.items()})
+        written["all"] = write_all_outputs(out_dir, results, command)
+    for paths in written.values():
+        for path in paths:
+            console.print(f"wrote {path}", highlight=False)
+    console.print(f"bench {what}: {time.perf_counter() - started:.0f} s", highlight=False)
 
 
 @app.command()
 def sweep(
-    model: Annotated[str, typer.Option(help="Model to sweep.")],
+    model: Annotated[str, typer.Option(help="Model to sweep: baseline_cnn | mobilenet_v2 | "
+                                            "optimized_cnn.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    dataset: Annotated[str, typer.Option(
+        help="fashion-mnist | folder:PATH | synthetic")] = "fashion-mnist",
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A few minutes: 2000 images, 1 epoch, 500 test images.")] = False,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Training epochs per sparsity (default 5; --quick 1).")] = None,
+    qat_epochs: Annotated[int, typer.Option(min=1, help="QAT fine-tune epochs.")] = 1,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="Training images (default all; --quick 2000).")] = None,
+    test_limit: Annotated[int | None, typer.Option(
+        min=1, help="Test images (default 2000; --quick 500).")] = None,
+    latency_samples: Annotated[int | None, typer.Option(
+        min=1, help="Timed batch-1 calls per point (default 200; --quick 100).")] = None,
+    sparsities: Annotated[str, typer.Option(
+        help="Comma-separated subset of 0,0.5,0.75,0.9,2:4.")] = "0,0.5,0.75,0.9,2:4",
+    quants: Annotated[str, typer.Option(
+        help="Comma-separated subset of none,float16,dynamic,int8,qat-int8.")
+    ] = "none,float16,dynamic,int8,qat-int8",
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="Operating point: fastest Pareto point within this many accuracy points "
+             "of the best.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Sparsity x quantization sweep with a Pareto report."""
-    not_available("sweep", 7, "the optimization sweep")
+    """Sparsity x quantization sweep with a Pareto report (sweep.json, .md, .png)."""
+    from jobs.data import DatasetError
+    from jobs.sweep import SweepOptions, run_sweep, write_sweep
+
+    options = SweepOptions(
+        model=model, dataset=dataset, qat_epochs=qat_epochs, seed=seed,
+        max_accuracy_drop=max_accuracy_drop,
+        sparsities=[s.strip() for s in sparsities.split(",") if s.strip()],
+        quants=[q.strip() for q in quants.split(",") if q.strip()])
+    if quick:
+        options.epochs, options.limit, options.test_limit, options.latency_samples = (
+            1, 2000, 500, 100)
+    for key, value in (("epochs", epochs), ("limit", limit), ("test_limit", test_limit),
+                       ("latency_samples", latency_samples)):
+        if value is not None:
+            setattr(options, key, value)
+    try:
+        options.validate()
+    except ValueError as error:
+        fail(str(error), EXIT_USAGE)
+    try:
+        results = run_sweep(options, log=lambda line: console.print(line, highlight=False))
+    except (DatasetError, ValueError) as error:
+        fail(str(error))
+    for path in write_sweep(results, out, "framecast " + " ".join(sys.argv[1:])):
+        console.print(f"wrote {path}", highlight=False)
+    if results["chosen"] is not None:
+        point = results["points"][results["chosen"]]
+        console.print(f"operating point: sparsity {point['sparsity']}, quantization "
+                      f"{point['quantization']} ({100 * point['accuracy']:.2f} %, p50 "
+                      f"{point['latency_ms_p50']:.3f} ms)", highlight=False)
 
 
 @submit_app.command(

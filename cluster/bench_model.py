@@ -1,0 +1,452 @@
+"""``framecast bench model``: each model x each export, and the peers a user would pick instead.
+
+For every model (baseline_cnn, mobilenet_v2, optimized_cnn) one set of float weights - the
+shipped artifact's when it is that model on that dataset, else trained here briefly - is
+exported every way framecast can ship it: Keras float (plain ``model.predict``), the float
+SavedModel, LiteRT float32 / float16 / dynamic-range / int8, and ONNX (tf2onnx) on ONNX
+Runtime. Each is measured on the same test images: accuracy, p50/p99 latency at batch 1 on
+one thread, throughput at the best batch on all cores, size, and the MAC efficiency against
+the CPU's peak (cluster.machine).
+
+TensorFlow's thread count is fixed per process at first use, so the work runs in two child
+processes per model: ``run`` (export + accuracy + latency, one thread) and ``throughput``
+(all cores) - ``python -m cluster.bench_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.machine import cpu_from, describe, efficiency_pct, machine_line, peak_mac_rate
+
+# The compute each export really does on a CPU: int8 kernels for full-integer and
+# dynamic-range models; float16 weights are widened to float32 before the math.
+EXPORT_DTYPE = {"litert-int8": "int8", "litert-dynamic": "int8"}
+LITERT_MODES = {"litert-float32": "float32", "litert-float16": "float16",
+                "litert-dynamic": "dynamic", "litert-int8": "int8"}
+CALIBRATION_SAMPLES = 500
+
+
+@dataclass
+class ModelBenchOptions:
+    """What bench model runs."""
+
+    models: list[str]
+    dataset: str = "fashion-mnist"
+    artifact: str | None = None
+    epochs: int = 2
+    limit: int | None = 6000
+    test_limit: int | None = 2000
+    latency_samples: int = 300
+    throughput_seconds: float = 0.5
+    batches: tuple[int, ...] = (1, 8, 32, 128)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ModelBenchOptions:
+        """A short run: the shipped model only, fewer samples."""
+        base = cls(models=["optimized_cnn"], epochs=1, limit=2000, test_limit=1000,
+                   latency_samples=100, throughput_seconds=0.3, batches=(1, 32, 128))
+        for key, value in overrides.items():
+            setattr(base, key, value)
+        return base
+
+
+# -- child: export + accuracy + latency (one thread) -------------------------------------------
+
+
+def _set_tf_threads(threads: int) -> None:
+    from jobs.tf_env import tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _source_model(model_name: str, options: ModelBenchOptions, data: Any) -> tuple[Any, str]:
+    """(float Keras model, where its weights came from)."""
+    from jobs.variants import restore_from_artifact, train_in_process
+
+    if options.artifact:
+        from serving.artifacts import load_artifact
+
+        manifest = load_artifact(Path(options.artifact)).manifest
+        if manifest.model == model_name and manifest.training.dataset == options.dataset:
+            model, _ = restore_from_artifact(Path(options.artifact))
+            return model, (f"artifact {options.artifact} ({manifest.name} {manifest.version}, "
+                           f"{manifest.optimization.prune_schedule} pruning, measured sparsity "
+                           f"{manifest.optimization.measured_sparsity:.2f})")
+    trained = train_in_process(model_name, data.x_train, data.y_train, len(data.classes),
+                               epochs=options.epochs, seed=options.seed)
+    return trained.model, (f"trained here: {options.epochs} epoch(s) on {len(data.y_train)} "
+                           f"images ({trained.seconds:.0f} s)")
+
+
+def export_all(model: Any, work: Path, calibration: Any) -> dict[str, str]:
+    """Write every export of model under work; {export: error} for those that failed."""
+    from jobs.export import save_float_saved_model
+    from jobs.variants import convert_litert, convert_onnx
+
+    errors: dict[str, str] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(work / "keras.weights.h5"))
+    save_float_saved_model(model, work / "saved_model")
+    for export, mode in LITERT_MODES.items():
+        try:
+            (work / f"{export}.tflite").write_bytes(convert_litert(model, mode, calibration))
+        except Exception as error:  # a failure here is a result, not a crash
+            errors[export] = f"{type(error).__name__}: {error}"
+    try:
+        (work / "model.onnx").write_bytes(convert_onnx(model))
+    except Exception as error:  # a failure here is a result, not a crash
+        errors["onnxruntime"] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def export_path(work: Path, export: str) -> Path:
+    """Where an export lives in the work directory."""
+    if export == "keras":
+        return work / "keras.weights.h5"
+    if export == "saved_model":
+        return work / "saved_model"
+    if export == "onnxruntime":
+        return work / "model.onnx"
+    return work / f"{export}.tflite"
+
+
+def open_export(work: Path, export: str, model_name: str, input_shape: tuple[int, ...],
+                num_classes: int, threads: int) -> Any:
+    """A runner (predict(uint8 images) -> probabilities) for one export."""
+    from jobs.evaluate import LiteRTRunner, SavedModelRunner
+    from jobs.variants import KerasRunner, OnnxRunner
+
+    path = export_path(work, export)
+    if export == "keras":
+        from jobs.models import ModelSpec, build_model
+
+        model = build_model(ModelSpec(model_name), input_shape,  # type: ignore[arg-type]
+                            num_classes)
+        model.load_weights(str(path))
+        return KerasRunner(model)
+    if export == "saved_model":
+        return SavedModelRunner(path, num_threads=threads)
+    if export == "onnxruntime":
+        return OnnxRunner(path, num_threads=threads)
+    return LiteRTRunner(path, num_threads=threads)
+
+
+def child_run(model_name: str, work: Path, options: ModelBenchOptions) -> dict[str, Any]:
+    """Export model_name every way, then accuracy and batch-1 latency on one thread."""
+    _set_tf_threads(1)
+    from jobs.data import calibration_sample, load_dataset
+    from jobs.evaluate import classification_metrics, measure_latency, predict_all
+    from jobs.models import count_macs
+    from jobs.variants import EXPORTS, directory_bytes
+
+    data = load_dataset(options.dataset, limit=options.limit, test_limit=options.test_limit,
+                        seed=options.seed)
+    clock = time.perf_counter()
+    model, source = _source_model(model_name, options, data)
+    prepare_seconds = time.perf_counter() - clock
+    errors = export_all(model, work, calibration_sample(data.x_train, CALIBRATION_SAMPLES,
+                                                        options.seed))
+    rows: list[dict[str, Any]] = []
+    for export in EXPORTS:
+        row: dict[str, Any] = {"model": model_name, "export": export}
+        if export in errors:
+            rows.append({**row, "error": errors[export]})
+            continue
+        import gzip
+
+        raw = directory_bytes(export_path(work, export))
+        row.update(size_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 9, mtime=0)))
+        try:
+            runner = open_export(work, export, model_name, data.input_shape,
+                                 len(data.classes), threads=1)
+            probabilities = predict_all(runner, data.x_test)
+            metrics = classification_metrics(data.y_test, probabilities.argmax(axis=1),
+                                             len(data.classes))
+            metrics.pop("confusion_matrix")
+            row.update(metrics)
+            row.update(measure_latency(runner, data.x_test, samples=options.latency_samples))
+        except Exception as error:  # a failure here is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {error}"
+        rows.append(row)
+    return {"model": model_name, "source": source, "macs": count_macs(model),
+            "params": int(model.count_params()), "prepare_seconds": prepare_seconds,
+            "input_shape": list(data.input_shape), "num_classes": len(data.classes),
+            "test_images": len(data.y_test), "rows": rows}
+
+
+def child_throughput(model_name: str, work: Path, options: ModelBenchOptions,
+                     input_shape: tuple[int, ...], num_classes: int,
+                     exports: list[str]) -> dict[str, Any]:
+    """Throughput at the best batch, all cores, for each export that ran."""
+    threads = os.cpu_count() or 1
+    _set_tf_threads(threads)
+    from jobs.data import load_dataset
+    from jobs.evaluate import measure_throughput
+
+    data = load_dataset(options.dataset, limit=1, test_limit=max(options.batches),
+                        seed=options.seed)
+    out: dict[str, Any] = {}
+    for export in exports:
+        try:
+            runner = open_export(work, export, model_name, input_shape, num_classes, threads)
+            out[export] = measure_throughput(runner, data.x_test, batches=options.batches,
+                                             min_seconds=options.throughput_seconds)
+            out[export]["throughput_threads"] = threads
+        except Exception as error:  # a failure here is a result, not a crash
+            out[export] = {"error": f"{type(error).__name__}: {error}"}
+    return out
+
+
+# -- parent --------------------------------------------------------------------------------------
+
+
+def _child(args: list[str], timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "cluster.bench_model", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def add_efficiency(row: dict[str, Any], macs: int, cpu_info: dict[str, Any]) -> None:
+    """Latency and throughput efficiency (% of peak MAC/s) of one measured row, in place."""
+    cpu = cpu_from(cpu_info)
+    if not cpu.mhz or row.get("error"):
+        return
+    dtype = EXPORT_DTYPE.get(row["export"], "float32")
+    one, one_how = peak_mac_rate(cpu, dtype, 1)
+    row["compute_dtype"] = dtype
+    row["peak_1core_gmacs"] = one / 1e9
+    row["peak_formula"] = one_how
+    if row.get("latency_ms_p50"):
+        row["efficiency_latency_pct"] = efficiency_pct(macs, 1000 / row["latency_ms_p50"], one)
+    if row.get("throughput_ips"):
+        threads = int(row.get("throughput_threads") or 1)
+        peak, _ = peak_mac_rate(cpu, dtype, threads)
+        row["efficiency_throughput_pct"] = efficiency_pct(macs, row["throughput_ips"], peak)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who wins where, and the headline ratios, per model."""
+    summary: dict[str, Any] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ok = {r["export"]: r for r in rows if r["model"] == model and not r.get("error")}
+
+        def best(key: str, high: bool, ok: dict[str, dict[str, Any]] = ok) -> str | None:
+            have = [e for e in ok if ok[e].get(key) is not None]
+            if not have:
+                return None
+            return (max if high else min)(have, key=lambda e: ok[e][key])
+
+        def ratio(a: str, b: str, key: str, ok: dict[str, dict[str, Any]] = ok) -> float | None:
+            if a in ok and b in ok and ok[a].get(key) and ok[b].get(key):
+                return round(ok[a][key] / ok[b][key], 2)
+            return None
+
+        summary[model] = {
+            "fastest_batch1": best("latency_ms_p50", high=False),
+            "highest_throughput": best("throughput_ips", high=True),
+            "smallest": best("gzip_bytes", high=False),
+            "most_accurate": best("accuracy", high=True),
+            "keras_over_int8_latency": ratio("keras", "litert-int8", "latency_ms_p50"),
+            "int8_over_keras_throughput": ratio("litert-int8", "keras", "throughput_ips"),
+            "onnxruntime_over_litert_float32_latency": ratio(
+                "onnxruntime", "litert-float32", "latency_ms_p50"),
+            "onnxruntime_over_litert_int8_latency": ratio(
+                "onnxruntime", "litert-int8", "latency_ms_p50"),
+            "litert_int8_over_onnxruntime_throughput": ratio(
+                "litert-int8", "onnxruntime", "throughput_ips"),
+        }
+    return summary
+
+
+def bench_model(options: ModelBenchOptions, log: Any = print) -> dict[str, Any]:
+    """Run every model's two child processes; rows with efficiency, a summary, the machine."""
+    started = time.perf_counter()
+    info = describe()
+    rows: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    common = ["--options", json.dumps(asdict(options))]
+    with tempfile.TemporaryDirectory(prefix="framecast-bench-model-") as scratch:
+        for name in options.models:
+            work = Path(scratch) / name
+            log(f"  {name}: exporting and measuring accuracy + batch-1 latency (1 thread)")
+            load_before = describe()["loadavg"]
+            ran = _child(["run", name, str(work), *common], timeout=3600)
+            ok = [r["export"] for r in ran["rows"] if not r.get("error")]
+            log(f"  {name}: throughput on {os.cpu_count()} threads")
+            speed = _child(["throughput", name, str(work), *common,
+                            "--shape", json.dumps(ran["input_shape"]),
+                            "--classes", str(ran["num_classes"]),
+                            "--exports", ",".join(ok)], timeout=3600)
+            for row in ran["rows"]:
+                row.update(speed.get(row["export"], {}) if not row.get("error") else {})
+                add_efficiency(row, ran["macs"], info)
+                rows.append(row)
+                log("    " + _row_line(row))
+            models.append({k: v for k, v in ran.items() if k != "rows"}
+                          | {"loadavg_before": load_before,
+                             "loadavg_after": describe()["loadavg"]})
+    return {"machine": info, "options": asdict(options), "models": models, "rows": rows,
+            "summary": summarize(rows), "loadavg_after": describe()["loadavg"],
+            "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    if row.get("error"):
+        return f"{row['export']:>15}: {row['error'][:160]}"
+    return (f"{row['export']:>15}: acc {100 * row['accuracy']:.2f} %  p50 "
+            f"{row['latency_ms_p50']:.3f} ms  p99 {row['latency_ms_p99']:.3f} ms  "
+            f"{row.get('throughput_ips', 0):,.0f} img/s @ batch {row.get('throughput_batch')}"
+            f"  {row['size_bytes'] / 1024:.0f} KiB")
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _f(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def model_markdown(results: dict[str, Any], command: str) -> list[str]:
+    """The bench model section as Markdown lines."""
+    opts = results["options"]
+    lines = [
+        "## Model: each export, and the peers",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine_line(results['machine'])}; load average after: "
+        f"{'/'.join(str(x) for x in results['loadavg_after'])}.",
+        "",
+        f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
+        f"images. Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
+        "20 warm-up calls, uint8 in -> probabilities out (normalization and int8 "
+        f"(de)quantization included). Throughput: best of batches {list(opts['batches'])} on "
+        f"all cores, {opts['throughput_seconds']} s per batch. Keras = `model.predict`; "
+        "ONNX Runtime = the same weights through tf2onnx (opset 17), CPU provider, all graph "
+        "optimizations. Efficiency = MACs/image x images/s / peak MAC/s of the cores used.",
+        "",
+    ]
+    for model in results["models"]:
+        lines += [f"### {model['model']}", "",
+                  f"Weights: {model['source']}. {model['params']:,} parameters, "
+                  f"{model['macs'] / 1e6:.2f} M MACs per image. Load average before/after: "
+                  f"{model['loadavg_before']} / {model['loadavg_after']}.", "",
+                  "| export | accuracy % | F1 | p50 ms | p99 ms | images/s (batch) | size KiB "
+                  "| gzip KiB | eff. batch-1 % | eff. throughput % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in (r for r in results["rows"] if r["model"] == model["model"]):
+            if row.get("error"):
+                lines.append(f"| {row['export']} | error: {row['error'][:200]} "
+                             "| | | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['export']} | {100 * row['accuracy']:.2f} | {row['f1_macro']:.4f} "
+                f"| {row['latency_ms_p50']:.3f} | {row['latency_ms_p99']:.3f} "
+                f"| {_f(row.get('throughput_ips'), ',.0f')} ({row.get('throughput_batch')}) "
+                f"| {row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} "
+                f"| {_f(row.get('efficiency_latency_pct'), '.2f')} "
+                f"| {_f(row.get('efficiency_throughput_pct'), '.2f')} |")
+        s = results["summary"][model["model"]]
+        lines += ["", f"Winners: batch-1 latency **{s['fastest_batch1']}**, throughput "
+                      f"**{s['highest_throughput']}**, size **{s['smallest']}**, accuracy "
+                      f"**{s['most_accurate']}**. Keras predict p50 / LiteRT int8 p50 = "
+                      f"{_f(s['keras_over_int8_latency'], '')}x; ONNX Runtime p50 / LiteRT "
+                      f"float32 p50 = {_f(s['onnxruntime_over_litert_float32_latency'], '')}x, "
+                      f"/ LiteRT int8 p50 = {_f(s['onnxruntime_over_litert_int8_latency'], '')}"
+                      f"x; LiteRT int8 / ONNX Runtime throughput = "
+                      f"{_f(s['litert_int8_over_onnxruntime_throughput'], '')}x.", ""]
+    peaks = {r["compute_dtype"]: r["peak_formula"] for r in results["rows"]
+             if r.get("peak_formula")}
+    lines += ["Peak MAC rate per core, as computed from /proc/cpuinfo: "
+              + "; ".join(f"{k}: {v}" for k, v in sorted(peaks.items())) + ".", ""]
+    return lines
+
+
+def plot_model(results: dict[str, Any], path: Path) -> None:
+    """Batch-1 p50 latency and best throughput per export, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.variants import EXPORTS
+
+    names = [m["model"] for m in results["models"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    width = 0.8 / max(1, len(EXPORTS))
+    for k, export in enumerate(EXPORTS):
+        lat, ips = [], []
+        for name in names:
+            row = next((r for r in results["rows"] if r["model"] == name
+                        and r["export"] == export and not r.get("error")), None)
+            lat.append(row["latency_ms_p50"] if row else 0)
+            ips.append(row.get("throughput_ips", 0) if row else 0)
+        xs = [i + (k - len(EXPORTS) / 2 + 0.5) * width for i in range(len(names))]
+        axes[0].bar(xs, lat, width, label=export, color=f"C{k}")
+        axes[1].bar(xs, ips, width, label=export, color=f"C{k}")
+    for axis, title in ((axes[0], "p50 latency, batch 1, 1 thread (ms, log)"),
+                        (axes[1], "throughput at best batch, all cores (images/s, log)")):
+        axis.set_xticks(range(len(names)), names)
+        axis.set_yscale("log")
+        axis.set_title(title)
+        axis.grid(alpha=0.3, axis="y")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("framecast bench model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
+    """bench-model.json, .md and .png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "bench-model.json", out_dir / "bench-model.md",
+             out_dir / "bench-model.png"]
+    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    paths[1].write_text("\n".join(["# framecast bench model", "",
+                                   *model_markdown(results, command)]) + "\n", encoding="utf-8")
+    plot_model(results, paths[2])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child processes of bench model: ``run`` and ``throughput``."""
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench_model")
+    parser.add_argument("step", choices=("run", "throughput"))
+    parser.add_argument("model")
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--options", required=True)
+    parser.add_argument("--shape", default="[]")
+    parser.add_argument("--classes", type=int, default=0)
+    parser.add_argument("--exports", default="")
+    args = parser.parse_args(argv)
+    raw = json.loads(args.options)
+    raw["batches"] = tuple(raw["batches"])
+    options = ModelBenchOptions(**raw)
+    if args.step == "run":
+        result = child_run(args.model, args.work, options)
+    else:
+        result = child_throughput(args.model, args.work, options,
+                                  tuple(json.loads(args.shape)), args.classes,
+                                  [e for e in args.exports.split(",") if e])
+    sys.stdout.write(json.dumps(result, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
