@@ -258,7 +258,7 @@ class StreamClassifier:
                 wait_ms = max(1, self.config.max_batch_wait_ms) if self.batch.items else 100
                 if self.exactly_once and self.txn_group is None:
                     self._hold_group_generation()
-                records = self.consumer.poll(timeout_ms=wait_ms, max_records=2000)
+                records = self._poll(wait_ms)
                 if records and self.exactly_once and self.txn_group is None:
                     self._hold_group_generation()  # joined during this very poll
                 if records:
@@ -292,6 +292,22 @@ class StreamClassifier:
         finally:
             self._close()
         return {**self.totals, "seconds": round(time.monotonic() - started, 3)}
+
+    def _poll(self, wait_ms: int) -> dict[TopicPartition, list[Any]]:
+        """consumer.poll, riding out a broker that is down or restarting.
+
+        kafka-python raises a retriable error out of poll() when its coordinator lookup
+        finds no broker (connection refused mid-restart). Nothing was consumed then, so
+        the same poll is simply tried again after a short pause; held work stays held.
+        """
+        try:
+            return dict(self.consumer.poll(timeout_ms=wait_ms, max_records=2000))
+        except KafkaError as error:
+            if not getattr(error, "retriable", False):
+                raise
+            log.warning("poll failed (%s: %s); retrying", type(error).__name__, error)
+            time.sleep(0.5)
+            return {}
 
     def drain(self, reason: str) -> None:
         """Classify everything held, publish it, and commit (used on stop and on rebalance)."""
