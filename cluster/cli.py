@@ -329,6 +329,10 @@ def train(
     test_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     augment: Annotated[bool, typer.Option(help="Random rotation/zoom/shift/flip.")] = True,
+    from_checkpoint: Annotated[Path | None, typer.Option(
+        help="Export from a checkpoint directory of an earlier run (under "
+             "HOME/train/<run>/checkpoint_*) instead of training; pass that run's options.")
+    ] = None,
 ) -> None:
     """Train on Ray Train, prune, quantize and export an artifact directory."""
     from pydantic import ValidationError
@@ -345,7 +349,7 @@ def train(
             qat_epochs=qat_epochs, alpha=alpha, weights=weights, batch_size=batch_size,
             learning_rate=learning_rate,
             lr_schedule=lr_schedule, patience=patience, max_failures=max_failures, seed=seed,
-            augment=augment,
+            augment=augment, from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
         )
     except ValidationError as error:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())

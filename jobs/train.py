@@ -8,6 +8,7 @@ the LiteRT model, evaluates both on the test split and writes the artifact direc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,6 +61,9 @@ class TrainConfig(BaseModel):
     fail_after_epoch: int | None = Field(
         default=None, description="Testing: raise in every worker after reporting this epoch, "
                                   "once (not after a resume).")
+    from_checkpoint: str | None = Field(
+        default=None, description="Export from this Ray Train checkpoint directory of an "
+                                  "earlier run (stopped or interrupted) instead of training.")
     storage_path: str | None = None
     run_name: str | None = None
 
@@ -91,6 +95,13 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
         raise ValueError(f"--weights {config.weights}: no such weights file")
+    if config.from_checkpoint is not None:
+        checkpoint = Path(config.from_checkpoint)
+        missing = [n for n in (CHECKPOINT_PROGRESS, f"{CHECKPOINT_STATE}.index")
+                   if not (checkpoint / n).is_file()]
+        if missing:
+            raise ValueError(f"--from-checkpoint {checkpoint} is not a framecast training "
+                             f"checkpoint (missing {', '.join(missing)})")
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / MANIFEST_NAME).is_file())):
@@ -354,20 +365,29 @@ def train_artifact(config: TrainConfig,
                         seed=config.seed)
     x_train, y_train, _, _ = split_train_val(data.x_train, data.y_train, config.val_fraction,
                                              config.seed)
-    started = datetime.now(UTC)
-    clock = time.perf_counter()
-    stage(f"training {config.model} on {config.dataset} ({len(y_train)} images, "
-          f"{config.workers} worker(s))")
-    result = run_ray_training(config, on_epoch=on_epoch)
-    train_seconds = time.perf_counter() - clock
-    finished = datetime.now(UTC)
+    checkpoint_source: Any
+    if config.from_checkpoint is not None:
+        checkpoint = Path(config.from_checkpoint)
+        stage(f"exporting the checkpoint {checkpoint} (no training)")
+        started, finished = _checkpoint_times(checkpoint)
+        train_seconds = (finished - started).total_seconds()
+        checkpoint_source = contextlib.nullcontext(str(checkpoint))
+    else:
+        started = datetime.now(UTC)
+        clock = time.perf_counter()
+        stage(f"training {config.model} on {config.dataset} ({len(y_train)} images, "
+              f"{config.workers} worker(s))")
+        result = run_ray_training(config, on_epoch=on_epoch)
+        train_seconds = time.perf_counter() - clock
+        finished = datetime.now(UTC)
+        checkpoint_source = result.checkpoint.as_directory()
     stage("exporting")
     from jobs.export import convert_tflite, save_float_saved_model
     from jobs.models import ModelSpec, build_model, count_macs
     from jobs.pruning import check_sparsity, measure_sparsity
 
     steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
-    with result.checkpoint.as_directory() as checkpoint_dir:
+    with checkpoint_source as checkpoint_dir:
         model, (plan, layers), progress = restore_trained_model(
             config, Path(checkpoint_dir), data.input_shape, len(data.classes), steps_per_epoch)
     measured, per_layer = measure_sparsity(model, layers)
@@ -412,6 +432,21 @@ def train_artifact(config: TrainConfig,
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return metrics
+
+
+def _checkpoint_times(checkpoint: Path) -> tuple[datetime, datetime]:
+    """(run start, checkpoint time) of a checkpoint of an earlier run.
+
+    The start comes from the run directory's name (``<model>-YYYYmmddTHHMMSS``, as
+    run_ray_training names it), the end from when the checkpoint's progress was written.
+    """
+    finished = datetime.fromtimestamp((checkpoint / CHECKPOINT_PROGRESS).stat().st_mtime, UTC)
+    stamp = checkpoint.resolve().parent.name.rsplit("-", 1)[-1]
+    try:
+        started = datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        started = finished
+    return min(started, finished), finished
 
 
 def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, measured: float,

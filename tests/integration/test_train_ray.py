@@ -111,3 +111,27 @@ def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict],
     assert done.returncode == 1
     assert "refusing to load" in done.stderr
     assert done.stdout == ""
+
+
+def test_an_artifact_exported_again_from_the_runs_last_checkpoint(
+        artifact: tuple[Path, dict], tmp_path: Path) -> None:
+    directory, _ = artifact
+    runs = sorted(p for p in (directory.parent / "ray").glob("optimized_cnn-*/checkpoint_*")
+                  if p.is_dir())
+    assert runs, "the run kept no checkpoint"
+    config = TrainConfig(
+        model="optimized_cnn", dataset="synthetic", epochs=3, out=str(tmp_path / "again"),
+        limit=256, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
+        quantize="int8", batch_size=32, augment=False, from_checkpoint=str(runs[-1]),
+    )
+    train_artifact(config)  # no Ray Train run: restore, strip, export, evaluate
+    first, again = load_artifact(directory).manifest, load_artifact(tmp_path / "again").manifest
+    assert again.training.epochs == first.training.epochs == 3
+    assert again.training.started_at <= again.training.finished_at
+    assert abs(again.optimization.measured_sparsity - 0.5) <= 0.02
+    # The same weights: the float SavedModel's accuracy is the same on the same test sample.
+    first_metrics = json.loads((directory / "metrics.json").read_text())
+    again_metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again_metrics["float"]["accuracy"] == first_metrics["float"]["accuracy"]
+    with pytest.raises(ValueError, match="not a framecast training checkpoint"):
+        train_artifact(config.model_copy(update={"from_checkpoint": str(tmp_path)}))
