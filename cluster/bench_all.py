@@ -7,11 +7,10 @@ ratios (``bench-all.{json,md,png}``) beside each section's own files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from cluster.machine import describe, machine_line
+from cluster.machine import describe, machine_line, write_report
 
 SECTIONS = ("model", "serve", "pipeline")
 
@@ -110,9 +109,4 @@ def write_all_outputs(out_dir: Path, results: dict[str, Any], command: str) -> l
     """bench-all.json, bench-all.md and bench-all.png."""
     results["headline"] = headline(results)
     results.setdefault("loadavg_after", describe()["loadavg"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "bench-all.json", out_dir / "bench-all.md", out_dir / "bench-all.png"]
-    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(all_markdown(results, command), encoding="utf-8")
-    plot_all(results, paths[2])
-    return paths
+    return write_report(out_dir, "bench-all", results, all_markdown(results, command), plot_all)

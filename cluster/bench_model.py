@@ -26,7 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.machine import cpu_from, describe, efficiency_pct, machine_line, peak_mac_rate
+from cluster.machine import (
+    cpu_from,
+    describe,
+    efficiency_pct,
+    peak_mac_rate,
+    provenance,
+    write_report,
+)
 
 # The compute each export really does on a CPU: int8 kernels for full-integer and
 # dynamic-range models; float16 weights are widened to float32 before the math.
@@ -55,7 +62,7 @@ class ModelBenchOptions:
     def quick(cls, **overrides: Any) -> ModelBenchOptions:
         """A short run: the shipped model only, fewer samples."""
         base = cls(models=["optimized_cnn"], epochs=1, limit=2000, test_limit=1000,
-                   latency_samples=100, throughput_seconds=0.3, batches=(1, 32, 128))
+                   latency_samples=60, throughput_seconds=0.3, batches=(1, 32, 128))
         for key, value in overrides.items():
             setattr(base, key, value)
         return base
@@ -328,11 +335,7 @@ def model_markdown(results: dict[str, Any], command: str) -> list[str]:
     lines = [
         "## Model: each export, and the peers",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine_line(results['machine'])}; load average after: "
-        f"{'/'.join(str(x) for x in results['loadavg_after'])}.",
-        "",
+        *provenance(command, results["machine"], results["loadavg_after"]),
         f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
         f"images. Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
         "20 warm-up calls, uint8 in -> probabilities out (normalization and int8 "
@@ -415,14 +418,8 @@ def plot_model(results: dict[str, Any], path: Path) -> None:
 
 def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
     """bench-model.json, .md and .png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "bench-model.json", out_dir / "bench-model.md",
-             out_dir / "bench-model.png"]
-    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text("\n".join(["# framecast bench model", "",
-                                   *model_markdown(results, command)]) + "\n", encoding="utf-8")
-    plot_model(results, paths[2])
-    return paths
+    text = "\n".join(["# framecast bench model", "", *model_markdown(results, command)]) + "\n"
+    return write_report(out_dir, "bench-model", results, text, plot_model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,23 @@ def cpu_from(info: dict[str, Any]) -> CpuInfo:
     """The CpuInfo back from :func:`describe`'s JSON."""
     return CpuInfo(info["model"], int(info.get("logical_cpus") or 0), info.get("mhz"),
                    tuple(info.get("flags") or ()))
+
+
+def provenance(command: str, info: dict[str, Any], loadavg_after: list[float]) -> list[str]:
+    """The lines every report starts a table with: the exact command and the machine."""
+    return [f"Command: `{command}`", "",
+            f"Machine: {machine_line(info)}; load average after: "
+            f"{'/'.join(str(x) for x in loadavg_after)}.", ""]
+
+
+def write_report(out_dir: Path, stem: str, results: dict[str, Any], markdown: str,
+                 plot: Callable[[dict[str, Any], Path], None]) -> list[Path]:
+    """STEM.json (results), STEM.md (markdown) and STEM.png (plot(results, path)) in out_dir."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown, encoding="utf-8")
+    plot(results, paths[2])
+    return paths

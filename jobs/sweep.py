@@ -12,7 +12,6 @@ percentage points of the most accurate point.
 from __future__ import annotations
 
 import gzip
-import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -213,18 +212,14 @@ def _point_line(point: dict[str, Any]) -> str:
 
 def sweep_markdown(results: dict[str, Any], command: str) -> str:
     """The Pareto report as Markdown: every point, the front marked, the choice explained."""
-    from cluster.machine import machine_line
+    from cluster.machine import provenance
 
     options = results["options"]
     points = results["points"]
     lines = [
         f"# framecast sweep: {options['model']} on {options['dataset']}",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine_line(results['machine'])}; load average after: "
-        f"{'/'.join(str(x) for x in results['loadavg_after'])}.",
-        "",
+        *provenance(command, results["machine"], results["loadavg_after"]),
         f"Trained in this process on {results['train_images']} images for {options['epochs']} "
         f"epoch(s) per sparsity (QAT: +{options['qat_epochs']} epoch(s) of quantization-aware "
         f"fine-tuning); measured on {results['test_images']} test images. Latency: LiteRT, "
@@ -311,9 +306,6 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
 
 def write_sweep(results: dict[str, Any], out: Path, command: str) -> list[Path]:
     """sweep.json, sweep.md and sweep.png in out."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "sweep.json", out / "sweep.md", out / "sweep.png"]
-    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(sweep_markdown(results, command), encoding="utf-8")
-    plot_sweep(results, paths[2])
-    return paths
+    from cluster.machine import write_report
+
+    return write_report(out, "sweep", results, sweep_markdown(results, command), plot_sweep)
