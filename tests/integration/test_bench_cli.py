@@ -40,7 +40,7 @@ def test_bench_model_quick_measures_every_export(tmp_path: Path) -> None:
     assert model["source"].startswith("trained here") and model["macs"] > 0
     assert len(data["machine"]["loadavg"]) == 3
     text = (out / "bench-model.md").read_text()
-    assert "framecast bench model --quick" in text and "| onnxruntime |" in text
+    assert "bench model --quick --dataset synthetic" in text and "| onnxruntime |" in text
     assert (out / "bench-model.png").read_bytes()[:4] == b"\x89PNG"
 
 
