@@ -16,7 +16,7 @@ import pytest
 from kafka.errors import MessageSizeTooLargeError
 from PIL import Image
 
-from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.frames import ARROW_CONTENT_TYPE, FRAME_SCHEMA, FrameRecord, encode_frames
 from streams.config import KafkaSettings
 from tests.reliability.conftest import Record, Replicas, peak_rss_mb
 from tests.streaming import (
@@ -52,6 +52,21 @@ def png_bomb(side: int, rows: int | None = None) -> bytes:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
+
+
+def arrow_bomb(decoded_bytes: int) -> bytes:
+    """One frame whose ZSTD-compressed Arrow buffers inflate to ``decoded_bytes`` of zeros."""
+    columns: dict[str, list[Any]] = {
+        "stream_id": ["cam-bad"], "frame_index": [0], "captured_at_ns": [1],
+        "encoding": ["raw"], "height": [1], "width": [1], "channels": [1],
+        "data": [bytes(decoded_bytes)], "label": [None],
+    }
+    batch = pa.RecordBatch.from_pydict(columns, schema=FRAME_SCHEMA)
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, FRAME_SCHEMA, options=options) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def _jpeg() -> bytes:
@@ -194,6 +209,11 @@ def test_bombs_and_oversized_frames_are_refused_before_decoding_with_bounded_mem
         "Arrow frame claiming 50000 x 50000": (
             {"value": _raw_frame(50000, 50000, b"\x00" * 784), "headers": ARROW},
             "too_many_pixels",
+        ),
+        # Decoded in the classifier itself: 96 MiB from a few kB, refused from its metadata.
+        "ZSTD Arrow bomb (96 MiB)": (
+            {"value": arrow_bomb(96 * 2**20), "headers": ARROW},
+            "bad_arrow",
         ),
         "9 MiB JPEG (over the frame limit)": (
             _bare(b"\xff\xd8" + os.urandom(9 * 2**20), b"image/jpeg"),

