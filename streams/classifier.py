@@ -58,6 +58,9 @@ END_TO_END = Histogram(
 LABELLED = FRAMES.labels(outcome="labelled")
 DROPPED = FRAMES.labels(outcome="dropped_deadline")
 LAG = Gauge("framecast_stream_lag", "Consumer lag over the assigned partitions.")
+SEND_FAILURES = Counter(
+    "framecast_stream_send_failures_total", "Label/DLQ records the brokers never acknowledged."
+)
 RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
 
 
@@ -202,6 +205,9 @@ class StreamClassifier:
             self.producer.init_transactions()
         self.in_txn = False
         self.revoked: set[TopicPartition] = set()
+        # Label and DLQ sends since the last commit: a flush only waits for them, so each is
+        # checked for failure before offsets covering it are committed (at-least-once).
+        self.sent: list[Any] = []
         # Exactly-once: the group membership (generation) under which the oldest record still
         # held was polled. Offsets are committed with it, so a rebalance since then makes the
         # coordinator refuse them (KIP-447) and the work is redone, not committed twice.
@@ -504,8 +510,10 @@ class StreamClassifier:
             timings_ms=timings,
             ground_truth=frame.label,
         )
-        self.producer.send(
-            self.config.labels_topic, key=frame.stream_id.encode(), value=encode_label(record)
+        self.sent.append(
+            self.producer.send(
+                self.config.labels_topic, key=frame.stream_id.encode(), value=encode_label(record)
+            )
         )
         if self.sink:
             self.sink.add_label(record)
@@ -532,8 +540,10 @@ class StreamClassifier:
             ("source.partition", str(item.partition).encode()),
             ("source.offset", str(item.offset).encode()),
         ]
-        self.producer.send(
-            self.config.dlq_topic, key=item.key, value=item.value or b"", headers=headers
+        self.sent.append(
+            self.producer.send(
+                self.config.dlq_topic, key=item.key, value=item.value or b"", headers=headers
+            )
         )
         self.totals["dlq"] += 1
         self.window.dlq += 1
@@ -553,6 +563,7 @@ class StreamClassifier:
 
         offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.done_offsets.items()}
         self.done_offsets.clear()
+        sent, self.sent = self.sent, []
         try:
             if self.exactly_once:
                 if not self.in_txn:
@@ -569,6 +580,19 @@ class StreamClassifier:
             else:
                 # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
                 self.producer.flush(timeout=60)
+                failed = [future for future in sent if future.failed()]
+                if failed:
+                    # Not delivered (e.g. the brokers were away past delivery.timeout.ms):
+                    # these offsets must not be committed; read them again instead.
+                    log.error(
+                        "%d label/DLQ records were not delivered (%s); not committing, "
+                        "re-reading from the committed offsets",
+                        len(failed),
+                        failed[0].exception,
+                    )
+                    SEND_FAILURES.inc(len(failed))
+                    self._rewind()
+                    return
                 # 2. ... and only then the offsets: a crash in between re-labels, never loses.
                 self.consumer.commit(offsets)
         except KafkaError as error:
@@ -579,6 +603,13 @@ class StreamClassifier:
                     self.producer.abort_transaction()
                     self.in_txn = False
                 self._rewind()
+            else:
+                # Still unconfirmed (a flush timeout): checked again at the next commit, whose
+                # offsets cover these records too.
+                self.sent = [future for future in sent if not future.is_done] + self.sent
+                if any(future.failed() for future in sent):
+                    SEND_FAILURES.inc()
+                    self._rewind()
             return
         finally:
             self.revoked.clear()
@@ -590,7 +621,8 @@ class StreamClassifier:
             self.txn_group = group
 
     def _rewind(self) -> None:
-        """After an aborted transaction: re-read owned partitions from their committed offsets."""
+        """After an aborted transaction or an undelivered label: re-read owned partitions from
+        their committed offsets (work in hand is dropped and redone)."""
         self.txn_group = None
         for batch in self.pending:  # results of aborted work would be produced out of a txn
             batch.response = None

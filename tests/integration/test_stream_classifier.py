@@ -272,3 +272,35 @@ def test_two_classifiers_in_one_group_share_the_partitions(
     labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(sent)))
     assert {(lab.stream_id, lab.frame_index) for lab in labels} == {(s, i) for s, i, _ in sent}
     assert sum(o["labelled"] for o in outcomes) == len(labels)
+
+
+def test_labels_the_brokers_refuse_are_never_committed_as_done(
+    kafka_settings: KafkaSettings, stream_app: str
+) -> None:
+    from kafka.admin import ConfigResource, ConfigResourceType
+    from kafka.structs import TopicPartition
+
+    from streams.client import admin_client
+
+    def labels_limit(max_bytes: int) -> None:
+        with admin_client(kafka_settings) as admin:
+            admin.alter_configs([ConfigResource(
+                ConfigResourceType.TOPIC, config.labels_topic,
+                configs={"max.message.bytes": str(max_bytes)},
+            )])
+
+    config = topics(kafka_settings, partitions=1).model_copy(update={"max_frames": 20})
+    labels_limit(64)  # every label record (~600 bytes) is refused: MESSAGE_TOO_LARGE
+    send_arrow_frames(kafka_settings, config.frames_topic, streams=2, per_stream=10)
+    run_classifier(kafka_settings, config, stream_app)
+    # The frames were classified, but their labels never reached Kafka: no offset committed.
+    probe = KafkaConsumer(**kafka_settings.client_config(), group_id=config.group)
+    assert probe.committed(TopicPartition(config.frames_topic, 0)) in (None, 0)
+    probe.close()
+    labels_limit(1024 * 1024)
+    second = run_classifier(kafka_settings, config, stream_app)
+    assert second["labelled"] == 20  # read again from the start, nothing skipped
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, 20))
+    assert {(lab.stream_id, lab.frame_index) for lab in labels} == {
+        (f"cam-{s}", i) for s in range(2) for i in range(10)
+    }
