@@ -254,9 +254,10 @@ def sweep_markdown(results: dict[str, Any], command: str) -> str:
             f"point(s) of the most accurate one ({100 * p['accuracy']:.2f} %, "
             f"p50 {p['latency_ms_p50']:.3f} ms, {p['gzip_bytes'] / 1024:.1f} KiB gzip).")
     lines += ["", "A point is on the Pareto front when no other point is at least as accurate, "
-              "as fast (p50) and as small (gzip) and better on one of them. Latency differences "
-              "under ~10 % are within the noise of a shared 2-core machine (see the load "
-              "average)."]
+              "as fast (p50) and as small (gzip) and better on one of them - a front in three "
+              "dimensions, so each 2-D panel of the plot shows points that look dominated "
+              "there. Latency differences under ~25 % are within the noise of a shared "
+              "2-core machine (see the load average)."]
     return "\n".join(lines) + "\n"
 
 
@@ -282,12 +283,8 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
             if p["chosen"]:
                 axis.scatter(p[key] * scale, 100 * p["accuracy"], marker="*", s=380,
                              facecolors="none", edgecolors="red", linewidths=1.6)
-        front = sorted((p for p in points if p["pareto"]), key=lambda p: p[key])
         axis.set(xlabel=label, ylabel="test accuracy %")
         axis.grid(alpha=0.3)
-        if front:
-            axis.plot([p[key] * scale for p in front], [100 * p["accuracy"] for p in front],
-                      ":", color="grey", linewidth=1)
     handles = [plt.Line2D([], [], color=colors[q], marker="o", linestyle="", label=q)
                for q in quants]
     handles += [plt.Line2D([], [], color="black", marker=markers[s], linestyle="",
