@@ -8,9 +8,10 @@ Runtime. Each is measured on the same test images: accuracy, p50/p99 latency at 
 one thread, throughput at the best batch on all cores, size, and the MAC efficiency against
 the CPU's peak (cluster.machine).
 
-TensorFlow's thread count is fixed per process at first use, so the work runs in two child
-processes per model: ``run`` (export + accuracy + latency, one thread) and ``throughput``
-(all cores) - ``python -m cluster.bench_model``.
+TensorFlow's thread count is fixed per process at first use, so the work runs in child
+processes per model (``python -m cluster.bench_model``): ``prepare`` (training, all cores;
+only for a model the artifact is not), ``run`` (export + accuracy + latency, one thread) and
+``throughput`` (all cores).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ EXPORT_DTYPE = {"litert-int8": "int8", "litert-dynamic": "int8"}
 LITERT_MODES = {"litert-float32": "float32", "litert-float16": "float16",
                 "litert-dynamic": "dynamic", "litert-int8": "int8"}
 CALIBRATION_SAMPLES = 500
+TRAINED_WEIGHTS, TRAINED_SOURCE = "trained.weights.h5", "trained.txt"
 
 
 @dataclass
@@ -78,19 +80,49 @@ def _set_tf_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def _source_model(model_name: str, options: ModelBenchOptions, data: Any) -> tuple[Any, str]:
+def uses_artifact(model_name: str, options: ModelBenchOptions) -> bool:
+    """Whether model_name's weights come from the artifact (same model, same dataset)."""
+    if not options.artifact:
+        return False
+    from serving.artifacts import load_artifact
+
+    manifest = load_artifact(Path(options.artifact)).manifest
+    return manifest.model == model_name and manifest.training.dataset == options.dataset
+
+
+def child_prepare(model_name: str, work: Path, options: ModelBenchOptions) -> dict[str, Any]:
+    """Train model_name on all cores (TensorFlow's default threads); save its weights."""
+    from jobs.data import load_dataset
+    from jobs.variants import train_in_process
+
+    data = load_dataset(options.dataset, limit=options.limit, test_limit=1, seed=options.seed)
+    trained = train_in_process(model_name, data.x_train, data.y_train, len(data.classes),
+                               epochs=options.epochs, seed=options.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    trained.model.save_weights(str(work / TRAINED_WEIGHTS))
+    source = (f"trained here: {options.epochs} epoch(s) on {len(data.y_train)} images "
+              f"({trained.seconds:.0f} s)")
+    (work / TRAINED_SOURCE).write_text(source, encoding="utf-8")
+    return {"source": source}
+
+
+def _source_model(model_name: str, options: ModelBenchOptions, data: Any,
+                  work: Path) -> tuple[Any, str]:
     """(float Keras model, where its weights came from)."""
     from jobs.variants import restore_from_artifact, train_in_process
 
-    if options.artifact:
-        from serving.artifacts import load_artifact
+    if uses_artifact(model_name, options):
+        assert options.artifact is not None  # noqa: S101 - uses_artifact checked it
+        model, manifest = restore_from_artifact(Path(options.artifact))
+        return model, (f"artifact {options.artifact} ({manifest.name} {manifest.version}, "
+                       f"{manifest.optimization.prune_schedule} pruning, measured sparsity "
+                       f"{manifest.optimization.measured_sparsity:.2f})")
+    if (work / TRAINED_WEIGHTS).is_file():
+        from jobs.models import ModelSpec, build_model
 
-        manifest = load_artifact(Path(options.artifact)).manifest
-        if manifest.model == model_name and manifest.training.dataset == options.dataset:
-            model, _ = restore_from_artifact(Path(options.artifact))
-            return model, (f"artifact {options.artifact} ({manifest.name} {manifest.version}, "
-                           f"{manifest.optimization.prune_schedule} pruning, measured sparsity "
-                           f"{manifest.optimization.measured_sparsity:.2f})")
+        model = build_model(ModelSpec(model_name), data.input_shape, len(data.classes))
+        model.load_weights(str(work / TRAINED_WEIGHTS))
+        return model, (work / TRAINED_SOURCE).read_text(encoding="utf-8")
     trained = train_in_process(model_name, data.x_train, data.y_train, len(data.classes),
                                epochs=options.epochs, seed=options.seed)
     return trained.model, (f"trained here: {options.epochs} epoch(s) on {len(data.y_train)} "
@@ -161,7 +193,7 @@ def child_run(model_name: str, work: Path, options: ModelBenchOptions) -> dict[s
     data = load_dataset(options.dataset, limit=options.limit, test_limit=options.test_limit,
                         seed=options.seed)
     clock = time.perf_counter()
-    model, source = _source_model(model_name, options, data)
+    model, source = _source_model(model_name, options, data, work)
     prepare_seconds = time.perf_counter() - clock
     errors = export_all(model, work, calibration_sample(data.x_train, CALIBRATION_SAMPLES,
                                                         options.seed))
@@ -291,6 +323,9 @@ def bench_model(options: ModelBenchOptions, log: Any = print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="framecast-bench-model-") as scratch:
         for name in options.models:
             work = Path(scratch) / name
+            if not uses_artifact(name, options):
+                log(f"  {name}: training ({options.epochs} epoch(s), all cores)")
+                _child(["prepare", name, str(work), *common], timeout=7200)
             log(f"  {name}: exporting and measuring accuracy + batch-1 latency (1 thread)")
             load_before = describe()["loadavg"]
             ran = _child(["run", name, str(work), *common], timeout=3600)
@@ -423,9 +458,9 @@ def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child processes of bench model: ``run`` and ``throughput``."""
+    """Child processes of bench model: ``prepare``, ``run`` and ``throughput``."""
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_model")
-    parser.add_argument("step", choices=("run", "throughput"))
+    parser.add_argument("step", choices=("prepare", "run", "throughput"))
     parser.add_argument("model")
     parser.add_argument("work", type=Path)
     parser.add_argument("--options", required=True)
@@ -436,7 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     raw = json.loads(args.options)
     raw["batches"] = tuple(raw["batches"])
     options = ModelBenchOptions(**raw)
-    if args.step == "run":
+    if args.step == "prepare":
+        result = child_prepare(args.model, args.work, options)
+    elif args.step == "run":
         result = child_run(args.model, args.work, options)
     else:
         result = child_throughput(args.model, args.work, options,
