@@ -246,17 +246,21 @@ class LabelProbe:
         self.seen = 0
         self.keys: set[FrameKey] = set()
 
-    def _read(self) -> None:
+    def _read(self, until: int | None = None) -> None:
+        # Returns after 200 ms without a record, or once ``until`` labels were seen: on a quiet
+        # machine labels flow without such a gap, and the caller must act mid-stream.
         for record in self.consumer:
             self.seen += 1
             label = json.loads(record.value)
             self.keys.add((label["stream_id"], label["frame_index"]))
+            if until is not None and self.seen >= until:
+                return
 
     def wait_for(self, count: int, timeout_s: float = 180) -> int:
         """Block until ``count`` labels were seen in all (or timeout); returns the count."""
         deadline = time.monotonic() + timeout_s
         while self.seen < count and time.monotonic() < deadline:
-            self._read()
+            self._read(until=count)
         return self.seen
 
     def wait_for_frames(self, keys: set[FrameKey], timeout_s: float = 180) -> bool:
