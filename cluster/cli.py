@@ -44,7 +44,6 @@ app.add_typer(submit_app, name="submit")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_NOT_AVAILABLE = 3
 
 
 class _Options:
@@ -70,16 +69,6 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     """Print an error for a person and exit with code."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
-
-
-def not_available(command: str, issue: int, what: str) -> NoReturn:
-    """Say plainly that a command is not built yet, and exit 3."""
-    err_console.print(
-        f"[yellow]framecast {command} is not available yet[/]: {what} is built by issue #{issue}; "
-        "nothing was done.",
-        highlight=False,
-    )
-    raise typer.Exit(EXIT_NOT_AVAILABLE)
 
 
 def _opts(ctx: typer.Context) -> _Options:

@@ -96,25 +96,3 @@ def test_cli_rejects_bad_config_at_start_up_naming_the_field(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr
     assert "max_replicas (2) must be >= min_replicas (4)" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("argv", "issue"),
-    [
-        (["sweep", "--model", "optimized_cnn", "--out", "x"], 7),
-        (["bench", "all", "--quick"], 7),
-        (["bench", "model"], 7),
-    ],
-)
-def test_commands_not_built_yet_say_so_and_do_nothing(
-    tmp_path: Path, argv: list[str], issue: int
-) -> None:
-    from typer.testing import CliRunner
-
-    from cluster.cli import app
-
-    result = CliRunner().invoke(app, ["--home", str(tmp_path), *argv])
-    assert result.exit_code == 3, result.output
-    assert "is not available yet" in result.output
-    assert f"issue #{issue}" in result.output
-    assert list(tmp_path.iterdir()) == []
