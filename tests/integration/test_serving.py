@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -23,6 +24,7 @@ from serving.deploy import deploy
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
 from serving.idx import load_fashion_mnist
 from serving.runtimes import LiteRTRuntime
+from tests.reliability.conftest import reliability_settings
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +37,9 @@ def images() -> tuple[np.ndarray, np.ndarray]:
     return load_fashion_mnist("test", limit=48)
 
 
-def settings_for(port: int, name: str, **overrides: object) -> ServeSettings:
-    return ServeSettings(
-        app_name=name,
-        route_prefix=f"/{name}",
-        http_port=port,
-        num_cpus=0.5,
-        min_replicas=1,
-        max_replicas=1,
-        **overrides,
-    )
+def settings_for(port: int, name: str, **overrides: Any) -> ServeSettings:
+    settings: ServeSettings = reliability_settings(port, name, **overrides)
+    return settings
 
 
 @pytest.fixture(scope="module")
