@@ -24,20 +24,26 @@ METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "laten
 
 @pytest.fixture(scope="module")
 def ray_two_cpus() -> Iterator[None]:
-    """An in-process local Ray instance with 2 CPUs for this module."""
+    """An in-process local Ray instance with 2 CPUs for this module.
+
+    The session's driver connection (to the session head, where Serve keeps running) is
+    dropped for the module and restored after it: later tests deploy and classify through it.
+    """
     import ray
 
     saved_address = os.environ.pop("RAY_ADDRESS", None)  # our own instance, not a shared one
-    if ray.is_initialized():  # the session's Serve driver connection, done with by now
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+    previous: tuple[str, str] | None = None
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        previous = (context.gcs_address, context.namespace)
+        ray.shutdown()  # only this driver disconnects; the head's Serve apps stay up
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
     if saved_address is not None:
         os.environ["RAY_ADDRESS"] = saved_address
+    if previous is not None:
+        ray.init(address=previous[0], namespace=previous[1], log_to_driver=False)
 
 
 @pytest.fixture(scope="module")
