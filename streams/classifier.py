@@ -665,8 +665,15 @@ class StreamClassifier:
             value=encode_latency(record),
         )
         if self.exactly_once:
-            self.producer.commit_transaction()
-            self.in_txn = False
+            if self.done_offsets:
+                # Labels of this transaction whose offsets are not committed yet: committing
+                # them alone would make them visible while their frames stay uncommitted, and
+                # the next owner of those partitions (after a rebalance) would label them
+                # again. They commit together with their offsets, or not at all.
+                self._commit("latency")
+            else:
+                self.producer.commit_transaction()
+                self.in_txn = False
         if self.sink:
             self.sink.add_latency(record)
         self.totals["latency_windows"] += 1

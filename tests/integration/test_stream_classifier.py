@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
 from PIL import Image
 
+from cluster.processes import wait_until
 from serving.frames import ARROW_CONTENT_TYPE
 from serving.runtimes import LiteRTRuntime
 from streams.classifier import StreamClassifier
@@ -24,6 +26,8 @@ from streams.serve_client import serve_classify_fn
 from tests.streaming import (
     IMAGES,
     LABELS,
+    BackgroundClassifier,
+    classifier,
     labels_of,
     producer,
     read_topic,
@@ -160,6 +164,51 @@ def test_exactly_once_gives_exactly_one_committed_label_per_frame(
     assert len(set(keys)) == 60
 
 
+def test_exactly_once_labels_become_visible_only_with_their_offsets(
+    kafka_settings: KafkaSettings, stream_app: str
+) -> None:
+    """Latency aggregates commit transactions of their own, every window; the labels in that
+    transaction must commit with their offsets, or a new owner of the partition (after a
+    rebalance or a crash) labels those frames again and read_committed sees two labels.
+    Offsets here are never committed on the interval (10 min), only with the aggregates."""
+    config = topics(kafka_settings, partitions=2).model_copy(
+        update={
+            "guarantee": "exactly-once",
+            "commit_interval_ms": 600_000,
+            "latency_window_s": 0.3,
+            "idle_exit_s": None,
+        }
+    )
+    send_arrow_frames(kafka_settings, config.frames_topic, streams=2, per_stream=20)
+    member = BackgroundClassifier(classifier(kafka_settings, config, stream_app))
+    member.start()
+    try:
+        assert wait_until(lambda: member.member.totals["labelled"] >= 40, timeout=120)
+        assert wait_until(lambda: member.member.totals["latency_windows"] >= 3, timeout=60)
+        visible = labels_of(
+            read_topic(kafka_settings, config.labels_topic, 40, committed_only=True)
+        )
+        probe = KafkaConsumer(
+            **kafka_settings.client_config(),
+            group_id=config.group,
+            isolation_level="read_committed",  # offset fetches wait for open transactions
+        )
+        committed = {
+            p: probe.committed(TopicPartition(config.frames_topic, p)) or 0 for p in (0, 1)
+        }
+        probe.close()
+    finally:
+        member.member.stop()
+    member.finish()
+    assert len(visible) == 40
+    uncovered = [
+        (lab.source.partition, lab.source.offset)
+        for lab in visible
+        if lab.source.offset >= committed.get(lab.source.partition, 0)
+    ]
+    assert uncovered == [], f"committed labels of uncommitted frames (offsets {committed})"
+
+
 def test_frames_past_their_deadline_are_labelled_dropped_and_counted(
     kafka_settings: KafkaSettings, stream_app: str
 ) -> None:
@@ -278,16 +327,20 @@ def test_labels_the_brokers_refuse_are_never_committed_as_done(
     kafka_settings: KafkaSettings, stream_app: str
 ) -> None:
     from kafka.admin import ConfigResource, ConfigResourceType
-    from kafka.structs import TopicPartition
 
     from streams.client import admin_client
 
     def labels_limit(max_bytes: int) -> None:
         with admin_client(kafka_settings) as admin:
-            admin.alter_configs([ConfigResource(
-                ConfigResourceType.TOPIC, config.labels_topic,
-                configs={"max.message.bytes": str(max_bytes)},
-            )])
+            admin.alter_configs(
+                [
+                    ConfigResource(
+                        ConfigResourceType.TOPIC,
+                        config.labels_topic,
+                        configs={"max.message.bytes": str(max_bytes)},
+                    )
+                ]
+            )
 
     config = topics(kafka_settings, partitions=1).model_copy(update={"max_frames": 20})
     labels_limit(64)  # every label record (~600 bytes) is refused: MESSAGE_TOO_LARGE

@@ -101,23 +101,7 @@ def test_classifier_sigkilled_before_commit_resumes_from_committed_offsets(
         assert counts["duplicates"] <= len(expected) - resumed["labelled"], counts
 
 
-@pytest.mark.parametrize(
-    "guarantee",
-    [
-        "at-least-once",
-        pytest.param(
-            "exactly-once",
-            # A known bug, not a pass: on a quiet machine one run of this test gave 13
-            # duplicate committed labels of 800 (zero in the runs before and after). Kept
-            # running (non-strict) so that its figures are still recorded; docs/reliability.md
-            # does not claim exactly-once across a rebalance until this is fixed.
-            marks=pytest.mark.xfail(
-                reason="exactly-once across a rebalance: duplicates in some runs (known bug)",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_member_joins_then_one_leaves_mid_stream(
     kafka_settings: KafkaSettings, reliability_app: str, figures: Record, guarantee: str
 ) -> None:
