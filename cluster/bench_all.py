@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster.machine import describe, machine_line, write_report
 
-SECTIONS = ("model", "serve", "pipeline")
+SECTIONS = ("model", "serve", "pipeline", "scaling")
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +41,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     if pipeline:
         out["pipeline: best framecast sustained frames/s / naive Keras per frame"] = pipeline[
             "ratio_vs_naive"]
+    scaling = results.get("scaling")
+    if scaling:
+        best = scaling["extrapolation"]["best"]
+        out["scaling: best flat-out frames/s (replicas x classifier processes)"] = (
+            f"{best['sustained_fps']} ({best['replicas']} x {best['classifiers']})")
     return out
 
 

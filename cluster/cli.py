@@ -639,7 +639,8 @@ def _bench_part_in_child(ctx: typer.Context, part: str, quick: bool, out_dir: Pa
 @app.command()
 def bench(
     ctx: typer.Context,
-    what: Annotated[str, typer.Argument(help="all | model | serve | pipeline")] = "all",
+    what: Annotated[str, typer.Argument(
+        help="all | model | serve | pipeline | scaling")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     artifact: Annotated[Path | None, typer.Option(
@@ -656,12 +657,29 @@ def bench(
         min=1, help="model: training images for those (default 6000; --quick 2000).")] = None,
     test_limit: Annotated[int | None, typer.Option(
         min=1, help="model: test images for accuracy (default 2000; --quick 1000).")] = None,
+    replicas: Annotated[str, typer.Option(
+        help="scaling: comma-separated Serve replica counts.")] = "1,2",
+    classifiers: Annotated[str, typer.Option(
+        help="scaling: comma-separated classifier process counts (at most 4).")] = "1,2",
 ) -> None:
-    """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG)."""
+    """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
+
+    `all` runs model, serve and pipeline (and, without --quick, scaling)."""
     import time
 
-    if what not in ("all", "model", "serve", "pipeline"):
-        fail(f"unknown bench {what!r}; expected all, model, serve or pipeline", EXIT_USAGE)
+    if what not in ("all", "model", "serve", "pipeline", "scaling"):
+        fail(f"unknown bench {what!r}; expected all, model, serve, pipeline or scaling",
+             EXIT_USAGE)
+    counts: dict[str, list[int]] = {}
+    for name, text in (("replicas", replicas), ("classifiers", classifiers)):
+        try:
+            counts[name] = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            counts[name] = []
+        most = 4 if name == "classifiers" else 16
+        if not counts[name] or not all(1 <= v <= most for v in counts[name]):
+            fail(f"--{name}: expected comma-separated counts in 1..{most}, got {text!r}",
+                 EXIT_USAGE)
     from cluster import bench as benchmarks
     from cluster import stack
     from cluster.demo import SHIPPED_MODEL
@@ -699,19 +717,28 @@ def bench(
             fail(str(error))
         seconds["model"] = time.perf_counter() - clock
         written["model"] = write_model_outputs(out_dir, results["model"], command)
-    parts = [p for p in ("serve", "pipeline") if what in (p, "all")]
+    parts = [p for p in ("serve", "pipeline", "scaling")
+             if what == p or (what == "all" and (p != "scaling" or not quick))]
     if parts:
         was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
                   "ray": stack.local_ray_head(settings).info() is not None}
         try:
             with console.status("starting the embedded stack..."):
-                stack.up(settings, kafka="pipeline" in parts)
+                stack.up(settings, kafka=parts != ["serve"])
             for part in parts:
                 clock = time.perf_counter()
                 if what == "all":  # a process each: no Serve handle outlives its Ray session
                     results[part] = _bench_part_in_child(ctx, part, quick, out_dir, artifact)
                     written[part] = [out_dir / f"bench-{part}.{ext}"
                                      for ext in ("json", "md", "png")]
+                elif part == "scaling":
+                    from cluster.bench_scaling import bench_scaling, write_scaling_outputs
+
+                    console.rule(f"framecast bench scaling{' (quick)' if quick else ''}")
+                    results[part] = bench_scaling(
+                        settings, artifact or SHIPPED_MODEL, console, quick=quick,
+                        replicas=counts["replicas"], classifiers=counts["classifiers"])
+                    written[part] = write_scaling_outputs(out_dir, results[part], command)
                 else:
                     console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
                     run = benchmarks.bench_serve if part == "serve" else benchmarks.bench_pipeline

@@ -1,4 +1,4 @@
-"""`framecast bench model` and `framecast sweep`, run as a user would, on tiny synthetic data.
+"""`framecast bench model|scaling` and `framecast sweep`, run as a user would, on small data.
 
 The numbers are not checked (the machine is shared and noisy); what is checked is that
 every export and every sweep point is measured or says why not, and that the reports exist.
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.processes import free_port
 from jobs.variants import EXPORTS
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,34 @@ def test_sweep_quick_writes_a_pareto_report(tmp_path: Path) -> None:
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_scaling_quick_runs_classifier_processes_in_one_group(tmp_path: Path) -> None:
+    # Its own embedded stack (started and stopped by the command), two `stream run` processes.
+    out = tmp_path / "bench"
+    result = run_cli(
+        "bench", "scaling", "--quick", "--replicas", "1", "--classifiers", "2",
+        "--out", str(out), home=tmp_path / "home", timeout=900,
+        env={"FRAMECAST_KAFKA_LIBS": str(REPO / ".framecast" / "kafka" / "libs"),
+             "FRAMECAST_KAFKA_EMBEDDED_PORT": str(free_port()),
+             "FRAMECAST_RAY_GCS_PORT": str(free_port()),
+             "FRAMECAST_RAY_DASHBOARD_PORT": str(free_port()),
+             "FRAMECAST_SERVE_HTTP_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "bench-scaling.json").read_text())
+    (run,) = data["runs"]
+    assert (run["replicas"], run["classifiers"]) == (1, 2)
+    for mode in ("flat_out", "offered"):
+        measured = run[mode]
+        assert measured["labels"] == measured["frames"] > 0  # every frame labelled once
+        assert sum(measured["labelled_per_classifier"]) == measured["frames"]
+        assert len(measured["labelled_per_classifier"]) == 2
+        assert measured["sustained_fps"] > 0 and measured["p99_ms"] >= measured["p50_ms"] > 0
+    # The offered run had 8 cameras on 4 partitions: both members got partitions.
+    assert all(n > 0 for n in run["offered"]["labelled_per_classifier"])
+    assert data["extrapolation"]["replicas_needed"]["5000"] >= 1
+    assert "| 1 (1) | 2 |" in (out / "bench-scaling.md").read_text()
+    assert (out / "bench-scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     result = run_cli("sweep", "--model", "optimized_cnn", "--sparsities", "0.3",
                      "--out", str(tmp_path), home=tmp_path / "home")
@@ -73,3 +102,5 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown bench" in result.stderr
     result = run_cli("bench", "model", "--models", "resnet", home=tmp_path / "home")
     assert result.returncode == 2 and "resnet" in result.stderr
+    result = run_cli("bench", "scaling", "--classifiers", "1,9", home=tmp_path / "home")
+    assert result.returncode == 2 and "--classifiers" in result.stderr
