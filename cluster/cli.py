@@ -573,7 +573,7 @@ def stream_run(
 
     from cluster import stack
     from cluster.settings import describe_validation_error
-    from streams.classifier import ClassifierConfig, StreamClassifier
+    from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
     from streams.client import admin_client
     from streams.exceptions import StreamsError
     from streams.serve_client import serve_classify_fn
@@ -588,6 +588,7 @@ def stream_run(
             guarantee=guarantee, deadline_ms=deadline_ms, max_frames=max_frames,
             max_batch_frames=max_batch, max_batch_wait_ms=max_wait_ms, max_in_flight=in_flight,
             idle_exit_s=idle_exit_s, parquet_dir=parquet,
+            dlq_max_value_bytes=dlq_value_limit(topics.max_message_bytes),
             **({"consumer_id": consumer_id} if consumer_id else {}),
         )
     except ValidationError as error:

@@ -114,7 +114,7 @@ def run_demo(
     """Run the demo; returns the report (also written under HOME/reports/demo/)."""
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
-    from streams.classifier import ClassifierConfig, StreamClassifier
+    from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
     from streams.client import admin_client
     from streams.producers import produce_frames
     from streams.serve_client import serve_classify_fn
@@ -183,6 +183,7 @@ def run_demo(
                 dlq_topic=names["dlq"],
                 group=f"demo-{run_id}",
                 deadline_ms=deadline_ms,
+                dlq_max_value_bytes=dlq_value_limit(settings.topics.max_message_bytes),
                 max_batch_wait_ms=5,
                 latency_window_s=2.0,
             )

@@ -64,6 +64,17 @@ SEND_FAILURES = Counter(
 RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
 
 
+# The DLQ topic takes what the frames topic takes (8 MiB by default, TopicSettings); a DLQ
+# record adds headers to the original value, so values are copied up to that less 64 KiB.
+DLQ_HEADROOM_BYTES = 64 * 1024
+DLQ_MAX_VALUE_BYTES = 8 * 1024 * 1024 - DLQ_HEADROOM_BYTES
+
+
+def dlq_value_limit(max_message_bytes: int) -> int:
+    """The dlq_max_value_bytes that fits a DLQ topic of this max.message.bytes."""
+    return max(1, max_message_bytes - DLQ_HEADROOM_BYTES)
+
+
 class ClassifierConfig(BaseModel):
     """How the stream classifier consumes, batches, calls Serve and commits."""
 
@@ -101,6 +112,12 @@ class ClassifierConfig(BaseModel):
     parquet_dir: Path | None = Field(default=None, description="Also write Parquet files here.")
     topic_wait_s: PositiveFloat = Field(
         default=60.0, description="How long start-up waits for the frames topic to exist."
+    )
+    dlq_max_value_bytes: PositiveInt = Field(
+        default=DLQ_MAX_VALUE_BYTES,
+        description="Largest original value copied into a DLQ record. A larger one is left "
+        "out (header error.value_omitted = its size; source.* still point at it): a DLQ "
+        "record its topic refuses would block every commit behind it.",
     )
 
 
@@ -540,10 +557,12 @@ class StreamClassifier:
             ("source.partition", str(item.partition).encode()),
             ("source.offset", str(item.offset).encode()),
         ]
+        value = item.value or b""
+        if len(value) > self.config.dlq_max_value_bytes:
+            headers.append(("error.value_omitted", str(len(value)).encode()))
+            value = b""
         self.sent.append(
-            self.producer.send(
-                self.config.dlq_topic, key=item.key, value=item.value or b"", headers=headers
-            )
+            self.producer.send(self.config.dlq_topic, key=item.key, value=value, headers=headers)
         )
         self.totals["dlq"] += 1
         self.window.dlq += 1

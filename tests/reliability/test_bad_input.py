@@ -246,3 +246,58 @@ def test_bombs_and_oversized_frames_are_refused_before_decoding_with_bounded_mem
     # Decoding the first bomb alone would add 256 MB, the second 3.6 GB; the 9 MiB frame
     # itself passes through the replica as bytes (a few copies at most).
     assert growth_mb < 128, growth_mb
+
+
+def test_a_bad_frame_too_large_for_the_dlq_topic_goes_there_without_its_value(
+    kafka_settings: KafkaSettings, reliability_app: str, figures: Record
+) -> None:
+    """A frames topic that takes larger messages than its DLQ topic: the bad frame's DLQ
+    record would be refused, and with it every commit behind it (the classifier would re-read
+    it forever). Its value is left out instead, the headers still point at it."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from streams.classifier import dlq_value_limit
+    from streams.client import admin_client
+
+    config = topics(
+        kafka_settings, partitions=1, topic_config={"max.message.bytes": str(4 * 2**20)}
+    )
+    dlq_limit = 2**20  # the DLQ topic takes 1 MiB
+    with admin_client(kafka_settings) as admin:
+        admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC,
+                    config.dlq_topic,
+                    configs={"max.message.bytes": str(dlq_limit)},
+                )
+            ]
+        )
+    config = config.model_copy(update={"dlq_max_value_bytes": dlq_value_limit(dlq_limit)})
+    small = os.urandom(1000)
+    bad = {
+        # 2 MiB: under the replicas' 8 MiB frame limit, so it is decoded (and fails) there.
+        "2 MiB of random bytes as JPEG": (
+            _bare(b"\xff\xd8" + os.urandom(2 * 2**20), b"image/jpeg"),
+            "undecodable",
+        ),
+        "1000 random bytes as JPEG": (_bare(small, b"image/jpeg", 1), "undecodable"),
+    }
+    good, offsets = _send_interleaved(kafka_settings, config.frames_topic, bad)
+    totals = run_classifier(kafka_settings, config, reliability_app)
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(good)))
+    counts = tally(good, labels)
+    reasons = _check_dlq(kafka_settings, config.frames_topic, config.dlq_topic, offsets)
+    records = {
+        int(dict(r.headers)["source.offset"]): r
+        for r in read_topic(kafka_settings, config.dlq_topic, len(offsets))
+    }
+    big, little = sorted(offsets)
+    assert records[big].value == b""
+    assert dict(records[big].headers)["error.value_omitted"] == str(2 * 2**20 + 2).encode()
+    assert records[little].value == small  # a value that fits is copied, as always
+    assert "error.value_omitted" not in dict(records[little].headers)
+    figures(**counts, bad_messages=len(offsets), dlq_records=totals["dlq"], reasons=reasons,
+            dlq_value_omitted=1)
+    assert counts["losses"] == 0 and counts["duplicates"] == 0 and counts["unexpected"] == 0
+    assert totals["dlq"] == 2
