@@ -254,7 +254,11 @@ def _ray_init(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # With the dashboard (on 127.0.0.1 only): Ray Train V2's PlacementGroupCleaner asks
+        # the state API, which it serves, whether the controller lives; without it the
+        # cleaner cannot work and warns every second of the run.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
 
 
 def _progress_actor_class() -> Any:
