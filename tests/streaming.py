@@ -65,6 +65,20 @@ def topics(
     return config
 
 
+def set_max_message_bytes(kafka_settings: KafkaSettings, topic: str, max_bytes: int) -> None:
+    """Change a topic's max.message.bytes on the broker (takes effect for the next write)."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    with admin_client(kafka_settings) as admin:
+        admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(max_bytes)}
+                )
+            ]
+        )
+
+
 def producer(kafka_settings: KafkaSettings, **extra: Any) -> KafkaProducer:
     return KafkaProducer(**kafka_settings.client_config(), acks="all", **extra)
 

@@ -33,6 +33,7 @@ from tests.streaming import (
     read_topic,
     run_classifier,
     send_arrow_frames,
+    set_max_message_bytes,
     stream_run_argv,
     stream_run_env,
     topics,
@@ -326,21 +327,8 @@ def test_two_classifiers_in_one_group_share_the_partitions(
 def test_labels_the_brokers_refuse_are_never_committed_as_done(
     kafka_settings: KafkaSettings, stream_app: str
 ) -> None:
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    from streams.client import admin_client
-
     def labels_limit(max_bytes: int) -> None:
-        with admin_client(kafka_settings) as admin:
-            admin.alter_configs(
-                [
-                    ConfigResource(
-                        ConfigResourceType.TOPIC,
-                        config.labels_topic,
-                        configs={"max.message.bytes": str(max_bytes)},
-                    )
-                ]
-            )
+        set_max_message_bytes(kafka_settings, config.labels_topic, max_bytes)
 
     config = topics(kafka_settings, partitions=1).model_copy(update={"max_frames": 20})
     labels_limit(64)  # every label record (~600 bytes) is refused: MESSAGE_TOO_LARGE

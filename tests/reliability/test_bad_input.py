@@ -26,6 +26,7 @@ from tests.streaming import (
     producer,
     read_topic,
     run_classifier,
+    set_max_message_bytes,
     tally,
     topics,
 )
@@ -254,25 +255,13 @@ def test_a_bad_frame_too_large_for_the_dlq_topic_goes_there_without_its_value(
     """A frames topic that takes larger messages than its DLQ topic: the bad frame's DLQ
     record would be refused, and with it every commit behind it (the classifier would re-read
     it forever). Its value is left out instead, the headers still point at it."""
-    from kafka.admin import ConfigResource, ConfigResourceType
-
     from streams.classifier import dlq_value_limit
-    from streams.client import admin_client
 
     config = topics(
         kafka_settings, partitions=1, topic_config={"max.message.bytes": str(4 * 2**20)}
     )
     dlq_limit = 2**20  # the DLQ topic takes 1 MiB
-    with admin_client(kafka_settings) as admin:
-        admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC,
-                    config.dlq_topic,
-                    configs={"max.message.bytes": str(dlq_limit)},
-                )
-            ]
-        )
+    set_max_message_bytes(kafka_settings, config.dlq_topic, dlq_limit)
     config = config.model_copy(update={"dlq_max_value_bytes": dlq_value_limit(dlq_limit)})
     small = os.urandom(1000)
     bad = {
