@@ -181,7 +181,13 @@ def _require_java() -> str:
 
 def new_cluster_id() -> str:
     """A KRaft cluster id: a random UUID, base64url without padding, as kafka-storage makes."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # Like Kafka's own Uuid.randomUuid(), never starting with "-": kafka-storage's argument
+    # parser would read such an id as an option ("--cluster-id: expected one argument"),
+    # 1 time in 64.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class EmbeddedKafka:
