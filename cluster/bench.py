@@ -239,6 +239,29 @@ def _read_labels(
     return out
 
 
+def label_summary(labels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sustained frames/s and end-to-end percentiles of one run's labels, and where the time
+    goes (p50 of each part of the labels' timings, ms)."""
+    ok = [r for r in labels if r.get("status", "ok") == "ok"]
+    e2e = [r["timings_ms"]["end_to_end"] for r in ok]
+    # From the first frame's capture to the last frame's label: the pipeline's own wall time.
+    span = (
+        (max(r["labeled_at_ns"] for r in labels) - min(r["captured_at_ns"] for r in labels)) / 1e9
+        if labels else float("nan")
+    )
+    return {
+        "sustained_fps": round(len(labels) / span, 1) if span and span > 0 else None,
+        "p50_ms": _pct(e2e, 50),
+        "p95_ms": _pct(e2e, 95),
+        "p99_ms": _pct(e2e, 99),
+        "max_ms": round(max(e2e), 3) if e2e else None,
+        "p50_parts_ms": {
+            part: _pct([r["timings_ms"][part] for r in ok if part in r["timings_ms"]], 50)
+            for part in ("broker", "queue", "inference")
+        },
+    }
+
+
 def _pipeline_run(
     settings: FramecastSettings,
     bootstrap: str,
@@ -296,13 +319,6 @@ def _pipeline_run(
         labels = _read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
     finally:
         _drop_topics(settings, bootstrap, names)
-    ok = [r for r in labels if r.get("status", "ok") == "ok"]
-    e2e = [r["timings_ms"]["end_to_end"] for r in ok]
-    # From the first frame's capture to the last frame's label: the pipeline's own wall time.
-    span = (
-        (max(r["labeled_at_ns"] for r in labels) - min(r["captured_at_ns"] for r in labels)) / 1e9
-        if labels else float("nan")
-    )
     return {
         "classifier": classifier,
         "cameras": cameras,
@@ -311,16 +327,7 @@ def _pipeline_run(
         "frames": total,
         "labels": len(labels),
         "produce_fps": produced.get("fps"),
-        "sustained_fps": round(len(labels) / span, 1) if span and span > 0 else None,
-        "p50_ms": _pct(e2e, 50),
-        "p95_ms": _pct(e2e, 95),
-        "p99_ms": _pct(e2e, 99),
-        "max_ms": round(max(e2e), 3) if e2e else None,
-        # Where the time goes (p50 of each part of the label's timings, ms).
-        "p50_parts_ms": {
-            part: _pct([r["timings_ms"][part] for r in ok if part in r["timings_ms"]], 50)
-            for part in ("broker", "queue", "inference")
-        },
+        **label_summary(labels),
         "classifier_totals": outcome,
     }
 

@@ -25,7 +25,13 @@ from typing import Any
 from rich.console import Console
 
 from cluster import stack
-from cluster.bench import _drop_topics, _fresh_topics, _pct, _produce_in_subprocess, _read_labels
+from cluster.bench import (
+    _drop_topics,
+    _fresh_topics,
+    _produce_in_subprocess,
+    _read_labels,
+    label_summary,
+)
 from cluster.machine import describe, machine_line
 from cluster.settings import FramecastSettings
 
@@ -119,20 +125,12 @@ def _run(
                 child.kill()
                 child.wait(30)
         _drop_topics(settings, bootstrap, names)
-    ok = [r for r in labels if r.get("status", "ok") == "ok"]
-    e2e = [r["timings_ms"]["end_to_end"] for r in ok]
-    span = (
-        (max(r["labeled_at_ns"] for r in labels) - min(r["captured_at_ns"] for r in labels)) / 1e9
-        if labels else 0.0
-    )
     return {
         "offered_fps": cameras * fps if fps else None,
         "frames": total,
         "labels": len(labels),
         "produce_fps": produced.get("fps"),
-        "sustained_fps": round(len(labels) / span, 1) if span > 0 else None,
-        "p50_ms": _pct(e2e, 50),
-        "p99_ms": _pct(e2e, 99),
+        **label_summary(labels),
         "labelled_per_classifier": [t.get("labelled", 0) for t in totals],
     }
 

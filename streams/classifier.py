@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
-from streams.config import KafkaSettings
+from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import StreamsError
 from streams.labels import encode_label, label_record
 from streams.latency import LatencyWindow, encode_latency
@@ -64,15 +64,17 @@ SEND_FAILURES = Counter(
 RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
 
 
-# The DLQ topic takes what the frames topic takes (8 MiB by default, TopicSettings); a DLQ
+# The DLQ topic takes what the frames topic takes (TopicSettings.max_message_bytes); a DLQ
 # record adds headers to the original value, so values are copied up to that less 64 KiB.
 DLQ_HEADROOM_BYTES = 64 * 1024
-DLQ_MAX_VALUE_BYTES = 8 * 1024 * 1024 - DLQ_HEADROOM_BYTES
 
 
 def dlq_value_limit(max_message_bytes: int) -> int:
     """The dlq_max_value_bytes that fits a DLQ topic of this max.message.bytes."""
     return max(1, max_message_bytes - DLQ_HEADROOM_BYTES)
+
+
+DLQ_MAX_VALUE_BYTES = dlq_value_limit(TopicSettings.model_fields["max_message_bytes"].default)
 
 
 class ClassifierConfig(BaseModel):
