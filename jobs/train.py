@@ -290,7 +290,9 @@ def run_ray_training(config: TrainConfig,
     from ray.train.tensorflow import TensorflowTrainer
 
     _ray_init()
-    available = int(ray.cluster_resources().get("CPU", 1))
+    # The CPUs free now, not the cluster's total: Serve replicas or other jobs may hold some,
+    # and asking for more than is free would leave the run waiting for them forever.
+    available = int(ray.available_resources().get("CPU", 1))
     cpus = config.cpus_per_worker or max(1, available // config.workers)
     config = config.model_copy(update={"cpus_per_worker": cpus})
     resources: dict[str, float] = {"CPU": float(cpus)}

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,37 +22,19 @@ METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "laten
 
 
 @pytest.fixture(scope="module")
-def ray_two_cpus() -> Iterator[None]:
-    """An in-process local Ray instance with 2 CPUs for this module.
+def artifact(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Train 3 epochs on 2 workers with constant pruning; every worker fails once after epoch 1.
 
-    The session's driver connection (to the session head, where Serve keeps running) is
-    dropped for the module and restored after it: later tests deploy and classify through it.
+    It runs on the session Ray head through this process's driver connection (serve_port
+    makes it), beside the Serve apps of other modules: the driver is never dropped or
+    switched to another Ray instance (doing so once left later modules deploying to a stray
+    in-process Ray).
     """
-    import ray
-
-    saved_address = os.environ.pop("RAY_ADDRESS", None)  # our own instance, not a shared one
-    previous: tuple[str, str] | None = None
-    if ray.is_initialized():
-        context = ray.get_runtime_context()
-        previous = (context.gcs_address, context.namespace)
-        ray.shutdown()  # only this driver disconnects; the head's Serve apps stay up
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    if saved_address is not None:
-        os.environ["RAY_ADDRESS"] = saved_address
-    if previous is not None:
-        ray.init(address=previous[0], namespace=previous[1], log_to_driver=False)
-
-
-@pytest.fixture(scope="module")
-def artifact(ray_two_cpus: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Train 3 epochs on 2 workers with constant pruning; every worker fails once after epoch 1."""
     root = tmp_path_factory.mktemp("train")
     config = TrainConfig(
         model="optimized_cnn", dataset="synthetic", epochs=3, out=str(root / "artifact"),
-        limit=256, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
-        quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=1,
+        limit=256, test_limit=160, workers=2, cpus_per_worker=1, prune="constant",
+        target_sparsity=0.5, quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=1,
         storage_path=str(root / "ray"), augment=False,
     )
     epochs: list[dict] = []
