@@ -77,7 +77,13 @@ def baseline_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.M
 
 
 def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """framecast's CNN: narrow full-resolution convs, BatchNorm, GAP head; ~1/5 the MACs."""
+    """framecast's CNN: narrow full-resolution convs, BatchNorm, a flat head; ~1/5 the MACs.
+
+    The head flattens the last 7x7 map instead of averaging it away: where on the garment a
+    feature sits (sleeve, collar, hem) separates shirts from T-shirts and coats, and the
+    flat head costs 63 k MACs (0.3 %) more than global average pooling. The GAP head of the
+    first shipped model underfit (train 93.0 % vs validation 92.6 % at epoch 16).
+    """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
@@ -94,8 +100,8 @@ def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.
     x = conv_bn(x, 64, "conv4")
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = conv_bn(x, 128, "conv5")
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(0.2, name="drop")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dropout(0.3, name="drop")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="optimized_cnn")
 
@@ -121,6 +127,14 @@ def mobilenet_v2(input_shape: tuple[int, int, int], num_classes: int, alpha: flo
         input_tensor=x, input_shape=(size[0], size[1], 3), alpha=alpha, include_top=False,
         weights="imagenet" if weights == "imagenet" else None,
     )
+    if weights != "imagenet":
+        # Keras' MobileNetV2 keeps BatchNorm statistics with momentum 0.999, made for
+        # fine-tuning ImageNet weights. From scratch the moving averages lag the weights for
+        # thousands of steps and inference-mode accuracy stays at chance (10 % after 5
+        # Fashion-MNIST epochs while training accuracy was 83 %); 0.9 follows them.
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
     y = layers.GlobalAveragePooling2D(name="gap")(base.output)
     y = layers.Dropout(0.2, name="drop")(y)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(y)

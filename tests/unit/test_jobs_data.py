@@ -108,6 +108,10 @@ def test_models_build_with_expected_shapes_and_macs(tmp_path: Path) -> None:
     assert count_macs(optimized) * 4 < count_macs(baseline)
     mobilenet = build_model(ModelSpec("mobilenet_v2", alpha=0.35), (28, 28, 1), 10)
     assert mobilenet.output_shape == (None, 10)
+    # From scratch its BatchNorm statistics follow the weights (momentum 0.999 left
+    # inference-mode accuracy at chance after 5 full epochs).
+    norms = [lay for lay in mobilenet.layers if "BatchNormalization" in type(lay).__name__]
+    assert norms and {lay.momentum for lay in norms} == {0.9}
     weights = tmp_path / "mnv2.weights.h5"
     mobilenet.save_weights(str(weights))
     reloaded = build_model(ModelSpec("mobilenet_v2", alpha=0.35, weights=str(weights)),
