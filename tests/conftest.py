@@ -63,7 +63,9 @@ def local_ray_head(
     head = LocalRayHead(
         home,
         RaySettings(
-            gcs_port=free_port(), dashboard_port=free_port(), num_cpus=num_cpus,
+            gcs_port=free_port(),
+            dashboard_port=free_port(),
+            num_cpus=num_cpus,
             object_store_mb=256,
         ),
     )

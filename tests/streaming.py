@@ -241,6 +241,13 @@ def read_topic(
     return records
 
 
+def committed_offsets(kafka_settings: KafkaSettings, group: str) -> int:
+    """The sum of the offsets ``group`` has committed, over all its partitions."""
+    with admin_client(kafka_settings) as admin:
+        offsets = admin.list_group_offsets(group)[group]
+    return sum(max(0, meta.offset) for meta in offsets.values())
+
+
 def labels_of(records: list[Any]) -> list[LabelRecord]:
     return [LabelRecord.model_validate_json(r.value) for r in records]
 
@@ -329,19 +336,31 @@ def stream_run_argv(
     """`framecast stream run` for config's topics and group, as a separate process."""
     return [
         str(Path(sys.executable).parent / "framecast"),
-        "--home", str(home),
-        "--bootstrap-servers", str(kafka_settings.bootstrap_servers),
-        "--ray-address", ray_head.address,
-        "stream", "run",
-        "--frames", config.frames_topic,
-        "--labels", config.labels_topic,
-        "--latency", config.latency_topic,
-        "--dlq", config.dlq_topic,
-        "--group", config.group,
-        "--guarantee", config.guarantee,
-        "--app-name", app,
+        "--home",
+        str(home),
+        "--bootstrap-servers",
+        str(kafka_settings.bootstrap_servers),
+        "--ray-address",
+        ray_head.address,
+        "stream",
+        "run",
+        "--frames",
+        config.frames_topic,
+        "--labels",
+        config.labels_topic,
+        "--latency",
+        config.latency_topic,
+        "--dlq",
+        config.dlq_topic,
+        "--group",
+        config.group,
+        "--guarantee",
+        config.guarantee,
+        "--app-name",
+        app,
         *extra,
-        "--idle-exit-s", str(idle_exit_s),  # last: callers may swap the value
+        "--idle-exit-s",
+        str(idle_exit_s),  # last: callers may swap the value
     ]
 
 

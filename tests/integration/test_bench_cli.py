@@ -21,9 +21,24 @@ pytestmark = pytest.mark.slow
 def test_bench_model_quick_measures_every_export(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = run_cli(
-        "bench", "model", "--quick", "--dataset", "synthetic", "--models", "optimized_cnn",
-        "--epochs", "1", "--limit", "256", "--test-limit", "64", "--out", str(out),
-        home=tmp_path / "home", timeout=900)
+        "bench",
+        "model",
+        "--quick",
+        "--dataset",
+        "synthetic",
+        "--models",
+        "optimized_cnn",
+        "--epochs",
+        "1",
+        "--limit",
+        "256",
+        "--test-limit",
+        "64",
+        "--out",
+        str(out),
+        home=tmp_path / "home",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "bench-model.json").read_text())
     rows = {r["export"]: r for r in data["rows"]}
@@ -48,14 +63,35 @@ def test_bench_model_quick_measures_every_export(tmp_path: Path) -> None:
 def test_sweep_quick_writes_a_pareto_report(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = run_cli(
-        "sweep", "--model", "optimized_cnn", "--dataset", "synthetic", "--quick",
-        "--limit", "256", "--test-limit", "64", "--latency-samples", "10",
-        "--sparsities", "0,2:4", "--quants", "none,int8", "--out", str(out),
-        home=tmp_path / "home", timeout=900)
+        "sweep",
+        "--model",
+        "optimized_cnn",
+        "--dataset",
+        "synthetic",
+        "--quick",
+        "--limit",
+        "256",
+        "--test-limit",
+        "64",
+        "--latency-samples",
+        "10",
+        "--sparsities",
+        "0,2:4",
+        "--quants",
+        "none,int8",
+        "--out",
+        str(out),
+        home=tmp_path / "home",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "sweep.json").read_text())
     assert [(p["sparsity"], p["quantization"]) for p in data["points"]] == [
-        ("0", "none"), ("0", "int8"), ("2:4", "none"), ("2:4", "int8")]
+        ("0", "none"),
+        ("0", "int8"),
+        ("2:4", "none"),
+        ("2:4", "int8"),
+    ]
     assert all(not p.get("error") for p in data["points"])
     assert data["pareto"] and data["chosen"] in data["pareto"]
     assert [p["chosen"] for p in data["points"]].count(True) == 1
@@ -70,13 +106,25 @@ def test_bench_scaling_quick_runs_classifier_processes_in_one_group(tmp_path: Pa
     # Its own embedded stack (started and stopped by the command), two `stream run` processes.
     out = tmp_path / "bench"
     result = run_cli(
-        "bench", "scaling", "--quick", "--replicas", "1", "--classifiers", "2",
-        "--out", str(out), home=tmp_path / "home", timeout=900,
-        env={"FRAMECAST_KAFKA_LIBS": str(REPO / ".framecast" / "kafka" / "libs"),
-             "FRAMECAST_KAFKA_EMBEDDED_PORT": str(free_port()),
-             "FRAMECAST_RAY_GCS_PORT": str(free_port()),
-             "FRAMECAST_RAY_DASHBOARD_PORT": str(free_port()),
-             "FRAMECAST_SERVE_HTTP_PORT": str(free_port())})
+        "bench",
+        "scaling",
+        "--quick",
+        "--replicas",
+        "1",
+        "--classifiers",
+        "2",
+        "--out",
+        str(out),
+        home=tmp_path / "home",
+        timeout=900,
+        env={
+            "FRAMECAST_KAFKA_LIBS": str(REPO / ".framecast" / "kafka" / "libs"),
+            "FRAMECAST_KAFKA_EMBEDDED_PORT": str(free_port()),
+            "FRAMECAST_RAY_GCS_PORT": str(free_port()),
+            "FRAMECAST_RAY_DASHBOARD_PORT": str(free_port()),
+            "FRAMECAST_SERVE_HTTP_PORT": str(free_port()),
+        },
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "bench-scaling.json").read_text())
     (run,) = data["runs"]
@@ -95,8 +143,16 @@ def test_bench_scaling_quick_runs_classifier_processes_in_one_group(tmp_path: Pa
 
 
 def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
-    result = run_cli("sweep", "--model", "optimized_cnn", "--sparsities", "0.3",
-                     "--out", str(tmp_path), home=tmp_path / "home")
+    result = run_cli(
+        "sweep",
+        "--model",
+        "optimized_cnn",
+        "--sparsities",
+        "0.3",
+        "--out",
+        str(tmp_path),
+        home=tmp_path / "home",
+    )
     assert result.returncode == 2 and "--sparsities" in result.stderr
     result = run_cli("bench", "nonsense", home=tmp_path / "home")
     assert result.returncode == 2 and "unknown bench" in result.stderr

@@ -27,7 +27,10 @@ from tests.streaming import (
     IMAGES,
     LABELS,
     BackgroundClassifier,
+    Feeder,
+    LabelProbe,
     classifier,
+    committed_offsets,
     labels_of,
     producer,
     read_topic,
@@ -238,54 +241,50 @@ def test_frames_past_their_deadline_are_labelled_dropped_and_counted(
 def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
     kafka_settings: KafkaSettings, stream_app: str, ray_head: Any, tmp_path: Path
 ) -> None:
-    import threading
-
     config = topics(kafka_settings)
-    expected = [(f"cam-{s}", i) for i in range(1000) for s in range(3)]
-    # Frames keep arriving (3 x 100 fps for 10 s) while the first classifier is killed.
-    feeder = threading.Thread(
-        target=send_arrow_frames,
-        kwargs={
-            "kafka_settings": kafka_settings,
-            "topic": config.frames_topic,
-            "streams": 3,
-            "per_stream": 1000,
-            "fps": 100.0,
-        },
-    )
-    feeder.start()
     argv = stream_run_argv(
         kafka_settings, config, stream_app, ray_head, tmp_path, "--max-batch", "16"
     )
     env = stream_run_env()
+    # Frames keep arriving (3 x 100 fps for 10 s) while the first classifier is killed.
+    feeder = Feeder(kafka_settings, config.frames_topic, streams=3, per_stream=1000, fps=100.0)
+    probe = LabelProbe(kafka_settings, config.labels_topic)
     log = tmp_path / "first.log"
-    with log.open("wb") as log_handle:
-        # A long idle exit for the first one: on a loaded machine the feeder may take seconds
-        # to send its first frame, and this process must still be there to be killed.
-        first = subprocess.Popen(
-            [*argv[:-1], "60"], env=env, stdout=log_handle, stderr=subprocess.STDOUT
-        )
-        # Kill it hard as soon as labels flow: mid-stream, with uncommitted work in hand.
-        probe = KafkaConsumer(
-            config.labels_topic,
-            **kafka_settings.client_config(),
-            auto_offset_reset="earliest",
-            consumer_timeout_ms=200,
-        )
-        seen = 0
-        deadline = time.monotonic() + 180
-        while seen < 300 and time.monotonic() < deadline and first.poll() is None:
-            seen += len(list(probe))
+    try:
+        with log.open("wb") as log_handle:
+            # A long idle exit for the first one: it must still be there to be killed.
+            first = subprocess.Popen(
+                [*argv[:-1], "60"], env=env, stdout=log_handle, stderr=subprocess.STDOUT
+            )
+            try:
+                # Frames start once it consumes (its start-up takes seconds on a busy machine):
+                # no backlog, so the kill lands mid-stream with frames still to come.
+                assert wait_until(
+                    lambda: "stream classifier" in log.read_text() or first.poll() is not None,
+                    timeout=180,
+                ), "the classifier did not start"
+                feeder.start()
+                # Kill it hard once labels flow and it has committed some of them: mid-stream,
+                # with committed offsets to resume from and uncommitted work in hand.
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline and first.poll() is None:
+                    probe.wait_for(300, timeout_s=1)
+                    if probe.seen >= 300 and committed_offsets(kafka_settings, config.group) > 0:
+                        break
+                seen = probe.seen
+            finally:
+                first.send_signal(signal.SIGKILL)
+                first.wait(30)
+        expected = feeder.finish()
+    finally:
+        feeder.stop_event.set()
         probe.close()
-        first.send_signal(signal.SIGKILL)
-        first.wait(30)
-    feeder.join()
     assert seen >= 300, log.read_text()[-2000:]
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-3000:]
     labels = labels_of(read_topic(kafka_settings, config.labels_topic, len(expected)))
     got = {(lab.stream_id, lab.frame_index) for lab in labels}
-    assert got == set(expected)  # no frame lost
+    assert got == expected  # no frame lost
     resumed = json.loads(second.stdout.strip().splitlines()[-1])
     # resumed from the committed offsets
     assert 0 < resumed["labelled"] < len(expected), log.read_text()[-3000:]

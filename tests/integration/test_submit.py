@@ -56,11 +56,31 @@ def trained(
     home = tmp_path_factory.mktemp("submit-home")
     out = home / "artifact"
     result = run_cli(
-        "submit", "train", "--address", ray_head.dashboard_url,
-        "--model", "optimized_cnn", "--dataset", "synthetic", "--epochs", "1",
-        "--limit", "64", "--test-limit", "32", "--batch-size", "32", "--workers", "1",
-        "--quantize", "int8", "--out", str(out),
-        home=home, env=head_env, timeout=360,
+        "submit",
+        "train",
+        "--address",
+        ray_head.dashboard_url,
+        "--model",
+        "optimized_cnn",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--test-limit",
+        "32",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--quantize",
+        "int8",
+        "--out",
+        str(out),
+        home=home,
+        env=head_env,
+        timeout=360,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return home, out, result.stdout
@@ -108,8 +128,12 @@ def test_stop_ends_a_running_job(ray_head: RayHeadInfo, head_env: dict[str, str]
     )
     # No address recorded for this job: `submit stop` finds the cluster through RAY_ADDRESS.
     result = run_cli(
-        "submit", "stop", job_id, home=tmp_path,
-        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url}, timeout=120,
+        "submit",
+        "stop",
+        job_id,
+        home=tmp_path,
+        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url},
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "STOPPED" in result.stdout
@@ -120,10 +144,21 @@ def test_a_failing_training_job_is_reported_as_failed(
     ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
 ):
     result = run_cli(
-        "submit", "train", "--address", ray_head.dashboard_url,
-        "--model", "no_such_model", "--dataset", "synthetic", "--epochs", "1",
-        "--out", str(tmp_path / "never"),
-        home=tmp_path, env=head_env, timeout=180,
+        "submit",
+        "train",
+        "--address",
+        ray_head.dashboard_url,
+        "--model",
+        "no_such_model",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "never"),
+        home=tmp_path,
+        env=head_env,
+        timeout=180,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout
@@ -135,14 +170,24 @@ def test_unknown_job_and_bad_address_are_plain_errors(
     ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
 ):
     result = run_cli(
-        "submit", "status", "raysubmit_nope", home=tmp_path,
-        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url}, timeout=60,
+        "submit",
+        "status",
+        "raysubmit_nope",
+        home=tmp_path,
+        env={**head_env, "RAY_ADDRESS": ray_head.dashboard_url},
+        timeout=60,
     )
     assert result.returncode == 1
     assert "raysubmit_nope" in result.stderr
     result = run_cli(
-        "submit", "train", "--address", "ray://127.0.0.1:10001", "--out", "/tmp/x",
-        home=tmp_path, timeout=60,
+        "submit",
+        "train",
+        "--address",
+        "ray://127.0.0.1:10001",
+        "--out",
+        "/tmp/x",
+        home=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "dashboard" in result.stderr

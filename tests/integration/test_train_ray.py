@@ -16,9 +16,21 @@ from jobs.train import TrainConfig, train_artifact
 from serving.artifacts import ArtifactError, load_artifact
 
 FRAMECAST = Path(sys.executable).parent / "framecast"
-METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "latency_ms_p50",
-               "latency_ms_p99", "throughput_ips", "size_bytes", "gzip_bytes", "param_count",
-               "sparsity", "peak_rss_mb", "samples"}
+METRIC_KEYS = {
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "throughput_ips",
+    "size_bytes",
+    "gzip_bytes",
+    "param_count",
+    "sparsity",
+    "peak_rss_mb",
+    "samples",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +44,22 @@ def artifact(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple
     """
     root = tmp_path_factory.mktemp("train")
     config = TrainConfig(
-        model="optimized_cnn", dataset="synthetic", epochs=3, out=str(root / "artifact"),
-        limit=256, test_limit=160, workers=2, cpus_per_worker=1, prune="constant",
-        target_sparsity=0.5, quantize="int8", batch_size=32, max_failures=1, fail_after_epoch=1,
-        storage_path=str(root / "ray"), augment=False,
+        model="optimized_cnn",
+        dataset="synthetic",
+        epochs=3,
+        out=str(root / "artifact"),
+        limit=256,
+        test_limit=160,
+        workers=2,
+        cpus_per_worker=1,
+        prune="constant",
+        target_sparsity=0.5,
+        quantize="int8",
+        batch_size=32,
+        max_failures=1,
+        fail_after_epoch=1,
+        storage_path=str(root / "ray"),
+        augment=False,
     )
     epochs: list[dict] = []
     metrics = train_artifact(config, on_epoch=epochs.append)
@@ -61,8 +85,7 @@ def test_artifact_is_verified_pruned_and_int8(artifact: tuple[Path, dict]) -> No
     assert outcome["metrics"]["accuracy"] == metrics["accuracy"]
 
 
-def test_training_resumed_from_checkpoint_after_worker_failure(
-        artifact: tuple[Path, dict]) -> None:
+def test_training_resumed_from_checkpoint_after_worker_failure(artifact: tuple[Path, dict]) -> None:
     directory, outcome = artifact
     training = load_artifact(directory).manifest.training
     assert training.resumed_from_epoch == 1
@@ -72,13 +95,17 @@ def test_training_resumed_from_checkpoint_after_worker_failure(
     assert [int(r["epoch"]) for r in outcome["epochs"]] == [1, 2, 3]
 
 
-def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict],
-                                              tmp_path: Path) -> None:
+def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict], tmp_path: Path) -> None:
     directory, _ = artifact
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([str(FRAMECAST), "evaluate", str(directory), "--limit", "100",
-                           "--json"], capture_output=True, text=True, env=env, timeout=240,
-                          check=False)
+    done = subprocess.run(
+        [str(FRAMECAST), "evaluate", str(directory), "--limit", "100", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     assert set(metrics) >= METRIC_KEYS
@@ -93,23 +120,41 @@ def test_cli_evaluate_json_and_tamper_refusal(artifact: tuple[Path, dict],
     (tampered / "model.tflite").write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="sha256"):
         load_artifact(tampered)
-    done = subprocess.run([str(FRAMECAST), "evaluate", str(tampered), "--json"],
-                          capture_output=True, text=True, env=env, timeout=240, check=False)
+    done = subprocess.run(
+        [str(FRAMECAST), "evaluate", str(tampered), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 1
     assert "refusing to load" in done.stderr
     assert done.stdout == ""
 
 
 def test_an_artifact_exported_again_from_the_runs_last_checkpoint(
-        artifact: tuple[Path, dict], tmp_path: Path) -> None:
+    artifact: tuple[Path, dict], tmp_path: Path
+) -> None:
     directory, _ = artifact
-    runs = sorted(p for p in (directory.parent / "ray").glob("optimized_cnn-*/checkpoint_*")
-                  if p.is_dir())
+    runs = sorted(
+        p for p in (directory.parent / "ray").glob("optimized_cnn-*/checkpoint_*") if p.is_dir()
+    )
     assert runs, "the run kept no checkpoint"
     config = TrainConfig(
-        model="optimized_cnn", dataset="synthetic", epochs=3, out=str(tmp_path / "again"),
-        limit=256, test_limit=160, workers=2, prune="constant", target_sparsity=0.5,
-        quantize="int8", batch_size=32, augment=False, from_checkpoint=str(runs[-1]),
+        model="optimized_cnn",
+        dataset="synthetic",
+        epochs=3,
+        out=str(tmp_path / "again"),
+        limit=256,
+        test_limit=160,
+        workers=2,
+        prune="constant",
+        target_sparsity=0.5,
+        quantize="int8",
+        batch_size=32,
+        augment=False,
+        from_checkpoint=str(runs[-1]),
     )
     train_artifact(config)  # no Ray Train run: restore, strip, export, evaluate
     first, again = load_artifact(directory).manifest, load_artifact(tmp_path / "again").manifest

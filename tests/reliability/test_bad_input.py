@@ -58,9 +58,15 @@ def png_bomb(side: int, rows: int | None = None) -> bytes:
 def arrow_bomb(decoded_bytes: int) -> bytes:
     """One frame whose ZSTD-compressed Arrow buffers inflate to ``decoded_bytes`` of zeros."""
     columns: dict[str, list[Any]] = {
-        "stream_id": ["cam-bad"], "frame_index": [0], "captured_at_ns": [1],
-        "encoding": ["raw"], "height": [1], "width": [1], "channels": [1],
-        "data": [bytes(decoded_bytes)], "label": [None],
+        "stream_id": ["cam-bad"],
+        "frame_index": [0],
+        "captured_at_ns": [1],
+        "encoding": ["raw"],
+        "height": [1],
+        "width": [1],
+        "channels": [1],
+        "data": [bytes(decoded_bytes)],
+        "label": [None],
     }
     batch = pa.RecordBatch.from_pydict(columns, schema=FRAME_SCHEMA)
     sink = pa.BufferOutputStream()
@@ -117,8 +123,10 @@ def _raw_frame(height: int, width: int, data: bytes) -> bytes:
 MALFORMED: dict[str, tuple[dict[str, Any], str]] = {
     "random bytes as JPEG": (_bare(os.urandom(500), b"image/jpeg"), "undecodable"),
     "truncated JPEG": (_bare(_jpeg()[:300], b"image/jpeg"), "undecodable"),
-    "PNG bytes labelled JPEG": (_bare(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"image/jpeg"),
-                                "undecodable"),
+    "PNG bytes labelled JPEG": (
+        _bare(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"image/jpeg"),
+        "undecodable",
+    ),
     "wrong Arrow schema": ({"value": _wrong_schema(), "headers": ARROW}, "bad_arrow"),
     "garbage as Arrow": ({"value": os.urandom(200), "headers": ARROW}, "bad_arrow"),
     "empty value": ({"value": b"", "headers": [("content-type", b"image/png")]}, "empty_value"),
@@ -286,7 +294,12 @@ def test_a_bad_frame_too_large_for_the_dlq_topic_goes_there_without_its_value(
     assert dict(records[big].headers)["error.value_omitted"] == str(2 * 2**20 + 2).encode()
     assert records[little].value == small  # a value that fits is copied, as always
     assert "error.value_omitted" not in dict(records[little].headers)
-    figures(**counts, bad_messages=len(offsets), dlq_records=totals["dlq"], reasons=reasons,
-            dlq_value_omitted=1)
+    figures(
+        **counts,
+        bad_messages=len(offsets),
+        dlq_records=totals["dlq"],
+        reasons=reasons,
+        dlq_value_omitted=1,
+    )
     assert counts["losses"] == 0 and counts["duplicates"] == 0 and counts["unexpected"] == 0
     assert totals["dlq"] == 2

@@ -52,8 +52,14 @@ def test_broker_crash_and_restart_mid_stream_loses_nothing(
         return time.monotonic() - down_at
 
     run = stream_through_fault(
-        settings, config, reliability_app, crash_and_restart,
-        streams=2, per_stream=200, fps=20.0, fault_after=80,
+        settings,
+        config,
+        reliability_app,
+        crash_and_restart,
+        streams=2,
+        per_stream=200,
+        fps=20.0,
+        fault_after=80,
     )
     counts = run.counts
     figures(**counts, broker_down_s=round(run.outcome, 1), labelled=run.totals["labelled"])
@@ -102,8 +108,14 @@ def test_one_of_three_brokers_killed_mid_stream_loses_nothing(
         return leader
 
     run = stream_through_fault(
-        settings, config, reliability_app, kill_a_leader,
-        streams=3, per_stream=150, fps=15.0, fault_after=90,
+        settings,
+        config,
+        reliability_app,
+        kill_a_leader,
+        streams=3,
+        per_stream=150,
+        fps=15.0,
+        fault_after=90,
     )
     counts = run.counts
     figures(guarantee=guarantee, **counts, killed_node=run.outcome, labelled=run.totals["labelled"])

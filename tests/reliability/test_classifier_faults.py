@@ -49,9 +49,15 @@ def test_classifier_sigkilled_before_commit_resumes_from_committed_offsets(
 ) -> None:
     config = topics(kafka_settings, partitions=2).model_copy(update={"guarantee": guarantee})
     argv = stream_run_argv(
-        kafka_settings, config, reliability_app, ray_head, tmp_path,
-        "--consumer-id", "killed-then-restarted",  # exactly-once: the restart fences the zombie
-        "--max-batch", "16",
+        kafka_settings,
+        config,
+        reliability_app,
+        ray_head,
+        tmp_path,
+        "--consumer-id",
+        "killed-then-restarted",  # exactly-once: the restart fences the zombie
+        "--max-batch",
+        "16",
     )
     probe = LabelProbe(kafka_settings, config.labels_topic)
     feeder = Feeder(kafka_settings, config.frames_topic, streams=2, per_stream=250, fps=25.0)
@@ -89,8 +95,10 @@ def test_classifier_sigkilled_before_commit_resumes_from_committed_offsets(
     )
     counts = tally(expected, labels)
     figures(
-        guarantee=guarantee, **counts, labelled_before_kill=seen, labelled_after_restart=
-        resumed["labelled"],
+        guarantee=guarantee,
+        **counts,
+        labelled_before_kill=seen,
+        labelled_after_restart=resumed["labelled"],
     )
     assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
     assert 0 < resumed["labelled"] < len(expected), "did not resume from the committed offsets"

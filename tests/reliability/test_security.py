@@ -129,8 +129,9 @@ def test_frames_flow_through_sasl_ssl_with_framecast_settings(
 def test_plaintext_and_anonymous_clients_are_not_let_in(
     secure_broker: EmbeddedKafka, tls: ThrowawayCA
 ) -> None:
-    plaintext = KafkaSettings(bootstrap_servers=secure_broker.bootstrap_servers,
-                              request_timeout_ms=5000)
+    plaintext = KafkaSettings(
+        bootstrap_servers=secure_broker.bootstrap_servers, request_timeout_ms=5000
+    )
     with pytest.raises(KafkaConnectionError), admin_client(plaintext):
         pass
     # TLS but no SASL: the broker requires the SASL handshake.
@@ -155,7 +156,11 @@ def test_wrong_credentials_fail_with_a_clear_error_that_keeps_the_secret(
     assert USER in str(err.value) and wrong not in str(err.value)
     # The CLI: exit 1 and the same plain message, no traceback, no secret.
     result = run_cli(
-        "-v", "topics", "list", home=tmp_path, env=secure_env(secure_broker, tls, wrong),
+        "-v",
+        "topics",
+        "list",
+        home=tmp_path,
+        env=secure_env(secure_broker, tls, wrong),
         timeout=120,
     )
     assert result.returncode == 1, result.stdout + result.stderr
@@ -168,7 +173,12 @@ def test_status_json_reports_a_healthy_secure_broker_without_secrets(
     secure_broker: EmbeddedKafka, tls: ThrowawayCA, tmp_path: Path
 ) -> None:
     result = run_cli(
-        "-v", "status", "--json", home=tmp_path, env=secure_env(secure_broker, tls), timeout=180,
+        "-v",
+        "status",
+        "--json",
+        home=tmp_path,
+        env=secure_env(secure_broker, tls),
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_no_secret(result.stdout, "status --json")

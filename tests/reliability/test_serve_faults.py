@@ -71,12 +71,20 @@ def test_replica_killed_mid_stream_loses_no_frame(
         return killed
 
     run = stream_through_fault(
-        kafka_settings, config, reliability_app, crash_replica,
-        streams=2, per_stream=150, fps=25.0, fault_after=60,
+        kafka_settings,
+        config,
+        reliability_app,
+        crash_replica,
+        streams=2,
+        per_stream=150,
+        fps=25.0,
+        fault_after=60,
     )
     counts = run.counts
     figures(
-        guarantee=guarantee, **counts, replicas_killed=len(run.outcome),
+        guarantee=guarantee,
+        **counts,
+        replicas_killed=len(run.outcome),
         retries=retries_since(before),
     )
     assert counts["losses"] == 0 and counts["unexpected"] == 0, counts
@@ -109,7 +117,10 @@ def test_saturated_serve_pauses_and_retries_with_bounded_memory(
 
     config = topics(kafka_settings, partitions=4).model_copy(
         update={
-            "max_batch_frames": 8, "max_batch_wait_ms": 0, "max_in_flight": 4, "idle_exit_s": None
+            "max_batch_frames": 8,
+            "max_batch_wait_ms": 0,
+            "max_in_flight": 4,
+            "idle_exit_s": None,
         }
     )
     probe = LabelProbe(kafka_settings, config.labels_topic)
@@ -226,9 +237,7 @@ def test_tampered_or_incomplete_artifacts_are_refused_and_the_live_app_keeps_ser
             load_artifact(bad)
         # A hot swap of the live app to the bad artifact is refused before Serve hears of it.
         with pytest.raises(ArtifactError):
-            deploy(
-                bad, reliability_settings(serve_port), address=None, namespace="framecast-tests"
-            )
+            deploy(bad, reliability_settings(serve_port), address=None, namespace="framecast-tests")
         refused[how] = str(excinfo.value).split(": ", 1)[-1][:80]
     after = serve.status().applications[reliability_app]
     assert str(after.status) == str(live.status)
@@ -253,7 +262,10 @@ def test_hot_swap_under_stream_load_loses_nothing(
 
     def swap(probe: LabelProbe, feeder: Feeder) -> None:
         deploy(
-            v2, reliability_settings(serve_port), address=None, namespace="framecast-tests",
+            v2,
+            reliability_settings(serve_port),
+            address=None,
+            namespace="framecast-tests",
             timeout_s=240,
         )
         probe.wait_for(probe.seen + 100)  # v2 labels flow, then the feed ends
@@ -261,8 +273,14 @@ def test_hot_swap_under_stream_load_loses_nothing(
 
     # Frames flow until well after the swap: the feeder is stopped once v2 labels flow.
     run = stream_through_fault(
-        kafka_settings, config, reliability_app, swap,
-        streams=2, per_stream=2000, fps=25.0, fault_after=60,
+        kafka_settings,
+        config,
+        reliability_app,
+        swap,
+        streams=2,
+        per_stream=2000,
+        fps=25.0,
+        fault_after=60,
     )
     versions = [lab.model["version"] for lab in run.labels if lab.model]
     by_version = {v: versions.count(v) for v in sorted(set(versions))}

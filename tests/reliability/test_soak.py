@@ -69,8 +69,16 @@ def test_soak_with_periodic_faults(
 
     def argv(name: str) -> list[str]:
         return stream_run_argv(
-            settings, config, reliability_app, ray_head, tmp_path / name,
-            "--consumer-id", name, "--max-batch", "32", idle_exit_s=20.0,
+            settings,
+            config,
+            reliability_app,
+            ray_head,
+            tmp_path / name,
+            "--consumer-id",
+            name,
+            "--max-batch",
+            "32",
+            idle_exit_s=20.0,
         )
 
     feeder = Feeder(

@@ -53,14 +53,22 @@ def test_cpuinfo_without_mhz_takes_the_clock_from_the_model_name() -> None:
 
 
 def test_machine_line_names_the_isa_features_gpu_and_load() -> None:
-    info = {"model": "AMD EPYC", "mhz": 2445.4, "cores": 2, "flags": ["avx2", "fma"],
-            "gpus": [], "loadavg": [1.5, 2.0, 2.25], "date": "2026-11-24 10:00 UTC"}
+    info = {
+        "model": "AMD EPYC",
+        "mhz": 2445.4,
+        "cores": 2,
+        "flags": ["avx2", "fma"],
+        "gpus": [],
+        "loadavg": [1.5, 2.0, 2.25],
+        "date": "2026-11-24 10:00 UTC",
+    }
     line = machine_line(info)
     assert line.startswith("AMD EPYC @ 2.45 GHz, 2 cores")
     assert "AVX-512 no, VNNI no, AMX no" in line
     assert "no GPU" in line and "1.50/2.00/2.25" in line
-    amx = machine_line({**info, "flags": ["avx512f", "avx512_vnni", "amx_int8"],
-                        "gpus": ["GPU 0: NVIDIA H100"]})
+    amx = machine_line(
+        {**info, "flags": ["avx512f", "avx512_vnni", "amx_int8"], "gpus": ["GPU 0: NVIDIA H100"]}
+    )
     assert "AVX-512 yes, VNNI yes, AMX yes" in amx and "NVIDIA H100" in amx
 
 
@@ -100,8 +108,13 @@ def test_peak_rate_and_efficiency_arithmetic() -> None:
 
 def test_efficiency_of_a_row_uses_int8_peak_for_int8_exports() -> None:
     info = {"model": "x", "logical_cpus": 2, "mhz": 2500.0, "flags": ["avx2", "fma"]}
-    float_row = {"model": "m", "export": "litert-float32", "latency_ms_p50": 1.0,
-                 "throughput_ips": 2000.0, "throughput_threads": 2}
+    float_row = {
+        "model": "m",
+        "export": "litert-float32",
+        "latency_ms_p50": 1.0,
+        "throughput_ips": 2000.0,
+        "throughput_threads": 2,
+    }
     int8_row = {**float_row, "export": "litert-int8"}
     add_efficiency(float_row, 20_000_000, info)
     add_efficiency(int8_row, 20_000_000, info)
@@ -115,14 +128,38 @@ def test_efficiency_of_a_row_uses_int8_peak_for_int8_exports() -> None:
 
 def test_summary_picks_winners_and_ratios() -> None:
     rows = [
-        {"model": "m", "export": "keras", "latency_ms_p50": 30.0, "throughput_ips": 100.0,
-         "gzip_bytes": 500, "accuracy": 0.9},
-        {"model": "m", "export": "litert-float32", "latency_ms_p50": 0.5,
-         "throughput_ips": 2000.0, "gzip_bytes": 450, "accuracy": 0.9},
-        {"model": "m", "export": "litert-int8", "latency_ms_p50": 0.3,
-         "throughput_ips": 3000.0, "gzip_bytes": 120, "accuracy": 0.91},
-        {"model": "m", "export": "onnxruntime", "latency_ms_p50": 0.6,
-         "throughput_ips": 1500.0, "gzip_bytes": 460, "accuracy": 0.9},
+        {
+            "model": "m",
+            "export": "keras",
+            "latency_ms_p50": 30.0,
+            "throughput_ips": 100.0,
+            "gzip_bytes": 500,
+            "accuracy": 0.9,
+        },
+        {
+            "model": "m",
+            "export": "litert-float32",
+            "latency_ms_p50": 0.5,
+            "throughput_ips": 2000.0,
+            "gzip_bytes": 450,
+            "accuracy": 0.9,
+        },
+        {
+            "model": "m",
+            "export": "litert-int8",
+            "latency_ms_p50": 0.3,
+            "throughput_ips": 3000.0,
+            "gzip_bytes": 120,
+            "accuracy": 0.91,
+        },
+        {
+            "model": "m",
+            "export": "onnxruntime",
+            "latency_ms_p50": 0.6,
+            "throughput_ips": 1500.0,
+            "gzip_bytes": 460,
+            "accuracy": 0.9,
+        },
         {"model": "m", "export": "saved_model", "error": "boom"},
     ]
     s = summarize(rows)["m"]
@@ -171,22 +208,57 @@ def test_sweep_markdown_marks_the_front_and_the_choice(tmp_path: Path) -> None:
     from jobs.sweep import SweepOptions, plot_sweep
 
     points = [
-        _p(0.92, 2.0, 500, sparsity="0", quantization="none", measured_sparsity=0.0,
-           f1_macro=0.9, latency_ms_p99=3.0, size_bytes=600),
-        _p(0.915, 1.0, 150, sparsity="0.5", quantization="int8", measured_sparsity=0.5,
-           f1_macro=0.9, latency_ms_p99=2.0, size_bytes=200),
-        {"sparsity": "0", "quantization": "qat-int8", "measured_sparsity": 0.0,
-         "error": "tfmot cannot"},
+        _p(
+            0.92,
+            2.0,
+            500,
+            sparsity="0",
+            quantization="none",
+            measured_sparsity=0.0,
+            f1_macro=0.9,
+            latency_ms_p99=3.0,
+            size_bytes=600,
+        ),
+        _p(
+            0.915,
+            1.0,
+            150,
+            sparsity="0.5",
+            quantization="int8",
+            measured_sparsity=0.5,
+            f1_macro=0.9,
+            latency_ms_p99=2.0,
+            size_bytes=200,
+        ),
+        {
+            "sparsity": "0",
+            "quantization": "qat-int8",
+            "measured_sparsity": 0.0,
+            "error": "tfmot cannot",
+        },
     ]
     front = pareto_front(points)
     chosen = choose_operating_point(points, front, 1.0)
     for i, p in enumerate(points):
         p["pareto"], p["chosen"] = i in front, i == chosen
-    results = {"options": vars(SweepOptions(model="optimized_cnn")), "points": points,
-               "pareto": front, "chosen": chosen, "train_images": 10, "test_images": 5,
-               "wall_seconds": 1.0, "loadavg_after": [1.0, 1.0, 1.0],
-               "machine": {"model": "cpu", "cores": 2, "flags": [], "gpus": [],
-                           "loadavg": [1.0, 1.0, 1.0], "date": "today"}}
+    results = {
+        "options": vars(SweepOptions(model="optimized_cnn")),
+        "points": points,
+        "pareto": front,
+        "chosen": chosen,
+        "train_images": 10,
+        "test_images": 5,
+        "wall_seconds": 1.0,
+        "loadavg_after": [1.0, 1.0, 1.0],
+        "machine": {
+            "model": "cpu",
+            "cores": 2,
+            "flags": [],
+            "gpus": [],
+            "loadavg": [1.0, 1.0, 1.0],
+            "date": "today",
+        },
+    }
     text = sweep_markdown(results, "framecast sweep --model optimized_cnn")
     assert "| 0.5 | 0.500 | int8 | 91.50 |" in text and "**chosen**" in text
     assert "error: tfmot cannot" in text

@@ -197,8 +197,21 @@ def _assert_train_flags_exist(args: list[str]) -> None:
 def test_split_submit_args_separates_submission_flags_from_train_flags():
     options = submit.split_submit_args(
         "127.0.0.1:8265",
-        ["--model", "optimized_cnn", "--pip=none", "--env", "A=1", "--no-follow",
-         "--submission-id", "run-1", "--epochs", "2", "--", "--pip", "x"],
+        [
+            "--model",
+            "optimized_cnn",
+            "--pip=none",
+            "--env",
+            "A=1",
+            "--no-follow",
+            "--submission-id",
+            "run-1",
+            "--epochs",
+            "2",
+            "--",
+            "--pip",
+            "x",
+        ],
     )
     assert options.address == "http://127.0.0.1:8265"
     assert options.pip == "none"
@@ -210,8 +223,11 @@ def test_split_submit_args_separates_submission_flags_from_train_flags():
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--env", "novalue"], "KEY=VALUE"), (["--pip"], "needs a value"),
-     (["--entrypoint-num-cpus", "many"], "not a number")],
+    [
+        (["--env", "novalue"], "KEY=VALUE"),
+        (["--pip"], "needs a value"),
+        (["--entrypoint-num-cpus", "many"], "not a number"),
+    ],
 )
 def test_split_submit_args_rejects_bad_flags(args: list[str], message: str):
     with pytest.raises(submit.SubmitError, match=message):
@@ -227,7 +243,11 @@ def test_normalize_address_refuses_non_http(address: str):
 def test_relative_out_is_made_absolute_locally_and_refused_remotely(tmp_path: Path):
     local = submit.SubmitOptions("http://127.0.0.1:8265", ["--out", "art", "--epochs", "1"])
     assert submit.prepare_train_args(local, cwd=tmp_path) == [
-        "--out", str(tmp_path / "art"), "--epochs", "1"]
+        "--out",
+        str(tmp_path / "art"),
+        "--epochs",
+        "1",
+    ]
     remote = submit.SubmitOptions("http://ray-head.example:8265", ["--out=art"])
     with pytest.raises(submit.SubmitError, match="relative"):
         submit.prepare_train_args(remote)
@@ -291,8 +311,10 @@ def test_job_book_remembers_where_each_job_went(tmp_path: Path):
     book.record("raysubmit_1", {"address": "http://10.0.0.1:8265", "artifact": "/a"})
     assert book.address_of("raysubmit_1") == "http://10.0.0.1:8265"
     assert submit.resolve_address("raysubmit_1", book, ["http://other:1"]) == (
-        "http://10.0.0.1:8265")
+        "http://10.0.0.1:8265"
+    )
     assert submit.resolve_address("raysubmit_2", book, [None, "127.0.0.1:6379", "http://h:2"]) == (
-        "http://h:2")
+        "http://h:2"
+    )
     with pytest.raises(submit.SubmitError, match="RAY_ADDRESS"):
         submit.resolve_address("raysubmit_3", book, [None, "10.0.0.1:6379"])

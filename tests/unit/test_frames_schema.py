@@ -75,8 +75,14 @@ def test_compressed_frames_within_the_limit_decode(codec: str) -> None:
 @pytest.mark.parametrize("codec", ["zstd", "lz4"])
 def test_a_compressed_arrow_bomb_is_refused_before_inflating(codec: str) -> None:
     bomb = FrameRecord(
-        stream_id="cam-1", frame_index=0, captured_at_ns=1, encoding="raw",
-        height=2048, width=4096, channels=1, data=bytes(8 * 2**20),
+        stream_id="cam-1",
+        frame_index=0,
+        captured_at_ns=1,
+        encoding="raw",
+        height=2048,
+        width=4096,
+        channels=1,
+        data=bytes(8 * 2**20),
     )
     payload = _compressed([bomb], codec)
     assert len(payload) < 2**20  # 8 MiB of zeros in well under 1 MiB on the wire

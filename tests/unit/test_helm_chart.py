@@ -95,8 +95,9 @@ def test_kubeconform_catches_a_broken_render(
 ):
     docs = _docs(rendered, "values.yaml")
     deployment = _kind(docs, "Deployment")[0]
-    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"][
-        "commandd"] = ["true"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["commandd"] = [
+        "true"
+    ]
     target = tmp_path / "broken.yaml"
     target.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
     with pytest.raises(k8s.ToolError, match="commandd"):
@@ -133,9 +134,7 @@ def test_bad_values_are_refused(built_tools: k8s.Tools, sets: list[str], message
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_no_ray_port_is_reachable_from_outside_the_cluster(
-    rendered: dict[str, Path], variant: str
-):
+def test_no_ray_port_is_reachable_from_outside_the_cluster(rendered: dict[str, Path], variant: str):
     docs = _docs(rendered, variant)
     assert not _kind(docs, "Ingress") and not _kind(docs, "Route")
     for service in _kind(docs, "Service"):
@@ -178,12 +177,14 @@ def test_network_policy_admits_ray_ports_only_from_ray_and_the_operator(
         elif ports & {8265, 52365}:
             (source,) = sources
             assert source["namespaceSelector"]["matchLabels"] == {
-                "kubernetes.io/metadata.name": "kuberay-system"}
+                "kubernetes.io/metadata.name": "kuberay-system"
+            }
         elif 10001 in ports:  # Ray Client: only this release's stream classifiers
             (source,) = sources
             assert "namespaceSelector" not in source
             assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
-                "stream-classifier")
+                "stream-classifier"
+            )
             assert ports == {10001, 8000}
         else:
             assert ports <= {8000, 8080}
@@ -219,8 +220,16 @@ def test_no_secret_in_values_or_manifests(rendered: dict[str, Path], variant: st
     assert not any("-----BEGIN" in str(v) for v in scalars)
 
 
-FORBIDDEN_VALUE_KEYS = {"password", "sasl_password", "username", "sasl_username", "token",
-                        "auth_token", "ssl_password", "private_key"}
+FORBIDDEN_VALUE_KEYS = {
+    "password",
+    "sasl_password",
+    "username",
+    "sasl_username",
+    "token",
+    "auth_token",
+    "ssl_password",
+    "private_key",
+}
 
 
 def _walk(node: Any) -> tuple[set[str], list[Any]]:
@@ -339,8 +348,9 @@ def test_gpu_values_give_serve_a_gpu_worker_group_and_keda_on_lag(rendered: dict
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["consumerGroup"] == "framecast"
     assert trigger["metadata"]["bootstrapServersFromEnv"] == "FRAMECAST_KAFKA_BOOTSTRAP_SERVERS"
-    assert scaled["spec"]["scaleTargetRef"]["name"] == _kind(docs, "Deployment")[0]["metadata"][
-        "name"]
+    assert (
+        scaled["spec"]["scaleTargetRef"]["name"] == _kind(docs, "Deployment")[0]["metadata"]["name"]
+    )
     assert not _kind(docs, "HorizontalPodAutoscaler")
     (monitor,) = _kind(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -383,8 +393,10 @@ def test_train_values_add_a_rayjob_that_runs_framecast_train(rendered: dict[str,
     assert config["applications"][0]["args"]["artifact_dir"] == "/mnt/artifacts/optimized_cnn-v2"
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers[0]["groupName"] == "gpu"
-    assert workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"][
-        "nvidia.com/gpu"] == "1"
+    assert (
+        workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        == "1"
+    )
     assert not _kind(docs, "Deployment")
 
 
@@ -399,8 +411,12 @@ def test_the_classifier_env_is_understood_by_framecast_settings(
         monkeypatch.delenv(key)
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
-    secret = {"bootstrap_servers": "b-1:9096,b-2:9096", "sasl_username": "fc",
-              "sasl_password": "pw", "auth_token": "tok"}
+    secret = {
+        "bootstrap_servers": "b-1:9096,b-2:9096",
+        "sasl_username": "fc",
+        "sasl_password": "pw",
+        "auth_token": "tok",
+    }
     for env in container["env"]:
         if "value" in env:
             value = env["value"]

@@ -21,10 +21,14 @@ from serving.artifacts import (
 def _manifest() -> ArtifactManifest:
     now = datetime.now(UTC)
     return ArtifactManifest(
-        name="test", version="1", model="optimized_cnn", classes=["a", "b"],
+        name="test",
+        version="1",
+        model="optimized_cnn",
+        classes=["a", "b"],
         input=InputSpec(shape=[-1, 28, 28, 1], dtype="int8", scale=1 / 255, zero_point=-128),
-        training=Training(dataset="synthetic", epochs=1, workers=2, seed=0,
-                          started_at=now, finished_at=now),
+        training=Training(
+            dataset="synthetic", epochs=1, workers=2, seed=0, started_at=now, finished_at=now
+        ),
     )
 
 
@@ -42,8 +46,12 @@ def artifact(tmp_path: Path) -> Path:
 
 def test_manifest_lists_every_file_with_sha256(artifact: Path) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.tflite", "metrics.json", "saved_model/saved_model.pb",
-                                      "saved_model/variables/variables.index"}
+    assert set(manifest["files"]) == {
+        "model.tflite",
+        "metrics.json",
+        "saved_model/saved_model.pb",
+        "saved_model/variables/variables.index",
+    }
     assert manifest["files"]["model.tflite"]["bytes"] == 1300
     loaded = load_artifact(artifact)
     assert loaded.tflite_path == artifact.resolve() / "model.tflite"

@@ -37,8 +37,9 @@ def test_unknown_and_missing_datasets_give_clear_errors(tmp_path: Path) -> None:
         load_dataset("synthetic", limit=0)
 
 
-def test_fashion_mnist_missing_files_is_a_dataset_error(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
+def test_fashion_mnist_missing_files_is_a_dataset_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import serving.idx
 
     monkeypatch.setattr(serving.idx, "search_dirs", lambda data_dir=None: [tmp_path])
@@ -92,8 +93,9 @@ def test_pipeline_normalizes_and_augments() -> None:
     assert images.min() >= 0.0 and images.max() <= 1.0
     np.testing.assert_allclose(images, x[:16] / 255.0, atol=1e-6)
     assert labels.tolist() == y[:16].tolist()
-    augmented = next(iter(make_tf_dataset(x, y, 64, training=True, seed=0,
-                                          aug=Augmentation())))[0].numpy()
+    augmented = next(iter(make_tf_dataset(x, y, 64, training=True, seed=0, aug=Augmentation())))[
+        0
+    ].numpy()
     assert augmented.shape == (64, 28, 28, 1)
     assert augmented.min() >= 0.0 and augmented.max() <= 1.0 + 1e-6
 
@@ -114,8 +116,9 @@ def test_models_build_with_expected_shapes_and_macs(tmp_path: Path) -> None:
     assert norms and {lay.momentum for lay in norms} == {0.9}
     weights = tmp_path / "mnv2.weights.h5"
     mobilenet.save_weights(str(weights))
-    reloaded = build_model(ModelSpec("mobilenet_v2", alpha=0.35, weights=str(weights)),
-                           (28, 28, 1), 10)
+    reloaded = build_model(
+        ModelSpec("mobilenet_v2", alpha=0.35, weights=str(weights)), (28, 28, 1), 10
+    )
     first = mobilenet.get_layer("Conv1").kernel.numpy()
     np.testing.assert_array_equal(reloaded.get_layer("Conv1").kernel.numpy(), first)
 

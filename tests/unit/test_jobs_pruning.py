@@ -31,10 +31,17 @@ def _train_pruned(schedule: str, target: float) -> tuple[Any, Any, list[str], An
     steps = -(-len(data.y_train) // BATCH)
     plan = plan_pruning(schedule, target, steps, EPOCHS)
     model = apply_pruning(build_model(ModelSpec("optimized_cnn"), data.input_shape, 10), plan)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(make_tf_dataset(data.x_train, data.y_train, BATCH, training=True, seed=0),
-              epochs=EPOCHS, callbacks=pruning_callbacks(plan), verbose=0)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(
+        make_tf_dataset(data.x_train, data.y_train, BATCH, training=True, seed=0),
+        epochs=EPOCHS,
+        callbacks=pruning_callbacks(plan),
+        verbose=0,
+    )
     layers = pruned_layer_names(model)
     return strip(model), plan, layers, data
 
@@ -102,8 +109,9 @@ def test_bad_pruning_options_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("mode", ["float16", "dynamic"])
-def test_float16_and_dynamic_exports_run_and_agree(polynomial: Any, mode: str,
-                                                   tmp_path: Any) -> None:
+def test_float16_and_dynamic_exports_run_and_agree(
+    polynomial: Any, mode: str, tmp_path: Any
+) -> None:
     from jobs.evaluate import LiteRTRunner
 
     model, _, _, data = polynomial
@@ -123,8 +131,14 @@ def test_pruning_preserving_qat_keeps_sparsity_and_exports_int8(polynomial: Any)
 
     model, _, _, data = polynomial
     qat_model, history = finetune_quantization_aware(
-        model, data.x_train, data.y_train, epochs=1, batch_size=BATCH, learning_rate=3e-3,
-        preserve_sparsity=True, seed=0,
+        model,
+        data.x_train,
+        data.y_train,
+        epochs=1,
+        batch_size=BATCH,
+        learning_rate=3e-3,
+        preserve_sparsity=True,
+        seed=0,
     )
     assert len(history) == 1 and "accuracy" in history[0]
     assert any("quant" in layer.name for layer in qat_model.layers)  # fake-quant wrappers

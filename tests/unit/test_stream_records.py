@@ -11,17 +11,28 @@ from streams.labels import LabelRecord, encode_label, label_record
 from streams.latency import LatencyRecord, LatencyWindow, encode_latency
 from streams.sinks import ParquetSink
 
-RESULT = {"class_id": 3, "label": "Dress", "score": 0.9,
-          "model": {"name": "m", "version": "1", "sha256": "ab" * 32, "runtime": "litert"}}
+RESULT = {
+    "class_id": 3,
+    "label": "Dress",
+    "score": 0.9,
+    "model": {"name": "m", "version": "1", "sha256": "ab" * 32, "runtime": "litert"},
+}
 
 
 def _label(result: dict | None, offset: int = 7) -> dict:
-    return label_record(stream_id="cam-1", frame_index=offset, topic="frames", partition=2,
-                        offset=offset, row=0, result=result, captured_at_ns=1_000,
-                        labeled_at_ns=5_000_000, timings_ms={"broker": 1.0, "queue": 0.5,
-                                                             "inference": 0.2,
-                                                             "end_to_end": 4.999},
-                        ground_truth=3)
+    return label_record(
+        stream_id="cam-1",
+        frame_index=offset,
+        topic="frames",
+        partition=2,
+        offset=offset,
+        row=0,
+        result=result,
+        captured_at_ns=1_000,
+        labeled_at_ns=5_000_000,
+        timings_ms={"broker": 1.0, "queue": 0.5, "inference": 0.2, "end_to_end": 4.999},
+        ground_truth=3,
+    )
 
 
 def test_label_record_round_trips_through_the_reader_model() -> None:
