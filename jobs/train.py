@@ -126,8 +126,8 @@ def _lr_schedule(config: TrainConfig, total_steps: int) -> Any:
 def _strategy(tf: Any, world: int) -> Any:
     """MultiWorkerMirroredStrategy across workers (Ray Train sets ``TF_CONFIG``); one worker
     uses MirroredStrategy over its GPUs, or none: with one worker MultiWorkerMirroredStrategy
-    only adds collective all-reduces of every gradient, measured at +38 % per step on 2 CPU
-    cores (optimized_cnn, 231 -> 318 ms per 128-image step)."""
+    only adds collective all-reduces of every gradient, measured at +38-57 % per step on 2
+    CPU cores (optimized_cnn, 224 -> 351 ms per 128-image step: ``python -m jobs.step_timing``)."""
     if world > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
