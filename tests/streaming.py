@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import subprocess  # nosec B404 - typing of the classifier processes tests start
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from cluster.processes import wait_until
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
 from serving.idx import load_fashion_mnist
 from streams.classifier import ClassifierConfig, StreamClassifier
@@ -239,6 +241,14 @@ def read_topic(
             break
     consumer.close()
     return records
+
+
+def wait_for_start(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 180) -> None:
+    """Block until a ``framecast stream run`` process logged its start line (or exited)."""
+    assert wait_until(
+        lambda: "stream classifier" in log.read_text() or process.poll() is not None,
+        timeout=timeout_s,
+    ), "the classifier did not start"
 
 
 def committed_offsets(kafka_settings: KafkaSettings, group: str) -> int:

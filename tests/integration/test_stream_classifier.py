@@ -40,6 +40,7 @@ from tests.streaming import (
     stream_run_argv,
     stream_run_env,
     topics,
+    wait_for_start,
 )
 
 
@@ -259,10 +260,7 @@ def test_classifier_killed_mid_stream_and_restarted_leaves_no_frame_unlabelled(
             try:
                 # Frames start once it consumes (its start-up takes seconds on a busy machine):
                 # no backlog, so the kill lands mid-stream with frames still to come.
-                assert wait_until(
-                    lambda: "stream classifier" in log.read_text() or first.poll() is not None,
-                    timeout=180,
-                ), "the classifier did not start"
+                wait_for_start(first, log)
                 feeder.start()
                 # Kill it hard once labels flow and it has committed some of them: mid-stream,
                 # with committed offsets to resume from and uncommitted work in hand.

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from cluster.processes import wait_until
 from cluster.ray_head import RayHeadInfo
 from streams.config import KafkaSettings
 from tests.reliability.conftest import Record
@@ -31,6 +30,7 @@ from tests.streaming import (
     stream_run_env,
     tally,
     topics,
+    wait_for_start,
 )
 
 pytestmark = pytest.mark.timeout(420)
@@ -70,10 +70,7 @@ def test_classifier_sigkilled_before_commit_resumes_from_committed_offsets(
             try:
                 # Frames start once it consumes (its start-up takes seconds on a busy
                 # machine), so that the kill lands mid-stream, with frames still to come.
-                assert wait_until(
-                    lambda: "stream classifier" in log.read_text() or first.poll() is not None,
-                    timeout=180,
-                ), "the classifier did not start"
+                wait_for_start(first, log)
                 feeder.start()
                 seen = probe.wait_for(150)
             finally:
