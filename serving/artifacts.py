@@ -100,6 +100,9 @@ class Training(_Strict):
     resumed_from_epoch: int | None = Field(
         default=None, description="Epoch of the checkpoint training resumed from after a failure."
     )
+    onednn: bool | None = Field(
+        default=None, description="Whether the workers' TensorFlow ran its oneDNN CPU kernels."
+    )
     history: list[dict[str, float]] = Field(default_factory=list)
 
 
