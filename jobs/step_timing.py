@@ -2,21 +2,25 @@
 
 ``python -m jobs.step_timing [--model optimized_cnn] [--steps 60]`` fits the model on the
 first ``steps`` batches of 128 Fashion-MNIST images, once per variant (plain; +augmentation;
-+pruning; +MultiWorkerMirroredStrategy with one worker), each in a fresh process so the
-strategies do not meet, and prints milliseconds per step of the last of three epochs. It is
-how docs/results.md found what made Ray Train epochs slow; run it on an idle machine.
++pruning; +TensorFlow's oneDNN kernels; +MultiWorkerMirroredStrategy with one worker), each
+in a fresh process so the strategies and kernel choices do not meet, and prints milliseconds
+per step of the last of three epochs. It is how docs/results.md found what made Ray Train
+epochs slow; run it on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess  # nosec B404 - runs this module itself with fixed arguments
 import sys
 import time
 from typing import Any
 
-VARIANTS = ("plain", "augment", "augment+prune", "augment+prune+mwms")
+from jobs.train import ONEDNN_ENV, _steps_per_epoch
+
+VARIANTS = ("plain", "augment", "augment+prune", "augment+prune+onednn", "augment+prune+mwms")
 
 
 def time_variant(variant: str, model_name: str, steps: int, batch: int = 128) -> float:
@@ -56,7 +60,7 @@ def time_variant(variant: str, model_name: str, steps: int, batch: int = 128) ->
 
     timer = EpochTimer()
     model.fit(dataset, epochs=3, callbacks=[*pruning_callbacks(plan), timer], verbose=0)
-    return 1000.0 * timer.seconds / -(-len(data.y_train) // batch)
+    return 1000.0 * timer.seconds / _steps_per_epoch(len(data.y_train), batch)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="time only this one, in-process")
     args = parser.parse_args(argv)
     if args.variant:
+        # Read when TensorFlow loads, which time_variant does.
+        os.environ[ONEDNN_ENV] = "1" if "onednn" in args.variant else "0"
         ms = time_variant(args.variant, args.model, args.steps)
         print(
             json.dumps({"variant": args.variant, "model": args.model, "ms_per_step": round(ms, 1)}),
