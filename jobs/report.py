@@ -35,11 +35,11 @@ class ReportPlan:
     quantize: str
 
 
-# Sized for the 60-minute budget on 2 CPU cores. One Ray Train worker trains without
-# MultiWorkerMirroredStrategy now (jobs/train.py: _strategy), so an epoch costs what a plain
-# fit does: ~5 min (baseline), ~1.3 (MobileNetV2), ~1.75 (optimized); under the strategy the
-# 3/5/15 plan took 91 min (docs/results.md). The baseline gets the fewest epochs because each
-# costs most; the table prints every model's epochs beside its accuracy.
+# Sized for the 60-minute budget on 2 CPU cores: one Ray Train worker without
+# MultiWorkerMirroredStrategy (jobs/train.py: _strategy) on TensorFlow's oneDNN kernels
+# spends ~4.4 min (baseline), ~1.4 (MobileNetV2) and ~1.3 (optimized) per epoch; the whole
+# run took 51 min (docs/results.md). The baseline gets the fewest epochs because each costs
+# most; the table prints every model's epochs beside its accuracy.
 FULL_PLAN = (
     ReportPlan("baseline_cnn", 3, "none", "none"),
     ReportPlan("mobilenet_v2", 5, "none", "none"),
