@@ -271,6 +271,8 @@ def _pipeline_run(
     per_camera: int,
     batch: int,
     classifier: str,
+    max_wait_ms: int = 5,
+    in_flight: int = 2,
 ) -> dict[str, Any]:
     from streams.classifier import ClassifierConfig, StreamClassifier
     from streams.serve_client import serve_classify_fn
@@ -287,7 +289,8 @@ def _pipeline_run(
                 latency_topic=names["latency"],
                 dlq_topic=names["dlq"],
                 group=f"bench-{names['frames']}",
-                max_batch_wait_ms=5,
+                max_batch_wait_ms=max_wait_ms,
+                max_in_flight=in_flight,
                 max_batch_frames=512,
                 idle_exit_s=5.0,
                 max_frames=total,
@@ -470,7 +473,7 @@ def bench_pipeline(
                 f"{run['sustained_fps']} frames/s, p50 {run['p50_ms']} ms, "
                 f"p99 {run['p99_ms']} ms"
             )
-        flat = 4000 if quick else 15000
+        flat = 12000 if quick else 60000
         run = _pipeline_run(
             settings,
             bootstrap,

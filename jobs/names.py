@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MODEL_NAMES = ("baseline_cnn", "mobilenet_v2", "optimized_cnn")
+MODEL_NAMES = ("baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn")
 PRUNE_SCHEDULES = ("none", "polynomial", "constant", "2:4")
 QUANTIZE_MODES = ("none", "int8", "float16", "dynamic")
 

@@ -34,6 +34,11 @@ class ServeSettings(BaseSettings):
     batch_wait_timeout_s: NonNegativeFloat = Field(
         default=0.005, description="@serve.batch batch_wait_timeout_s."
     )
+    access_log: bool = Field(
+        default=False,
+        description="Ray Serve's per-request access log in the replicas (a log line per call: "
+        "off by default, a stream makes hundreds of calls a second).",
+    )
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."

@@ -35,6 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
+from streams.client import KeyHashCachingPartitioner
 from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import StreamsError
 from streams.labels import encode_label, label_record
@@ -149,6 +150,7 @@ class _Batch:
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     response: Any = None
+    results: list[dict[str, Any]] | None = None  # the response's answer, once fetched
     submitted_ns: int = 0
 
     @property
@@ -218,6 +220,7 @@ class StreamClassifier:
             linger_ms=config.label_linger_ms,
             batch_size=512 * 1024,
             max_request_size=16 * 1024 * 1024,
+            partitioner=KeyHashCachingPartitioner(),
             **producer_extra,
         )
         if self.exactly_once:
@@ -280,7 +283,8 @@ class StreamClassifier:
         last_input = time.monotonic()
         try:
             while not self.stopping:
-                wait_ms = max(1, self.config.max_batch_wait_ms) if self.batch.items else 100
+                busy = self.batch.items or self.pending
+                wait_ms = max(1, self.config.max_batch_wait_ms) if busy else 100
                 if self.exactly_once and self.txn_group is None:
                     self._hold_group_generation()
                 records = self._poll(wait_ms)
@@ -291,12 +295,16 @@ class StreamClassifier:
                     for tp, messages in records.items():
                         for message in messages:
                             self._add(tp, message)
+                            if len(self.batch.items) >= self.config.max_batch_frames:
+                                # A poll of a backlog can hold 100k frames: cut it into
+                                # Serve calls as it is read, so inference overlaps labelling.
+                                self._submit_next()
                 if self._batch_ready():
-                    self._submit(self.batch)
-                    self.batch = _Batch()
-                while self.pending and (
-                    len(self.pending) >= self.config.max_in_flight or not records
-                ):
+                    self._submit_next()
+                # Label what Serve has answered, oldest first, without waiting for the rest
+                # (_submit_next waits when the in-flight budget is spent): polling goes on
+                # meanwhile, so frames do not wait in the broker for a slow Serve call.
+                while self.pending and self._answered(self.pending[0]):
                     self._complete(self.pending.popleft())
                 self._maybe_commit()
                 self._maybe_publish_latency()
@@ -395,14 +403,9 @@ class StreamClassifier:
                 return dlq("bad_arrow", str(error), "FrameSchemaError")
             if not frames:
                 return dlq("bad_arrow", "Arrow stream holds no frames", "FrameSchemaError")
+            shared = list(message.headers or [])  # read-only: one list for all of its frames
             return [
-                _Item(
-                    **base,
-                    row=0,
-                    frame=frame,
-                    value=message.value,
-                    headers=list(message.headers or []),
-                )
+                _Item(**base, row=0, frame=frame, value=message.value, headers=shared)
                 for frame in frames
             ]
         encoding = _BARE_TYPES.get(content_type)
@@ -448,11 +451,32 @@ class StreamClassifier:
         return (time.monotonic() - self.batch.started) * 1000 >= self.config.max_batch_wait_ms
 
     # -- Serve --------------------------------------------------------------------------------
+    def _submit_next(self) -> None:
+        """Send the batch being filled, first completing the oldest call if the in-flight
+        budget is spent (that is what bounds memory and Serve's queue)."""
+        while len(self.pending) >= self.config.max_in_flight:
+            self._complete(self.pending.popleft())
+        self._submit(self.batch)
+        self.batch = _Batch()
+
     def _submit(self, batch: _Batch) -> None:
         frames = batch.frames
         batch.submitted_ns = time.time_ns()
         batch.response = self.classify(frames) if frames else None
         self.pending.append(batch)
+
+    def _answered(self, batch: _Batch) -> bool:
+        """Whether the batch's Serve call has finished, without waiting (a failed call has:
+        ``_results`` retries it)."""
+        if batch.response is None or batch.results is not None:
+            return True
+        try:
+            batch.results = list(batch.response.result(timeout_s=0))
+        except TimeoutError:  # not yet (Ray's GetTimeoutError is a TimeoutError too)
+            return False
+        except self.retriable:
+            return True
+        return True
 
     def _results(self, batch: _Batch) -> list[dict[str, Any]]:
         if batch.response is None:
@@ -460,7 +484,11 @@ class StreamClassifier:
         delay = 0.05
         while True:
             try:
-                results = batch.response.result(timeout_s=self.config.serve_timeout_s)
+                results = (
+                    batch.results
+                    if batch.results is not None
+                    else batch.response.result(timeout_s=self.config.serve_timeout_s)
+                )
                 if self.paused:
                     self.consumer.resume(*self.consumer.assignment())
                     self.paused = False
@@ -480,6 +508,7 @@ class StreamClassifier:
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
                 batch.submitted_ns = time.time_ns()
+                batch.results = None
                 batch.response = self.classify(batch.frames)
 
     def _complete(self, batch: _Batch) -> None:
@@ -489,6 +518,7 @@ class StreamClassifier:
             self.producer.begin_transaction()
             self.in_txn = True
         dlq_sent: set[tuple[int, int]] = set()
+        labelled, dropped = self.totals["labelled"], self.totals["dropped_deadline"]
         for item in batch.items:
             if item.dlq_reason is None and not item.dropped:
                 result = next(results)
@@ -501,6 +531,11 @@ class StreamClassifier:
                     self._send_dlq(item)
                 continue
             self._send_label(item, None if item.dropped else result, batch, done_ns)
+        # Counted once per batch: a Prometheus increment takes a lock, per frame it showed.
+        if self.totals["labelled"] > labelled:
+            LABELLED.inc(self.totals["labelled"] - labelled)
+        if self.totals["dropped_deadline"] > dropped:
+            DROPPED.inc(self.totals["dropped_deadline"] - dropped)
         for tp, offset in batch.offsets.items():
             self.done_offsets[tp] = max(offset, self.done_offsets.get(tp, 0))
 
@@ -539,7 +574,6 @@ class StreamClassifier:
         if result is None:
             self.totals["dropped_deadline"] += 1
             self.window.dropped += 1
-            DROPPED.inc()
         else:
             self.totals["labelled"] += 1
             if frame.label is not None:
@@ -547,7 +581,6 @@ class StreamClassifier:
                 self.totals["correct"] += int(result["class_id"] == frame.label)
             self.window.latencies_ms.append(timings["end_to_end"])
             END_TO_END.observe(timings["end_to_end"])
-            LABELLED.inc()
 
     def _send_dlq(self, item: _Item) -> None:
         headers = [(k, v) for k, v in item.headers if not k.startswith(("error.", "source."))]

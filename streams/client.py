@@ -9,6 +9,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError
+from kafka.partitioner import DefaultPartitioner, murmur2
 
 from streams.config import KafkaSettings
 from streams.exceptions import KafkaConnectionError
@@ -17,6 +18,36 @@ from streams.exceptions import KafkaConnectionError
 # from kafka.net.connection), then retries until it times out with "no broker available";
 # the parent logger of its network layer is where we hear why.
 _CONNECTION_LOGGER = "kafka.net"
+
+
+class KeyHashCachingPartitioner(DefaultPartitioner):
+    """kafka-python's default partitioner (murmur2 of the key, as the Java client: the same
+    partition for the same key) with each key's hash cached.
+
+    kafka-python hashes in pure Python, ~7 us a record; the stream classifier sends a label
+    per frame keyed by one of a few camera ids, thousands of times per second.
+    """
+
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self._hashes: dict[bytes, int] = {}
+
+    def partition(
+        self, topic: str, key: Any, serialized_key: Any, value: Any, serialized_value: Any,
+        cluster: Any,
+    ) -> int:
+        partitions = cluster.partitions_for_topic(topic) if serialized_key is not None else None
+        if not partitions:  # no key, or an unknown topic: the default's answer (or error)
+            return int(
+                super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+            )
+        hashed = self._hashes.get(serialized_key)
+        if hashed is None:
+            if len(self._hashes) >= self.MAX_KEYS:
+                self._hashes.clear()
+            hashed = self._hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+        return int(sorted(partitions)[hashed % len(partitions)])
 
 
 def _describe(config: dict[str, Any]) -> str:

@@ -7,9 +7,9 @@ frame, ``dropped_deadline`` for a frame that was too old to matter (its class fi
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 
@@ -75,5 +75,5 @@ def label_record(
 
 
 def encode_label(record: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON for the wire."""
-    return json.dumps(record, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON for the wire (orjson: a label per frame, thousands per second)."""
+    return orjson.dumps(record)

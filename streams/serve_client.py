@@ -21,6 +21,6 @@ def serve_classify_fn(app_name: str) -> tuple[Any, tuple[type[BaseException], ..
     handle = serve.get_app_handle(app_name)
 
     def classify(frames: list[FrameRecord]) -> Any:
-        return handle.classify_frames.remote(frames)
+        return handle.classify_frames.remote(frames, topk=False)  # labels need the top class
 
     return classify, (BackPressureError, RayServeException, RayError, TimeoutError)

@@ -342,3 +342,29 @@ def test_labels_the_brokers_refuse_are_never_committed_as_done(
     assert {(lab.stream_id, lab.frame_index) for lab in labels} == {
         (f"cam-{s}", i) for s in range(2) for i in range(10)
     }
+
+
+def test_a_backlog_is_cut_into_serve_calls_of_at_most_max_batch_frames(
+    kafka_settings: KafkaSettings, stream_app: str
+) -> None:
+    # One poll of a backlog returns every message at once; the classifier must still call
+    # Serve with micro-batches (so inference overlaps labelling), not with the whole backlog.
+    config = topics(kafka_settings).model_copy(update={"max_batch_frames": 16})
+    send_arrow_frames(kafka_settings, config.frames_topic, streams=2, per_stream=60)
+    classify, retriable = serve_classify_fn(stream_app)
+    sizes: list[int] = []
+
+    def recording(frames: list[Any]) -> Any:
+        sizes.append(len(frames))
+        return classify(frames)
+
+    member = StreamClassifier(
+        kafka_settings, str(kafka_settings.bootstrap_servers), config, recording, retriable
+    )
+    totals = member.run()
+    assert totals["labelled"] == 120
+    assert sum(sizes) == 120
+    assert max(sizes) <= 16, sizes
+    labels = labels_of(read_topic(kafka_settings, config.labels_topic, 120))
+    for stream in ("cam-0", "cam-1"):
+        assert [lab.frame_index for lab in labels if lab.stream_id == stream] == list(range(60))

@@ -31,3 +31,10 @@ def test_deployment_options_carry_backpressure_and_autoscaling() -> None:
     assert options["max_queued_requests"] == 7
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+def test_a_fixed_replica_count_is_deployed_without_autoscaling() -> None:
+    options = deployment_options(ServeSettings(min_replicas=3, max_replicas=3))
+    assert options["num_replicas"] == 3
+    assert "autoscaling_config" not in options
+    assert options["logging_config"] == {"enable_access_log": False}
