@@ -526,6 +526,8 @@ def write_outputs(out_dir: Path, what: str, results: dict[str, Any]) -> list[Pat
         f"{m['date']}.",
         "",
     ]
+    if results.get("artifact"):
+        lines += [f"Served artifact: `{results['artifact']}`.", ""]
     figure, axis = plt.subplots(figsize=(7, 4))
     if what == "serve":
         lines += [

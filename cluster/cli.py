@@ -294,7 +294,8 @@ def topics_describe(
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="baseline_cnn | mobilenet_v2 | optimized_cnn")],
+    model: Annotated[str, typer.Option(
+        help="baseline_cnn | mobilenet_v2 | optimized_cnn | stream_cnn")],
     dataset: Annotated[str, typer.Option(help="fashion-mnist | folder:PATH | synthetic")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write.")],

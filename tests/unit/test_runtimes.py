@@ -47,3 +47,26 @@ def test_unknown_gpu_precision_is_refused() -> None:
         SavedModelRuntime(SHIPPED / "saved_model", precision="bfloat8")
     with pytest.raises(ValidationError, match="gpu_precision"):
         ServeSettings(gpu_precision="int4")  # type: ignore[arg-type]
+
+
+STREAM = SHIPPED.with_name("fashion_mnist_stream")
+
+
+def test_the_shipped_stream_model_is_a_verified_int8_artifact_that_classifies() -> None:
+    artifact = load_artifact(STREAM)  # verifies every checksum in its manifest
+    assert artifact.manifest.model == "stream_cnn"
+    runtime = select_runtime(artifact, num_threads=1)
+    assert (runtime.kind, runtime.precision) == ("litert", "int8")
+    images, labels = load_fashion_mnist("test", limit=1000)
+    probs = runtime.predict(images.reshape(-1, 28, 28, 1).astype(np.float32) / 255.0)
+    accuracy = float(np.mean(probs.argmax(axis=1) == labels))
+    assert accuracy >= 0.87, accuracy  # 90.06 % on all 10,000 (its README)
+
+
+def test_stream_cnn_has_a_tenth_of_the_optimized_cnns_macs() -> None:
+    from jobs.models import ModelSpec, build_model, count_macs
+
+    stream = build_model(ModelSpec("stream_cnn"), (28, 28, 1), 10)
+    optimized = build_model(ModelSpec("optimized_cnn"), (28, 28, 1), 10)
+    assert stream.output_shape == (None, 10)
+    assert count_macs(stream) * 9 < count_macs(optimized)
