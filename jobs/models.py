@@ -89,50 +89,51 @@ def optimized_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.
     """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
-    x = inputs
-
-    x = _conv_bn(x, 16, "conv1")
+    x = _conv_bn(inputs, 16, "conv1")
     x = _conv_bn(x, 32, "conv2")
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = _conv_bn(x, 64, "conv3")
     x = _conv_bn(x, 64, "conv4")
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = _conv_bn(x, 128, "conv5")
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dropout(0.3, name="drop")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="optimized_cnn")
+    return _flat_head(inputs, x, num_classes, "optimized_cnn")
 
 
-def _conv_bn(x: Any, filters: int, name: str) -> Any:
+def _conv_bn(x: Any, filters: int, name: str, kernel: int = 3, strides: int = 1) -> Any:
     layers = keras.layers
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+    x = layers.Conv2D(
+        filters, kernel, strides=strides, padding="same", use_bias=False, name=name
+    )(x)
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def stream_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The stream CNN: a 2x2 stride-2 "patchify" stem (16 at 14x14), 32 at 14x14, pool,
-    64 at 7x7, flatten: ~1.9 M MACs (a tenth), for streams of thousands of frames per second on a
-    few cores, where the int8 optimized_cnn (~0.5 ms per image per core) would need every
-    core for inference alone.
-
-    The stem replaces a 3x3 conv at full resolution: with one input channel that layer ran
-    at a third of the speed of the rest in XNNPACK int8 (batch 512, one thread: 62 vs 106
-    us per image for the same network with a 28x28 conv and a pool).
-    """
+def _flat_head(inputs: Any, x: Any, num_classes: int, name: str) -> keras.Model:
+    """Flatten, dropout, softmax: where a feature sits on the garment is kept."""
     layers = keras.layers
-    inputs = keras.Input(shape=input_shape, name="images")
-    x = layers.Conv2D(16, 2, strides=2, use_bias=False, name="stem")(inputs)
-    x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
-    x = layers.ReLU(name="stem_relu")(x)
-    x = _conv_bn(x, 32, "conv2")
-    x = layers.MaxPooling2D(2, name="pool2")(x)
-    x = _conv_bn(x, 64, "conv3")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.3, name="drop")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="stream_cnn")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def stream_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The stream CNN: a 2x2 stride-2 "patchify" stem (16 at 14x14), 32 at 14x14, pool,
+    64 at 7x7, flatten: ~1.85 M MACs (a tenth), for streams of thousands of frames per second
+    on a few cores, where the int8 optimized_cnn (~0.5 ms per image per core) would need
+    every core for inference alone.
+
+    The stem replaces a 3x3 conv of 16 at full resolution and a pool: in XNNPACK int8 (batch
+    512, one thread, random weights) the network with those took 106 us per image, with the
+    stem 62.
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = _conv_bn(inputs, 16, "stem", kernel=2, strides=2)
+    x = _conv_bn(x, 32, "conv2")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _conv_bn(x, 64, "conv3")
+    return _flat_head(inputs, x, num_classes, "stream_cnn")
 
 
 def mobilenet_v2(input_shape: tuple[int, int, int], num_classes: int, alpha: float = 0.35,
