@@ -81,24 +81,14 @@ class LoadedModel:
         order = np.argsort(-probs, axis=1, kind="stable")[:, : TOPK if topk else 1]
         scores = np.take_along_axis(probs, order, axis=1).tolist()
         classes, info, ms = self.classes, self.info, round(inference_ms, 3)
-        if not topk:
-            return [
-                {
-                    "class_id": ids[0],
-                    "label": classes[ids[0]],
-                    "score": row_scores[0],
-                    "model": info,
-                    "inference_ms": ms,
-                }
-                for ids, row_scores in zip(order.tolist(), scores, strict=True)
-            ]
         out = []
         for ids, row_scores in zip(order.tolist(), scores, strict=True):
             top = [
                 {"class_id": i, "label": classes[i], "score": score}
                 for i, score in zip(ids, row_scores, strict=True)
             ]
-            out.append({**top[0], "topk": top, "model": info, "inference_ms": ms})
+            extra = {"topk": top} if topk else {}
+            out.append({**top[0], **extra, "model": info, "inference_ms": ms})
         return out
 
 
