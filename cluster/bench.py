@@ -282,7 +282,9 @@ def _pipeline_run(
     try:
         outcome: dict[str, Any] = {}
         if classifier == "framecast":
-            classify, retriable = serve_classify_fn(settings.serve.app_name)
+            classify, retriable = serve_classify_fn(
+                settings.serve.app_name, settings.serve.handle_transport
+            )
             config = ClassifierConfig(
                 frames_topic=names["frames"],
                 labels_topic=names["labels"],

@@ -606,7 +606,9 @@ def stream_run(
         with admin_client(settings.kafka, bootstrap) as admin:
             ensure_topics(admin, specs)
         with stack.ray_connection(settings):
-            classify, retriable = serve_classify_fn(app_name or settings.serve.app_name)
+            classify, retriable = serve_classify_fn(
+                app_name or settings.serve.app_name, settings.serve.handle_transport
+            )
             classifier = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: classifier.stop())

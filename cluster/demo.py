@@ -174,7 +174,9 @@ def run_demo(
             )
             report["model"] = model
 
-            classify, retriable = serve_classify_fn(settings.serve.app_name)
+            classify, retriable = serve_classify_fn(
+                settings.serve.app_name, settings.serve.handle_transport
+            )
             classify([]).result(timeout_s=60)  # first handle call from the main thread
             config = ClassifierConfig(
                 frames_topic=names["frames"],

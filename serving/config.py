@@ -39,6 +39,12 @@ class ServeSettings(BaseSettings):
         description="Ray Serve's per-request access log in the replicas (a log line per call: "
         "off by default, a stream makes hundreds of calls a second).",
     )
+    handle_transport: Literal["grpc", "actor"] = Field(
+        default="grpc",
+        description="How the stream classifier's handle calls reach replicas: 'grpc' (straight "
+        "to the replica's gRPC server, pickled frames in, JSON results out: about half the CPU "
+        "per call of 'actor') or 'actor' (Ray actor calls, results by reference).",
+    )
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."

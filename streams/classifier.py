@@ -101,6 +101,12 @@ class ClassifierConfig(BaseModel):
     max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
     max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
     commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
+    fetch_wait_ms: NonNegativeInt = Field(
+        default=10,
+        description="Longest a fetch waits at the broker for data. The client sends one fetch "
+        "at a time and leaves out partitions it still holds records of, so a fetch of only "
+        "idle partitions holds back new frames on the others for up to this long.",
+    )
     label_linger_ms: NonNegativeInt = Field(
         default=10,
         description="Producer linger for labels: fewer, larger produce requests (a commit "
@@ -205,6 +211,7 @@ class StreamClassifier:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=2000,
+            fetch_max_wait_ms=config.fetch_wait_ms,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             # Notice new partitions (and recover from a missed topic) within 30 s, not 5 min.
