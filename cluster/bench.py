@@ -300,7 +300,7 @@ def _pipeline_run(
             classify([]).result(timeout_s=60)  # warm the handle before the clock starts
             runner = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
             worker = threading.Thread(target=lambda: outcome.update(runner.run()), daemon=True)
-            assigned = lambda: bool(runner.consumer.assignment())  # noqa: E731
+            assigned = lambda: bool(runner.assignment())  # noqa: E731
         else:
             ready = threading.Event()
             worker = threading.Thread(

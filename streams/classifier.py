@@ -11,6 +11,11 @@ The commit path, at-least-once (the default):
 Exactly-once puts step 5 in a Kafka transaction with the offsets
 (``send_offsets_to_transaction``), so ``read_committed`` readers see one label per frame.
 
+Kafka I/O is librdkafka (confluent-kafka): fetching, producing and heartbeats run in its own
+threads, outside the interpreter lock, so the Python loop only parses, batches and labels.
+Rebalance callbacks run on this loop's thread (inside ``poll``): partitions being revoked
+are drained and committed first, so their next owner starts where this member stopped.
+
 When Serve pushes back (``BackPressureError``) or a replica dies mid-request, the consumer
 pauses its partitions and retries the same batch with bounded exponential backoff: memory
 stays bounded by ``max_in_flight`` batches, and no frame is skipped.
@@ -23,21 +28,28 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
-from streams.client import KeyHashCachingPartitioner
+from streams.client import rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
-from streams.exceptions import StreamsError
+from streams.exceptions import KafkaConnectionError, StreamsError
 from streams.labels import encode_label, label_record
 from streams.latency import LatencyWindow, encode_latency
 from streams.sinks import ParquetSink
@@ -46,6 +58,9 @@ log = logging.getLogger(__name__)
 
 Guarantee = Literal["at-least-once", "exactly-once"]
 _BARE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+Partition = tuple[str, int]  # (topic, partition)
+MAX_POLL_MESSAGES = 2000
+TXN_TIMEOUT_S = 60.0  # one transactional call (send offsets, commit, abort)
 
 FRAMES = Counter(
     "framecast_stream_frames_total", "Frames handled by the stream classifier.", ["outcome"]
@@ -153,7 +168,7 @@ class _Item:
 @dataclass
 class _Batch:
     items: list[_Item] = field(default_factory=list)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    offsets: dict[Partition, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     response: Any = None
     results: list[dict[str, Any]] | None = None  # the response's answer, once fetched
@@ -166,22 +181,6 @@ class _Batch:
             for i in self.items
             if i.frame is not None and not i.dropped and i.dlq_reason is None
         ]
-
-
-class _Revoke(ConsumerRebalanceListener):
-    def __init__(self, owner: StreamClassifier) -> None:
-        self.owner = owner
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # kafka-python 3 calls this on its IO thread, where blocking consumer calls (commit)
-        # are refused, so nothing is finished here. The main loop's next commit for a
-        # partition we lost then fails and is dropped: its new owner redoes that work from
-        # the committed offset (at-least-once: duplicates, never a loss; exactly-once: the
-        # transaction aborts and nothing of it becomes visible).
-        self.owner.revoked.update(revoked)
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
 ClassifyFn = Callable[[list[FrameRecord]], Any]
@@ -202,80 +201,104 @@ class StreamClassifier:
         self.config = config
         self.classify = classify
         self.retriable = retriable
-        client = kafka.client_config(bootstrap)
+        client = {**kafka.rdkafka_config(bootstrap), **rdkafka_callbacks(log)}
         self.exactly_once = config.guarantee == "exactly-once"
-        self.consumer = KafkaConsumer(
-            **client,
-            group_id=config.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_poll_records=2000,
-            fetch_max_wait_ms=config.fetch_wait_ms,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-            # Notice new partitions (and recover from a missed topic) within 30 s, not 5 min.
-            metadata_max_age_ms=30_000,
+        self.consumer = Consumer(
+            {
+                **client,
+                "group.id": config.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": config.fetch_wait_ms,
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
+                "fetch.max.bytes": 64 * 1024 * 1024,
+                # Notice new partitions (and recover from a missed topic) within 30 s.
+                "topic.metadata.refresh.interval.ms": 30_000,
+            }
         )
-        producer_extra: dict[str, Any] = {}
-        if self.exactly_once:
-            producer_extra["transactional_id"] = f"framecast-{config.group}-{config.consumer_id}"
-        self.producer = KafkaProducer(
+        producer_config: dict[str, Any] = {
             **client,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=config.label_linger_ms,
-            batch_size=512 * 1024,
-            max_request_size=16 * 1024 * 1024,
-            partitioner=KeyHashCachingPartitioner(),
-            **producer_extra,
-        )
+            "enable.idempotence": True,  # acks=all, no duplicates or reordering on retry
+            "linger.ms": config.label_linger_ms,
+            "batch.size": 512 * 1024,
+            "message.max.bytes": 16 * 1024 * 1024,
+            # The same partition per key as the Java client and kafka-python (murmur2).
+            "partitioner": "murmur2_random",
+            # Only failures call back: a Python call per label would cost more than the send.
+            "on_delivery": self._delivered,
+            "delivery.report.only.error": True,
+        }
         if self.exactly_once:
-            self.producer.init_transactions()
+            producer_config["transactional.id"] = f"framecast-{config.group}-{config.consumer_id}"
+        self.producer = Producer(producer_config)
         self.in_txn = False
-        self.revoked: set[TopicPartition] = set()
-        # Label and DLQ sends since the last commit: a flush only waits for them, so each is
-        # checked for failure before offsets covering it are committed (at-least-once).
-        self.sent: list[Any] = []
-        # Exactly-once: the group membership (generation) under which the oldest record still
-        # held was polled. Offsets are committed with it, so a rebalance since then makes the
-        # coordinator refuse them (KIP-447) and the work is redone, not committed twice.
+        # Records the brokers refused since the last commit (delivery reports, or produce()
+        # itself): the offsets covering them must not be committed.
+        self.send_failures = 0
+        self.last_send_failure = ""
+        # Exactly-once: the consumer group metadata (its generation) under which the oldest
+        # record still held was polled. Offsets are committed with it, so a rebalance since
+        # then makes the coordinator refuse them (KIP-447) and the work is redone, not
+        # committed twice.
         self.txn_group: Any = None
         self.pending: collections.deque[_Batch] = collections.deque()
         self.batch = _Batch()
-        self.done_offsets: dict[TopicPartition, int] = {}
+        self.done_offsets: dict[Partition, int] = {}
         self.last_commit = time.monotonic()
         self.window = LatencyWindow(config.consumer_id)
         self.sink = (
             ParquetSink(config.parquet_dir, config.consumer_id) if config.parquet_dir else None
         )
         self.stopping = False
+        self.closing = False
         self.paused = False
+        self.revoking = False
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
         try:
             self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
-        except StreamsError:
-            self.producer.close(timeout=5)
-            self.consumer.close(autocommit=False)
+            if self.exactly_once:
+                self._transactional(self.producer.init_transactions, "init")
+        except (StreamsError, KafkaException):
+            self.closing = True
+            self.consumer.close()
             raise
-        self.consumer.subscribe([config.frames_topic], listener=_Revoke(self))
-        # One metadata fetch after subscribing, before the first poll joins the group: the
-        # group leader records the subscribed topics' partitions as its assignment snapshot
-        # at the join, and a snapshot still empty then makes the next metadata refresh force
-        # a second rebalance right after the first (kafka-python 3.0.12 could then stall
-        # with no partitions fetched).
-        self.consumer.topics()
+        self.consumer.subscribe(
+            [config.frames_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
 
     def _await_topic_metadata(self, topic: str, timeout_s: float = 60.0) -> None:
-        # The group's assignor only hands out partitions it knows; joining before this
-        # client has the topic's metadata can leave us with no partitions until the next
-        # metadata refresh. So fetch it first.
+        # The group's assignor only hands out partitions it knows: wait until the topic
+        # exists, with a clear error if it never does.
         deadline = time.monotonic() + timeout_s
-        while not self.consumer.partitions_for_topic(topic):
+        why = "it does not exist"
+        while True:
+            try:
+                metadata = self.consumer.list_topics(
+                    topic, timeout=max(0.5, min(5.0, deadline - time.monotonic()))
+                )
+            except KafkaException as error:
+                why = rdkafka_reason(error)
+                kafka_error = error.args[0] if error.args else None
+                if isinstance(kafka_error, KafkaError) and kafka_error.code() in (
+                    KafkaError._AUTHENTICATION,
+                    KafkaError._TRANSPORT,
+                    KafkaError._ALL_BROKERS_DOWN,
+                ) and time.monotonic() > deadline:
+                    raise KafkaConnectionError(f"cannot consume from Kafka: {why}") from None
+            else:
+                described = metadata.topics.get(topic)
+                if described is not None and described.error is None and described.partitions:
+                    return
+                if described is not None and described.error is not None:
+                    why = described.error.str()
             if time.monotonic() > deadline:
                 raise StreamsError(
                     f"frames_topic: topic {topic!r} has no partitions after {timeout_s:g}s "
-                    "(does it exist? create it with `framecast topics create`)"
+                    f"({why}; does it exist? create it with `framecast topics create`)"
                 )
             time.sleep(0.2)
 
@@ -284,28 +307,25 @@ class StreamClassifier:
         """Ask the loop to drain, commit and return (safe from a signal handler)."""
         self.stopping = True
 
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this member owns now."""
+        return list(self.consumer.assignment())
+
     def run(self) -> dict[str, Any]:
         """Consume until stop(), max_frames or idle_exit_s; returns the totals."""
         started = time.monotonic()
         last_input = time.monotonic()
         try:
             while not self.stopping:
-                busy = self.batch.items or self.pending
-                wait_ms = max(1, self.config.max_batch_wait_ms) if busy else 100
-                if self.exactly_once and self.txn_group is None:
-                    self._hold_group_generation()
-                records = self._poll(wait_ms)
-                if records and self.exactly_once and self.txn_group is None:
-                    self._hold_group_generation()  # joined during this very poll
-                if records:
+                messages = self._poll(self._wait_s())
+                if messages:
                     last_input = time.monotonic()
-                    for tp, messages in records.items():
-                        for message in messages:
-                            self._add(tp, message)
-                            if len(self.batch.items) >= self.config.max_batch_frames:
-                                # A poll of a backlog can hold 100k frames: cut it into
-                                # Serve calls as it is read, so inference overlaps labelling.
-                                self._submit_next()
+                    for message in messages:
+                        self._add(message)
+                        if len(self.batch.items) >= self.config.max_batch_frames:
+                            # A poll of a backlog can hold 100k frames: cut it into
+                            # Serve calls as it is read, so inference overlaps labelling.
+                            self._submit_next()
                 if self._batch_ready():
                     self._submit_next()
                 # Label what Serve has answered, oldest first, without waiting for the rest
@@ -313,15 +333,17 @@ class StreamClassifier:
                 # meanwhile, so frames do not wait in the broker for a slow Serve call.
                 while self.pending and self._answered(self.pending[0]):
                     self._complete(self.pending.popleft())
+                self.producer.poll(0)  # delivery reports of failed sends
                 self._maybe_commit()
                 self._maybe_publish_latency()
                 if self.config.max_frames and self._handled() >= self.config.max_frames:
                     break
+                if messages:
+                    continue
                 if not self.consumer.assignment():
                     last_input = time.monotonic()  # idle only counts while we own partitions
                 if (
                     self.config.idle_exit_s
-                    and not records
                     and not self.pending
                     and not self.batch.items
                     and time.monotonic() - last_input > self.config.idle_exit_s
@@ -333,21 +355,43 @@ class StreamClassifier:
             self._close()
         return {**self.totals, "seconds": round(time.monotonic() - started, 3)}
 
-    def _poll(self, wait_ms: int) -> dict[TopicPartition, list[Any]]:
-        """consumer.poll, riding out a broker that is down or restarting.
+    def _wait_s(self) -> float:
+        """How long the next poll may wait for frames: until the batch being filled is due,
+        and only briefly while Serve calls are out (their answers are checked between
+        polls); 100 ms when idle."""
+        if self.batch.items:
+            due = self.batch.started + self.config.max_batch_wait_ms / 1000 - time.monotonic()
+            wait = max(0.0, due)
+            return min(wait, 0.002) if self.pending else wait
+        return 0.002 if self.pending else 0.1
 
-        kafka-python raises a retriable error out of poll() when its coordinator lookup
-        finds no broker (connection refused mid-restart). Nothing was consumed then, so
-        the same poll is simply tried again after a short pause; held work stays held.
-        """
+    def _poll(self, wait_s: float) -> list[Message]:
+        """The frames waiting in the client, or - if none - the first to arrive within
+        ``wait_s`` and what came with it. Rebalance callbacks run in here."""
         try:
-            return dict(self.consumer.poll(timeout_ms=wait_ms, max_records=2000))
-        except KafkaError as error:
-            if not getattr(error, "retriable", False):
-                raise
-            log.warning("poll failed (%s: %s); retrying", type(error).__name__, error)
+            messages = self.consumer.consume(MAX_POLL_MESSAGES, 0)
+            if not messages and wait_s > 0:
+                first = self.consumer.poll(wait_s)
+                if first is not None:
+                    messages = [first, *self.consumer.consume(MAX_POLL_MESSAGES - 1, 0)]
+        except KafkaException as error:
+            kafka_error = error.args[0] if error.args else None
+            if isinstance(kafka_error, KafkaError) and kafka_error.fatal():
+                raise StreamsError(f"the consumer failed: {rdkafka_reason(error)}") from None
+            log.warning("poll failed (%s); retrying", rdkafka_reason(error))
             time.sleep(0.5)
-            return {}
+            return []
+        return [message for message in messages if self._consumable(message)]
+
+    def _consumable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.fatal():
+            raise StreamsError(f"the consumer failed: {error.name()}: {error.str()}")
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consume: %s: %s", error.name(), error.str())
+        return False
 
     def drain(self, reason: str) -> None:
         """Classify everything held, publish it, and commit (used on stop and on rebalance)."""
@@ -358,22 +402,61 @@ class StreamClassifier:
             self._complete(self.pending.popleft())
         self._commit(reason)
 
+    # -- rebalance (called inside poll, on this thread) -----------------------------------------
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish and commit what is held before the partitions go: their next owner then
+        starts right after it (no duplicates at-least-once, no aborted work exactly-once)."""
+        if self.closing or not partitions:
+            return
+        log.info("revoking %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+        self.revoking = True
+        try:
+            self.drain(reason="rebalance")
+        finally:
+            self.revoking = False
+            self.txn_group = None
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revoke (this member was thrown out of the group):
+        what is held can no longer be committed; their new owner redoes it."""
+        log.warning(
+            "lost %s; dropping uncommitted work",
+            sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions),
+        )
+        if self.closing:
+            return
+        if self.exactly_once and self.in_txn:
+            self._abort()
+        self._rewind(seek=False)
+
     # -- consume ----------------------------------------------------------------------------
     def _handled(self) -> int:
         t = self.totals
         return t["labelled"] + t["dropped_deadline"] + t["dlq"]
 
-    def _add(self, tp: TopicPartition, message: Any) -> None:
+    def _add(self, message: Message) -> None:
         now = time.time_ns()
+        topic, partition = message.topic() or "", message.partition() or 0
+        offset = message.offset() or 0
+        kind, timestamp = message.timestamp()
+        if self.exactly_once and self.txn_group is None:
+            self.txn_group = self.consumer.consumer_group_metadata()
         base = {
-            "topic": tp.topic,
-            "partition": tp.partition,
-            "offset": message.offset,
-            "key": message.key,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": message.key(),
             "consumed_ns": now,
-            "broker_ms": max(0.0, now / 1e6 - message.timestamp) if message.timestamp else 0.0,
+            "broker_ms": max(0.0, now / 1e6 - timestamp)
+            if kind != TIMESTAMP_NOT_AVAILABLE and timestamp > 0
+            else 0.0,
         }
-        for index, item in enumerate(self._parse(message, base)):
+        value = message.value()
+        headers = cast(list[tuple[str, bytes]], message.headers() or [])
+        for index, item in enumerate(self._parse(value, headers, base)):
             item.row = index
             if (
                 item.frame is not None
@@ -382,11 +465,14 @@ class StreamClassifier:
             ):
                 item.dropped = True
             self.batch.items.append(item)
-        self.batch.offsets[tp] = message.offset + 1
+        self.batch.offsets[(topic, partition)] = offset + 1
 
-    def _parse(self, message: Any, base: dict[str, Any]) -> list[_Item]:
-        headers = {k: v for k, v in (message.headers or [])}
-        content_type = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip()
+    def _parse(
+        self, value: bytes | None, headers: list[tuple[str, bytes]], base: dict[str, Any]
+    ) -> list[_Item]:
+        named = {k: v for k, v in headers}
+        content_type = (named.get("content-type") or b"").decode("latin-1")
+        content_type = content_type.split(";")[0].strip()
 
         def dlq(reason: str, detail: str, error_class: str) -> list[_Item]:
             return [
@@ -396,23 +482,23 @@ class StreamClassifier:
                     dlq_reason=reason,
                     dlq_detail=detail,
                     dlq_class=error_class,
-                    value=message.value,
-                    headers=list(message.headers or []),
+                    value=value,
+                    headers=list(headers),
                 )
             ]
 
-        if not message.value:
+        if not value:
             return dlq("empty_value", "the message has no value", "FrameSchemaError")
         if content_type == ARROW_CONTENT_TYPE:
             try:
-                frames = decode_frames(message.value)
+                frames = decode_frames(value)
             except FrameSchemaError as error:
                 return dlq("bad_arrow", str(error), "FrameSchemaError")
             if not frames:
                 return dlq("bad_arrow", "Arrow stream holds no frames", "FrameSchemaError")
-            shared = list(message.headers or [])  # read-only: one list for all of its frames
+            # read-only: one list for all of its frames
             return [
-                _Item(**base, row=0, frame=frame, value=message.value, headers=shared)
+                _Item(**base, row=0, frame=frame, value=value, headers=headers)
                 for frame in frames
             ]
         encoding = _BARE_TYPES.get(content_type)
@@ -424,31 +510,26 @@ class StreamClassifier:
                 "FrameSchemaError",
             )
         try:
-            label = headers.get("label")
+            label = named.get("label")
+            stream_id = named.get("stream_id")
             frame = FrameRecord(
-                stream_id=headers["stream_id"].decode()
-                if "stream_id" in headers
-                else (message.key or b"").decode(),
-                frame_index=int(headers["frame_index"]),
-                captured_at_ns=int(headers["captured_at_ns"]),
+                stream_id=(stream_id if stream_id is not None else base["key"] or b"").decode(),
+                frame_index=int(named["frame_index"]),
+                captured_at_ns=int(named["captured_at_ns"]),
                 encoding=encoding,
                 height=0,
                 width=0,
                 channels=0,
-                data=message.value,
+                data=value,
                 label=int(label) if label not in (None, b"") else None,
             )
-        except (KeyError, ValueError, UnicodeDecodeError) as error:
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
             return dlq(
                 "bad_headers",
                 f"bare image needs headers frame_index and captured_at_ns (integers): {error!r}",
                 "FrameSchemaError",
             )
-        return [
-            _Item(
-                **base, row=0, frame=frame, value=message.value, headers=list(message.headers or [])
-            )
-        ]
+        return [_Item(**base, row=0, frame=frame, value=value, headers=list(headers))]
 
     def _batch_ready(self) -> bool:
         if not self.batch.items:
@@ -497,7 +578,7 @@ class StreamClassifier:
                     else batch.response.result(timeout_s=self.config.serve_timeout_s)
                 )
                 if self.paused:
-                    self.consumer.resume(*self.consumer.assignment())
+                    self.consumer.resume(self.consumer.assignment())
                     self.paused = False
                 return list(results)
             except self.retriable as error:
@@ -510,7 +591,7 @@ class StreamClassifier:
                     delay,
                 )
                 if not self.paused:
-                    self.consumer.pause(*self.consumer.assignment())
+                    self.consumer.pause(self.consumer.assignment())
                     self.paused = True
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
@@ -521,9 +602,7 @@ class StreamClassifier:
     def _complete(self, batch: _Batch) -> None:
         results = iter(self._results(batch))
         done_ns = time.time_ns()
-        if self.exactly_once and not self.in_txn:
-            self.producer.begin_transaction()
-            self.in_txn = True
+        self._begin()
         dlq_sent: set[tuple[int, int]] = set()
         labelled, dropped = self.totals["labelled"], self.totals["dropped_deadline"]
         for item in batch.items:
@@ -545,6 +624,37 @@ class StreamClassifier:
             DROPPED.inc(self.totals["dropped_deadline"] - dropped)
         for tp, offset in batch.offsets.items():
             self.done_offsets[tp] = max(offset, self.done_offsets.get(tp, 0))
+
+    # -- produce ------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        if self.exactly_once and not self.in_txn:
+            self._transactional(self.producer.begin_transaction, "begin")
+            self.in_txn = True
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:  # only failures are reported (delivery.report.only.error)
+            self._failed(message.topic() or "?", f"{error.name()}: {error.str()}")
+
+    def _failed(self, topic: str, why: str) -> None:
+        self.send_failures += 1
+        self.last_send_failure = f"{topic}: {why}"
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=cast(Any, headers))
+                return
+            except BufferError:  # the client's queue is full: let deliveries drain it
+                self.producer.poll(0.05)
+            except KafkaException as error:  # refused before sending (e.g. too large)
+                self._failed(topic, rdkafka_reason(error))
+                return
 
     def _send_label(
         self, item: _Item, result: dict[str, Any] | None, batch: _Batch, done_ns: int
@@ -571,11 +681,7 @@ class StreamClassifier:
             timings_ms=timings,
             ground_truth=frame.label,
         )
-        self.sent.append(
-            self.producer.send(
-                self.config.labels_topic, key=frame.stream_id.encode(), value=encode_label(record)
-            )
-        )
+        self._produce(self.config.labels_topic, frame.stream_id.encode(), encode_label(record))
         if self.sink:
             self.sink.add_label(record)
         if result is None:
@@ -603,9 +709,7 @@ class StreamClassifier:
         if len(value) > self.config.dlq_max_value_bytes:
             headers.append(("error.value_omitted", str(len(value)).encode()))
             value = b""
-        self.sent.append(
-            self.producer.send(self.config.dlq_topic, key=item.key, value=value, headers=headers)
-        )
+        self._produce(self.config.dlq_topic, item.key, value, headers)
         self.totals["dlq"] += 1
         self.window.dlq += 1
         FRAMES.labels(outcome="dlq").inc()
@@ -620,82 +724,137 @@ class StreamClassifier:
         self.last_commit = time.monotonic()
         if not self.done_offsets:
             return
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.done_offsets.items()}
-        self.done_offsets.clear()
-        sent, self.sent = self.sent, []
-        try:
-            if self.exactly_once:
-                if not self.in_txn:
-                    self.producer.begin_transaction()
-                    self.in_txn = True
-                # 1. offsets join the transaction; 2. commit makes labels and offsets visible
-                # at once.
-                group = self.txn_group or self.consumer.group_metadata()
-                self.producer.send_offsets_to_transaction(offsets, group)
-                self.producer.commit_transaction()
-                self.in_txn = False
-                if not self.pending and not self.batch.items:
-                    self.txn_group = None  # nothing polled under it is held any more
-            else:
-                # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
-                self.producer.flush(timeout=60)
-                failed = [future for future in sent if future.failed()]
-                if failed:
-                    # Not delivered (e.g. the brokers were away past delivery.timeout.ms):
-                    # these offsets must not be committed; read them again instead.
-                    log.error(
-                        "%d label/DLQ records were not delivered (%s); not committing, "
-                        "re-reading from the committed offsets",
-                        len(failed),
-                        failed[0].exception,
-                    )
-                    SEND_FAILURES.inc(len(failed))
-                    self._rewind()
-                    return
-                # 2. ... and only then the offsets: a crash in between re-labels, never loses.
-                self.consumer.commit(offsets)
-        except KafkaError as error:
-            # Typically a rebalance took partitions away (the group generation moved on).
-            log.warning("commit (%s) failed: %s; uncommitted work will be redone", reason, error)
-            if self.exactly_once:
-                if self.in_txn:
-                    self.producer.abort_transaction()
-                    self.in_txn = False
-                self._rewind()
-            else:
-                # Still unconfirmed (a flush timeout): checked again at the next commit, whose
-                # offsets cover these records too.
-                self.sent = [future for future in sent if not future.is_done] + self.sent
-                if any(future.failed() for future in sent):
-                    SEND_FAILURES.inc()
-                    self._rewind()
+        if self.exactly_once:
+            self._commit_transaction(reason)
             return
-        finally:
-            self.revoked.clear()
+        # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
+        left = self.producer.flush(60)
+        if left:
+            # Still unconfirmed (brokers away): the offsets wait for the next commit.
+            log.warning("%d label/DLQ records unacknowledged after 60 s; commit (%s) waits",
+                        left, reason)
+            return
+        if self.send_failures:
+            # Not delivered (e.g. refused, or the brokers were away past message.timeout.ms):
+            # these offsets must not be committed; read them again instead.
+            log.error(
+                "%d label/DLQ records were not delivered (%s); not committing, "
+                "re-reading from the committed offsets",
+                self.send_failures,
+                self.last_send_failure,
+            )
+            SEND_FAILURES.inc(self.send_failures)
+            self.send_failures = 0
+            self._rewind(seek=not self.revoking)
+            return
+        # 2. ... and only then the offsets: a crash in between re-labels, never loses.
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.done_offsets.items()]
+        self.done_offsets.clear()
+        try:
+            for committed in self.consumer.commit(offsets=offsets, asynchronous=False) or []:
+                if committed.error is not None:
+                    log.warning("commit (%s) of %s[%d] failed: %s; that work will be redone",
+                                reason, committed.topic, committed.partition, committed.error)
+        except KafkaException as error:
+            # Typically a rebalance took partitions away (the group generation moved on).
+            log.warning("commit (%s) failed: %s; uncommitted work will be redone",
+                        reason, rdkafka_reason(error))
+            return
         log.debug("committed (%s)", reason)
 
-    def _hold_group_generation(self) -> None:
-        group = self.consumer.group_metadata()
-        if getattr(group, "generation_id", -1) > 0:  # -1 (not joined) would skip the check
-            self.txn_group = group
+    def _commit_transaction(self, reason: str) -> None:
+        """Offsets join the open transaction, then its commit makes labels and offsets
+        visible at once - or, on failure, it is aborted and the work redone."""
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.done_offsets.items()]
+        self.done_offsets.clear()
+        try:
+            self._begin()
+            if self.send_failures:
+                raise _Abort(f"{self.send_failures} records refused ({self.last_send_failure})")
+            group = self.txn_group or self.consumer.consumer_group_metadata()
+            self._transactional(
+                lambda: self.producer.send_offsets_to_transaction(offsets, group, TXN_TIMEOUT_S),
+                "send offsets",
+            )
+            self._transactional(
+                lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit"
+            )
+            self.in_txn = False
+        except (KafkaException, _Abort) as error:
+            why = rdkafka_reason(error) if isinstance(error, KafkaException) else str(error)
+            log.warning("transaction (%s) failed: %s; aborted, its work will be redone",
+                        reason, why)
+            if self.send_failures:
+                SEND_FAILURES.inc(self.send_failures)
+            self._abort()
+            self._rewind(seek=not self.revoking)
+            return
+        if not self.pending and not self.batch.items:
+            self.txn_group = None  # nothing polled under it is held any more
+        log.debug("committed transaction (%s)", reason)
 
-    def _rewind(self) -> None:
-        """After an aborted transaction or an undelivered label: re-read owned partitions from
-        their committed offsets (work in hand is dropped and redone)."""
+    def _transactional(self, call: Callable[[], Any], what: str) -> Any:
+        """A transactional producer call: retried while librdkafka says it may be, fatal
+        errors (this producer was fenced by a newer one with its transactional id) stop the
+        classifier; others raise for the caller to abort."""
+        for attempt in range(3):
+            try:
+                return call()
+            except KafkaException as error:
+                kafka_error = error.args[0] if error.args else None
+                if not isinstance(kafka_error, KafkaError):
+                    raise
+                if kafka_error.fatal():
+                    raise StreamsError(
+                        f"the transactional producer failed ({what}): "
+                        f"{rdkafka_reason(error)}; another classifier with consumer id "
+                        f"{self.config.consumer_id!r} may have replaced this one"
+                    ) from None
+                if not kafka_error.retriable() or attempt == 2:
+                    raise
+                log.warning("transaction %s: %s; retrying", what, rdkafka_reason(error))
+        return None  # not reached
+
+    def _abort(self) -> None:
+        self.send_failures = 0
+        if not self.in_txn:
+            return
+        try:
+            self._transactional(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S), "abort")
+        except KafkaException as error:
+            log.warning("abort failed: %s", rdkafka_reason(error))
+        self.in_txn = False
+
+    def _rewind(self, *, seek: bool = True) -> None:
+        """After an aborted transaction or an undelivered label: drop the work in hand and
+        (when the partitions stay ours) re-read them from their committed offsets."""
         self.txn_group = None
+        self.send_failures = 0
         for batch in self.pending:  # results of aborted work would be produced out of a txn
             batch.response = None
             batch.items.clear()
         self.pending.clear()
         self.batch = _Batch()
-        for tp in self.consumer.assignment():
-            committed = self.consumer.committed(tp)
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
+        self.done_offsets.clear()
+        assignment = self.consumer.assignment()
+        if not seek or not assignment:
+            return
+        try:
+            for tp in self.consumer.committed(assignment, timeout=30):
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        except KafkaException as error:
+            # Reading on past uncommitted frames could commit over them: leave the group
+            # and join again instead, which restarts every partition at its committed offset.
+            log.warning("seek to the committed offsets failed (%s); re-joining the group",
+                        rdkafka_reason(error))
+            self.consumer.unsubscribe()
+            self.consumer.subscribe(
+                [self.config.frames_topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
 
     # -- latency aggregates ------------------------------------------------------------------
     def _maybe_publish_latency(self) -> None:
@@ -703,13 +862,20 @@ class StreamClassifier:
             self._publish_latency()
 
     def _lag(self) -> int | None:
-        assignment = list(self.consumer.assignment())
+        """Frames behind the partitions' ends (the ends the last fetches reported)."""
+        assignment = self.consumer.assignment()
         if not assignment:
+            LAG.set(0)
             return 0
         try:
-            ends = self.consumer.end_offsets(assignment)
-            lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assignment)
-        except KafkaError:
+            lag = 0
+            for tp in self.consumer.position(assignment):
+                watermarks = self.consumer.get_watermark_offsets(tp, cached=True)
+                if not watermarks or watermarks[1] < 0:
+                    return None  # not fetched yet
+                low, high = watermarks
+                lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
+        except KafkaException:
             return None
         LAG.set(lag)
         return lag
@@ -717,13 +883,13 @@ class StreamClassifier:
     def _publish_latency(self) -> None:
         record = self.window.snapshot(self._lag())
         self.window.reset()
-        if self.exactly_once and not self.in_txn:
-            self.producer.begin_transaction()
-            self.in_txn = True
-        self.producer.send(
-            self.config.latency_topic,
-            key=self.config.consumer_id.encode(),
-            value=encode_latency(record),
+        try:
+            self._begin()
+        except KafkaException as error:
+            log.warning("latency aggregate not published: %s", rdkafka_reason(error))
+            return
+        self._produce(
+            self.config.latency_topic, self.config.consumer_id.encode(), encode_latency(record)
         )
         if self.exactly_once:
             if self.done_offsets:
@@ -733,16 +899,33 @@ class StreamClassifier:
                 # again. They commit together with their offsets, or not at all.
                 self._commit("latency")
             else:
-                self.producer.commit_transaction()
-                self.in_txn = False
+                try:
+                    self._transactional(
+                        lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit"
+                    )
+                    self.in_txn = False
+                except KafkaException as error:
+                    log.warning("latency transaction failed: %s", rdkafka_reason(error))
+                    self._abort()
+                    self._rewind(seek=not self.revoking)
         if self.sink:
             self.sink.add_latency(record)
         self.totals["latency_windows"] += 1
 
     def _close(self) -> None:
-        if self.exactly_once and self.in_txn:
-            self.producer.abort_transaction()  # uncommitted work is redone by the next owner
-        self.producer.close(timeout=30)
-        self.consumer.close(autocommit=False)
-        if self.sink:
-            self.sink.close()
+        self.closing = True
+        try:
+            if self.exactly_once and self.in_txn:
+                self._abort()  # uncommitted work is redone by the next owner
+            left = self.producer.flush(30)
+            if left:
+                log.warning("%d records still unacknowledged at close", left)
+        finally:
+            self.consumer.close()
+            if self.sink:
+                self.sink.close()
+
+
+class _Abort(Exception):
+    """A transaction that must not be committed."""
+

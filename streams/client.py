@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from confluent_kafka import KafkaError as KafkaError_
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError
-from kafka.partitioner import DefaultPartitioner, murmur2
 
 from streams.config import KafkaSettings
 from streams.exceptions import KafkaConnectionError
@@ -20,34 +20,26 @@ from streams.exceptions import KafkaConnectionError
 _CONNECTION_LOGGER = "kafka.net"
 
 
-class KeyHashCachingPartitioner(DefaultPartitioner):
-    """kafka-python's default partitioner (murmur2 of the key, as the Java client: the same
-    partition for the same key) with each key's hash cached.
+def rdkafka_reason(error: BaseException) -> str:
+    """What a confluent-kafka (librdkafka) exception says, in one line."""
+    inner = error.args[0] if error.args else None
+    if isinstance(inner, KafkaError_):
+        return f"{inner.name()}: {inner.str()}"
+    return str(error)
 
-    kafka-python hashes in pure Python, ~7 us a record; the stream classifier sends a label
-    per frame keyed by one of a few camera ids, thousands of times per second.
+
+def rdkafka_callbacks(logger: logging.Logger) -> dict[str, Any]:
+    """librdkafka client properties that route its log lines and its background errors
+    (a broker down, refused credentials) to ``logger`` instead of stderr.
+
+    librdkafka retries transient errors by itself; they are warnings, fatal ones errors.
     """
 
-    MAX_KEYS = 100_000
+    def on_error(error: KafkaError_) -> None:
+        level = logging.ERROR if error.fatal() else logging.WARNING
+        logger.log(level, "kafka: %s: %s", error.name(), error.str())
 
-    def __init__(self) -> None:
-        self._hashes: dict[bytes, int] = {}
-
-    def partition(
-        self, topic: str, key: Any, serialized_key: Any, value: Any, serialized_value: Any,
-        cluster: Any,
-    ) -> int:
-        partitions = cluster.partitions_for_topic(topic) if serialized_key is not None else None
-        if not partitions:  # no key, or an unknown topic: the default's answer (or error)
-            return int(
-                super().partition(topic, key, serialized_key, value, serialized_value, cluster)
-            )
-        hashed = self._hashes.get(serialized_key)
-        if hashed is None:
-            if len(self._hashes) >= self.MAX_KEYS:
-                self._hashes.clear()
-            hashed = self._hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
-        return int(sorted(partitions)[hashed % len(partitions)])
+    return {"error_cb": on_error, "logger": logger}
 
 
 def _describe(config: dict[str, Any]) -> str:

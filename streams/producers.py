@@ -12,9 +12,11 @@ partition, in order. Messages follow the DESIGN contract, either
   ``stream_id``, ``frame_index``, ``captured_at_ns`` and (when known) ``label``.
 
 The cameras are interleaved by one scheduler thread (camera k's frame i is due at
-``(i + k / streams) / fps`` seconds after the start); kafka-python's I/O thread sends in the
-background. ``captured_at_ns`` is ``time.time_ns()`` when the frame is taken from the source;
-with ``batch > 1`` a camera's frames wait until its batch is full, which adds up to
+``(i + k / streams) / fps`` seconds after the start); librdkafka (confluent-kafka) sends in
+its own threads, outside the interpreter lock: at 1,000 one-frame messages a second it costs a
+quarter of the CPU kafka-python did on the same machine (docs/BENCHMARKS.md).
+``captured_at_ns`` is ``time.time_ns()`` when the frame is taken from the source; with
+``batch > 1`` a camera's frames wait until its batch is full, which adds up to
 ``(batch - 1) / fps`` seconds to their end-to-end latency (use batches for throughput tests).
 """
 
@@ -29,13 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from streams.client import admin_client
+from streams.client import admin_client, rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import KafkaConnectionError, StreamsError
 from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames
@@ -141,29 +142,35 @@ def frames_producer(
     *,
     linger_ms: int = 5,
     max_request_size: int = 8 * 1024 * 1024,
-) -> KafkaProducer:
+) -> Producer:
     """An idempotent producer (acks=all) for frames, or KafkaConnectionError."""
-    config = settings.client_config(bootstrap)
+    config = settings.rdkafka_config(bootstrap)
     try:
-        return KafkaProducer(
-            **config,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=linger_ms,
-            batch_size=256 * 1024,
-            max_request_size=max_request_size,
-            max_in_flight_requests_per_connection=5,
+        producer = Producer(
+            {
+                **config,
+                **rdkafka_callbacks(log),
+                "enable.idempotence": True,  # acks=all, no duplicates or reordering on retry
+                "linger.ms": linger_ms,
+                "batch.size": 256 * 1024,
+                "message.max.bytes": max_request_size,
+                # Same partition per key as kafka-python and the Java client (murmur2).
+                "partitioner": "murmur2_random",
+            }
         )
-    except KafkaError as error:
+        # librdkafka connects lazily: fail now, plainly, rather than at the first send.
+        producer.list_topics(timeout=settings.request_timeout_ms / 1000)
+    except KafkaException as error:
         raise KafkaConnectionError(
-            f"cannot produce to Kafka at {','.join(config['bootstrap_servers'])}: {error}"
+            f"cannot produce to Kafka at {config['bootstrap.servers']}: {rdkafka_reason(error)}"
         ) from None
+    return producer
 
 
 class _Sender:
     """Sends frame messages and counts what the broker confirmed or refused."""
 
-    def __init__(self, producer: KafkaProducer, topic: str, message_format: MessageFormat):
+    def __init__(self, producer: Producer, topic: str, message_format: MessageFormat):
         self.producer = producer
         self.topic = topic
         self.message_format = message_format
@@ -171,26 +178,46 @@ class _Sender:
         self.bytes = 0
         self.failures: list[str] = []
 
-    def _failed(self, error: BaseException) -> None:
-        self.failures.append(f"{type(error).__name__}: {error}")
+    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self.failures.append(f"{error.name()}: {error.str()}")
 
     def send(self, frames: list[FrameRecord]) -> None:
         """Send one message holding frames (all of one camera)."""
+        headers: list[tuple[str, str | bytes | None]]
         if self.message_format == "bare":
             (frame,) = frames
-            value, headers = frame.data, bare_headers(frame)
+            value, headers = frame.data, list(bare_headers(frame))
         else:
             value = encode_frames(frames)
             headers = [("content-type", ARROW_CONTENT_TYPE.encode())]
-        try:
-            future = self.producer.send(
-                self.topic, value=value, key=frames[0].stream_id.encode(), headers=headers
-            )
-        except KafkaError as error:
-            raise ProducerError(f"sending to {self.topic} failed: {error}") from None
-        future.add_errback(self._failed)
+        while True:
+            try:
+                self.producer.produce(
+                    self.topic,
+                    value=value,
+                    key=frames[0].stream_id.encode(),
+                    headers=headers,
+                    on_delivery=self._delivered,
+                )
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.producer.poll(0.05)
+            except KafkaException as error:
+                raise ProducerError(
+                    f"sending to {self.topic} failed: {rdkafka_reason(error)}"
+                ) from None
+        self.producer.poll(0)  # delivery reports (failures) of earlier messages
         self.messages += 1
         self.bytes += len(value)
+
+    def flush(self, timeout_s: float) -> None:
+        left = self.producer.flush(timeout_s)
+        if left:
+            raise ProducerError(
+                f"{left} of {self.messages} messages to {self.topic} were not delivered "
+                f"within {timeout_s:g} s"
+            )
 
 
 def _pace(due: float) -> None:
@@ -296,12 +323,14 @@ def produce_frames(
                     if progress is not None:
                         progress(len(pending[k]))
                     pending[k] = []
-        producer.flush(timeout=flush_timeout_s)
-    except KafkaError as error:
-        raise ProducerError(f"producing to {topic} failed: {error}") from None
+        sender.flush(flush_timeout_s)
+    except KafkaException as error:
+        raise ProducerError(f"producing to {topic} failed: {rdkafka_reason(error)}") from None
     finally:
         seconds = time.perf_counter() - start
-        producer.close(timeout=5)
+        producer.flush(5)  # what an interrupted run already sent gets 5 s to be delivered,
+        producer.purge()  # then the rest is dropped rather than waited for
+        producer.close()
     if sender.failures:
         raise ProducerError(
             f"{len(sender.failures)} of {sender.messages} messages to {topic} were not "
