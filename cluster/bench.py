@@ -294,7 +294,7 @@ def _pipeline_run(
                 max_batch_wait_ms=max_wait_ms,
                 max_in_flight=in_flight,
                 max_batch_frames=512,
-                idle_exit_s=5.0,
+                idle_exit_s=60.0,  # a safety net: max_frames ends the run
                 max_frames=total,
             )
             classify([]).result(timeout_s=60)  # warm the handle before the clock starts

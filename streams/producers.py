@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ from streams.video import (
     DEFAULT_MAX_SIDE,
     FrameSource,
     SourceError,
+    SourceFrame,
     open_source,
 )
 
@@ -220,6 +222,15 @@ class _Sender:
             )
 
 
+def _primed(shots: Iterator[SourceFrame], name: str) -> Iterator[SourceFrame]:
+    """The same shots, the first one already read."""
+    try:
+        first = next(shots)
+    except StopIteration:
+        raise SourceError(f"source {name} has no frames") from None
+    return itertools.chain([first], shots)
+
+
 def _pace(due: float) -> None:
     delay = due - time.perf_counter()
     if delay > 0:
@@ -285,7 +296,10 @@ def produce_frames(
         ensure_frames_topic(settings, bootstrap, topic, topic_settings) if create_topic else False
     )
     stream_ids = [f"{stream_prefix}-{k}" for k in range(streams)]
-    iterators = [frame_source.stream(k) for k in range(streams)]
+    # Each camera's first shot is taken before the clock starts: a source that opens lazily
+    # (a dataset loaded, a video file opened on first read) would otherwise put the schedule
+    # behind, and the cameras would catch up in a burst no real camera sends.
+    iterators = [_primed(frame_source.stream(k), frame_source.name) for k in range(streams)]
     pending: list[list[FrameRecord]] = [[] for _ in range(streams)]
     producer = frames_producer(
         settings, bootstrap, max_request_size=topic_settings.max_message_bytes
