@@ -273,6 +273,7 @@ def _pipeline_run(
     classifier: str,
     max_wait_ms: int = 5,
     in_flight: int = 2,
+    linger_ms: int = 5,
 ) -> dict[str, Any]:
     from streams.classifier import ClassifierConfig, StreamClassifier
     from streams.serve_client import serve_classify_fn
@@ -318,7 +319,7 @@ def _pipeline_run(
         # this process's interpreter lock with the classifier.
         produced = _produce_in_subprocess(
             settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
-            per_camera=per_camera, batch=batch,
+            per_camera=per_camera, batch=batch, linger_ms=linger_ms,
         )
         worker.join(timeout=600)
         labels = _read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
@@ -339,14 +340,15 @@ def _pipeline_run(
 
 def _produce_in_subprocess(
     settings: FramecastSettings, bootstrap: str, topic: str, *, cameras: int, fps: float,
-    per_camera: int, batch: int,
+    per_camera: int, batch: int, linger_ms: int = 5,
 ) -> dict[str, Any]:
     """Run ``framecast produce`` (Fashion-MNIST replay, raw frames) and return its summary."""
     command = [
         sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
         "--bootstrap-servers", bootstrap, "produce", "--source", "fashion-mnist",
         "--topic", topic, "--fps", str(fps), "--streams", str(cameras),
-        "--count", str(per_camera), "--encoding", "raw", "--batch", str(batch), "--json",
+        "--count", str(per_camera), "--encoding", "raw", "--batch", str(batch),
+        "--linger-ms", str(linger_ms), "--json",
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=900, check=False

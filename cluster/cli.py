@@ -494,6 +494,8 @@ def produce(
     max_side: Annotated[
         int, typer.Option(min=2, help="Video files: shrink frames to this longest side.")
     ] = 320,
+    linger_ms: Annotated[int, typer.Option(
+        min=0, help="How long the client may hold a frame to batch it with others (ms).")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Produce video frames to Kafka."""
@@ -532,6 +534,7 @@ def produce(
                 data_dir=settings.data_dir,
                 topic_settings=settings.topics,
                 progress=advance,
+                linger_ms=linger_ms,
             )
     except (StreamsError, ValueError) as error:
         fail(str(error))

@@ -254,6 +254,7 @@ class StreamClassifier:
         self.closing = False
         self.paused = False
         self.revoking = False
+        self.owned: list[TopicPartition] = []  # for other threads: see assignment()
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
         try:
             self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
@@ -308,8 +309,10 @@ class StreamClassifier:
         self.stopping = True
 
     def assignment(self) -> list[TopicPartition]:
-        """The partitions this member owns now."""
-        return list(self.consumer.assignment())
+        """The partitions this member owns now; safe from any thread (the consumer itself is
+        not: a call from another thread waits until the loop's polls let go of it, which on
+        a busy loop took up to 25 s)."""
+        return list(self.owned)
 
     def run(self) -> dict[str, Any]:
         """Consume until stop(), max_frames or idle_exit_s; returns the totals."""
@@ -404,11 +407,13 @@ class StreamClassifier:
 
     # -- rebalance (called inside poll, on this thread) -----------------------------------------
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.owned = list(partitions)
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish and commit what is held before the partitions go: their next owner then
         starts right after it (no duplicates at-least-once, no aborted work exactly-once)."""
+        self.owned = []
         if self.closing or not partitions:
             return
         log.info("revoking %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
@@ -422,6 +427,7 @@ class StreamClassifier:
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions taken away without a revoke (this member was thrown out of the group):
         what is held can no longer be committed; their new owner redoes it."""
+        self.owned = []
         log.warning(
             "lost %s; dropping uncommitted work",
             sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions),

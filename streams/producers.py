@@ -260,6 +260,7 @@ def produce_frames(
     create_topic: bool = True,
     progress: ProgressCallback | None = None,
     flush_timeout_s: float = 60.0,
+    linger_ms: int = 5,
 ) -> dict[str, Any]:
     """Produce ``count`` frames from each of ``streams`` cameras to ``topic``; return a summary.
 
@@ -302,7 +303,7 @@ def produce_frames(
     iterators = [_primed(frame_source.stream(k), frame_source.name) for k in range(streams)]
     pending: list[list[FrameRecord]] = [[] for _ in range(streams)]
     producer = frames_producer(
-        settings, bootstrap, max_request_size=topic_settings.max_message_bytes
+        settings, bootstrap, linger_ms=linger_ms, max_request_size=topic_settings.max_message_bytes
     )
     sender = _Sender(producer, topic, message_format)
     frames = 0
