@@ -93,6 +93,14 @@ def encode_frames(frames: Sequence[FrameRecord]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def warm_up() -> None:
+    """Encode and decode one frame, so that the first real one does not pay for what pyarrow
+    loads on first use (~0.3 s here: a camera's first frame was that late, and the cameras
+    then caught up in a burst)."""
+    frame = FrameRecord("warm-up", 0, 0, "raw", 1, 1, 1, b"\x00", None)
+    decode_frames(encode_frames([frame]))
+
+
 def _flat_table(buf: bytes, pos: int) -> list[int | None]:
     """Absolute positions of a flatbuffer table's fields (None = absent)."""
     vtable = pos - struct.unpack_from("<i", buf, pos)[0]

@@ -46,7 +46,13 @@ from confluent_kafka import (
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
+from serving.frames import (
+    ARROW_CONTENT_TYPE,
+    FrameRecord,
+    FrameSchemaError,
+    decode_frames,
+    warm_up,
+)
 from streams.client import rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import KafkaConnectionError, StreamsError
@@ -256,6 +262,7 @@ class StreamClassifier:
         self.revoking = False
         self.owned: list[TopicPartition] = []  # for other threads: see assignment()
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
+        warm_up()  # the first frames are not late for pyarrow's first-use imports
         try:
             self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
             if self.exactly_once:

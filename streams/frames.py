@@ -12,6 +12,7 @@ from serving.frames import (
     FrameSchemaError,
     decode_frames,
     encode_frames,
+    warm_up,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "FrameSchemaError",
     "decode_frames",
     "encode_frames",
+    "warm_up",
 ]

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streams.client import admin_client, rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import KafkaConnectionError, StreamsError
-from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames
+from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames, warm_up
 from streams.topics import apply_topic_specs, default_topic_specs
 from streams.video import (
     DEFAULT_FRAME_SIZE,
@@ -306,6 +306,7 @@ def produce_frames(
         settings, bootstrap, linger_ms=linger_ms, max_request_size=topic_settings.max_message_bytes
     )
     sender = _Sender(producer, topic, message_format)
+    warm_up()
     frames = 0
     start = time.perf_counter()
     try:
