@@ -12,7 +12,9 @@ Two ways in:
 # No `from __future__ import annotations` here: FastAPI reads the real annotations of the
 # ingress methods (``request: Request``) after Serve has serialized the class.
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +121,28 @@ class ReplicaConfig(BaseModel):
     gpu_precision: Literal["float16", "float32"] = Field(
         default="float16", description="SavedModel precision on GPU replicas."
     )
+    niceness: int | None = Field(
+        default=None, ge=-20, le=19, description="Niceness of the replica's threads."
+    )
+
+
+def set_niceness(niceness: int) -> bool:
+    """Give every thread of this process ``niceness`` (Linux keeps one per thread; threads
+    started later inherit their creator's). False, with a warning, where not permitted."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+    except (PermissionError, FileNotFoundError) as error:
+        log.warning(
+            "replica niceness %d not set (%s): it keeps Ray's worker niceness; grant "
+            "CAP_SYS_NICE or start Ray with RAY_worker_niceness=%d",
+            niceness,
+            error,
+            niceness,
+        )
+        return False
+    return True
 
 
 @serve.deployment(
@@ -176,6 +200,8 @@ class Classifier:
                 model.info["runtime"],
                 model.info["precision"],
             )
+        if config.niceness is not None and (old is None or old.niceness != config.niceness):
+            set_niceness(config.niceness)
         self.limits = DecodeLimits(
             max_bytes=config.max_frame_bytes, max_pixels=config.max_frame_pixels
         )
@@ -380,6 +406,7 @@ def app(args: dict[str, Any]) -> Any:
         max_batch_size=settings.max_batch_size,
         batch_wait_timeout_s=settings.batch_wait_timeout_s,
         gpu_precision=settings.gpu_precision,
+        niceness=settings.replica_niceness,
     )
     return Classifier.options(  # type: ignore[attr-defined]
         **deployment_options(settings), user_config=user_config.model_dump()

@@ -45,6 +45,15 @@ class ServeSettings(BaseSettings):
         "to the replica's gRPC server, pickled frames in, JSON results out: about half the CPU "
         "per call of 'actor') or 'actor' (Ray actor calls, results by reference).",
     )
+    replica_niceness: int | None = Field(
+        default=0,
+        ge=-20,
+        le=19,
+        description="Scheduling niceness of every replica thread (None = Ray's, which starts "
+        "workers at 15). Replicas are on the stream's critical path: at 15 a busy box runs "
+        "them last. Lowering it needs CAP_SYS_NICE (root here; in a pod, the capability or "
+        "RAY_worker_niceness=0); without, replicas warn and keep Ray's.",
+    )
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."
