@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from cluster.ray_head import RayHeadInfo
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
 from serving.config import ServeSettings
 from serving.deploy import deploy
@@ -143,6 +145,24 @@ BAD_INPUTS = {
         "bad_dimensions",
     ),
 }
+
+
+def test_replica_threads_run_at_the_configured_niceness(
+    app_url: str, ray_head: RayHeadInfo
+) -> None:
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray_head.dashboard_url,
+        filters=[("class_name", "=", "ServeReplica:main:Classifier"), ("state", "=", "ALIVE")],
+    )
+    pids = [int(actor.pid) for actor in actors if actor.pid]
+    assert pids, "no live replica of the app"
+    for pid in pids:
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        niceness = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids}
+        # Ray starts its workers at 15; the default ServeSettings.replica_niceness is 0.
+        assert set(niceness.values()) == {0}, niceness
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
