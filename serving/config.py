@@ -42,8 +42,9 @@ class ServeSettings(BaseSettings):
     handle_transport: Literal["grpc", "actor"] = Field(
         default="grpc",
         description="How the stream classifier's handle calls reach replicas: 'grpc' (straight "
-        "to the replica's gRPC server, pickled frames in, JSON results out: about half the CPU "
-        "per call of 'actor') or 'actor' (Ray actor calls, results by reference).",
+        "to the replica's gRPC server, pickled both ways: about half the CPU per call of "
+        "'actor'; a call with over 3 MiB of frames goes as an actor call) or 'actor' (Ray "
+        "actor calls, results by reference).",
     )
     replica_niceness: int | None = Field(
         default=0,

@@ -125,9 +125,8 @@ class ClassifierConfig(BaseModel):
     commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
     fetch_wait_ms: NonNegativeInt = Field(
         default=10,
-        description="Longest a fetch waits at the broker for data. The client sends one fetch "
-        "at a time and leaves out partitions it still holds records of, so a fetch of only "
-        "idle partitions holds back new frames on the others for up to this long.",
+        description="Longest a fetch waits at the broker for data (fetch.wait.max.ms); the "
+        "client fetches in the background, and a broker answers as soon as any data arrives.",
     )
     label_linger_ms: NonNegativeInt = Field(
         default=10,
