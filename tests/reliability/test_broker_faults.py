@@ -83,7 +83,7 @@ def cluster(
 # At-least-once only: under exactly-once, kafka-python's transactional calls either raised
 # ProducerFencedError (the classifier then stops) or blocked past the test's limit after the
 # node loss in 2 of 3 runs on the development machine; see docs/reliability.md.
-@pytest.mark.parametrize("guarantee", ["at-least-once"])
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_one_of_three_brokers_killed_mid_stream_loses_nothing(
     cluster: EmbeddedKafkaCluster, reliability_app: str, figures: Record, guarantee: str
 ) -> None:
