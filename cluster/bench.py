@@ -322,6 +322,8 @@ def _pipeline_run(
             per_camera=per_camera, batch=batch, linger_ms=linger_ms,
         )
         worker.join(timeout=600)
+        if classifier == "framecast":
+            classify.close()
         labels = _read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
     finally:
         _drop_topics(settings, bootstrap, names)

@@ -617,7 +617,10 @@ def stream_run(
                 signal.signal(sig, lambda *_: classifier.stop())
             err_console.print(f"stream classifier {config.consumer_id}: {config.frames_topic} -> "
                               f"{config.labels_topic} ({config.guarantee})", highlight=False)
-            totals = classifier.run()
+            try:
+                totals = classifier.run()
+            finally:
+                classify.close()
     except (StreamsError, ClusterError) as error:
         fail(str(error))
     sys.stdout.write(json.dumps(totals) + "\n")

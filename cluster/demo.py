@@ -231,6 +231,7 @@ def run_demo(
             producer.join(timeout=30)
             classifier.stop()
             worker.join(timeout=60)
+            classify.close()
             time.sleep(0.5)
             reader.stop.set()
             reader.thread.join(timeout=10)

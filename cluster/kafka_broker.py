@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -283,7 +284,16 @@ class EmbeddedKafka:
             self.port = running.port
             return running
         info, proc = self.launch()
+        deadline = time.monotonic() + timeout
         self._wait_ready(proc, timeout)
+        # A broker that just (re)started loads its transaction coordinator before it hands
+        # out producer ids: ~1 s here, during which every idempotent producer (frames,
+        # labels) holds its records. Ready means ready for them too.
+        if not producer_ids_available(
+            self.bootstrap_servers, min(30.0, max(1.0, deadline - time.monotonic())),
+            **self.client_config(),
+        ):
+            log.warning("the broker at %s hands out no producer ids yet", self.bootstrap_servers)
         return info
 
     def launch(self) -> tuple[BrokerInfo, subprocess.Popen[bytes]]:
@@ -693,6 +703,36 @@ def broker_answers_metadata(
             with contextlib.suppress(KafkaError, OSError):
                 admin.close()
         kafka_logger.setLevel(previous)
+
+
+def producer_ids_available(bootstrap_servers: str, timeout_s: float, **client_config: Any) -> bool:
+    """True once an idempotent producer gets its producer id (within ``timeout_s``)."""
+    from confluent_kafka import Producer
+
+    from streams.config import rdkafka_properties
+
+    state: dict[str, Any] = {}
+
+    def on_stats(raw: str) -> None:
+        state["idempotence"] = json.loads(raw).get("eos", {}).get("idemp_state")
+
+    quiet = logging.getLogger(f"{__name__}.probe")  # its retries while the broker loads
+    quiet.setLevel(logging.CRITICAL)
+    producer = Producer(
+        {
+            **rdkafka_properties({"bootstrap_servers": bootstrap_servers, **client_config}),
+            "enable.idempotence": True,
+            "statistics.interval.ms": 100,
+            "stats_cb": on_stats,
+            "logger": quiet,
+        }
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        producer.poll(0.1)
+        if state.get("idempotence") == "Assigned":
+            return True
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover - manual debugging aid

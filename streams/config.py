@@ -141,28 +141,33 @@ class KafkaSettings(BaseSettings):
 
     def rdkafka_config(self, bootstrap_servers: str | None = None) -> dict[str, Any]:
         """The same connection as librdkafka properties (confluent-kafka clients)."""
-        config = self.client_config(bootstrap_servers)
-        properties: dict[str, Any] = {
-            "bootstrap.servers": ",".join(config["bootstrap_servers"]),
-            "client.id": config["client_id"],
-            "security.protocol": config["security_protocol"].lower(),
-            "socket.timeout.ms": config["request_timeout_ms"],
-        }
-        renamed = {
-            "sasl_mechanism": "sasl.mechanism",
-            "sasl_plain_username": "sasl.username",
-            "sasl_plain_password": "sasl.password",
-            "ssl_cafile": "ssl.ca.location",
-            "ssl_certfile": "ssl.certificate.location",
-            "ssl_keyfile": "ssl.key.location",
-            "ssl_password": "ssl.key.password",
-        }
-        properties.update({renamed[k]: v for k, v in config.items() if k in renamed})
-        if "ssl_check_hostname" in config:
-            properties["ssl.endpoint.identification.algorithm"] = (
-                "https" if config["ssl_check_hostname"] else "none"
-            )
-        return properties
+        return rdkafka_properties(self.client_config(bootstrap_servers))
+
+
+def rdkafka_properties(config: dict[str, Any]) -> dict[str, Any]:
+    """kafka-python connection settings (``client_config``'s keys) as librdkafka properties."""
+    servers = config["bootstrap_servers"]
+    properties: dict[str, Any] = {
+        "bootstrap.servers": servers if isinstance(servers, str) else ",".join(servers),
+        "security.protocol": config.get("security_protocol", "PLAINTEXT").lower(),
+    }
+    renamed = {
+        "client_id": "client.id",
+        "request_timeout_ms": "socket.timeout.ms",
+        "sasl_mechanism": "sasl.mechanism",
+        "sasl_plain_username": "sasl.username",
+        "sasl_plain_password": "sasl.password",
+        "ssl_cafile": "ssl.ca.location",
+        "ssl_certfile": "ssl.certificate.location",
+        "ssl_keyfile": "ssl.key.location",
+        "ssl_password": "ssl.key.password",
+    }
+    properties.update({renamed[k]: v for k, v in config.items() if k in renamed})
+    if "ssl_check_hostname" in config:
+        properties["ssl.endpoint.identification.algorithm"] = (
+            "https" if config["ssl_check_hostname"] else "none"
+        )
+    return properties
 
 
 class TopicSettings(BaseSettings):

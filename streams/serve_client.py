@@ -27,22 +27,44 @@ def serve_classify_fn(
     batch with more frame data than ``GRPC_MAX_FRAME_BYTES`` goes as an actor call (through
     the object store), whatever the transport.
     """
-    from ray import serve
     from ray.exceptions import RayError
     from ray.serve.exceptions import BackPressureError, RayServeException
 
-    if transport not in ("grpc", "actor"):
-        raise ValueError(f"transport must be 'grpc' or 'actor', not {transport!r}")
-    actor = serve.get_app_handle(app_name)
-    # Pickled both ways: a response can be an exception (a replica's error, backpressure),
-    # which JSON cannot carry.
-    grpc = actor.options(
-        _by_reference=False, request_serialization="pickle", response_serialization="pickle"
+    return ServeClassify(app_name, transport), (
+        BackPressureError,
+        RayServeException,
+        RayError,
+        TimeoutError,
     )
 
-    def classify(frames: list[FrameRecord]) -> Any:
-        small = transport == "grpc" and sum(len(f.data) for f in frames) <= GRPC_MAX_FRAME_BYTES
-        handle = grpc if small else actor
-        return handle.classify_frames.remote(frames, topk=False)  # labels need the top class
 
-    return classify, (BackPressureError, RayServeException, RayError, TimeoutError)
+class ServeClassify:
+    """``classify(frames)``: one handle call of ``classify_frames``; ``close()`` stops the
+    handle's router (its background metrics push would otherwise call Ray after the caller
+    disconnected - and Ray then starts a local instance of its own to answer it)."""
+
+    def __init__(self, app_name: str, transport: str) -> None:
+        from ray import serve
+
+        if transport not in ("grpc", "actor"):
+            raise ValueError(f"transport must be 'grpc' or 'actor', not {transport!r}")
+        self.transport = transport
+        self._handle = serve.get_app_handle(app_name)
+        self._actor = self._handle.classify_frames
+        # Pickled both ways: a response can be an exception (a replica's error,
+        # backpressure), which JSON cannot carry.
+        self._grpc = self._handle.options(
+            _by_reference=False, request_serialization="pickle", response_serialization="pickle"
+        ).classify_frames
+
+    def __call__(self, frames: list[FrameRecord]) -> Any:
+        small = (
+            self.transport == "grpc"
+            and sum(len(f.data) for f in frames) <= GRPC_MAX_FRAME_BYTES
+        )
+        method = self._grpc if small else self._actor
+        return method.remote(frames, topk=False)  # labels need the top class only
+
+    def close(self) -> None:
+        """Stop the handle's router (it is shared by both transports)."""
+        self._handle.shutdown()
