@@ -15,8 +15,6 @@ import io
 import json
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +25,7 @@ import numpy as np
 from rich.console import Console
 
 from cluster import stack
+from cluster.cameras import produce_in_subprocess
 from cluster.settings import FramecastSettings
 
 
@@ -317,7 +316,7 @@ def _pipeline_run(
             time.sleep(0.1)
         # The cameras are another process, as they would be: the producer does not share
         # this process's interpreter lock with the classifier.
-        produced = _produce_in_subprocess(
+        produced = produce_in_subprocess(
             settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
             per_camera=per_camera, batch=batch, linger_ms=linger_ms,
         )
@@ -338,26 +337,6 @@ def _pipeline_run(
         **label_summary(labels),
         "classifier_totals": outcome,
     }
-
-
-def _produce_in_subprocess(
-    settings: FramecastSettings, bootstrap: str, topic: str, *, cameras: int, fps: float,
-    per_camera: int, batch: int, linger_ms: int = 5,
-) -> dict[str, Any]:
-    """Run ``framecast produce`` (Fashion-MNIST replay, raw frames) and return its summary."""
-    command = [
-        sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
-        "--bootstrap-servers", bootstrap, "produce", "--source", "fashion-mnist",
-        "--topic", topic, "--fps", str(fps), "--streams", str(cameras),
-        "--count", str(per_camera), "--encoding", "raw", "--batch", str(batch),
-        "--linger-ms", str(linger_ms), "--json",
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"producer failed ({done.returncode}): {done.stderr[-2000:]}")
-    return dict(json.loads(done.stdout[done.stdout.index("{"):]))
 
 
 def _naive_baseline(

@@ -28,10 +28,10 @@ from cluster import stack
 from cluster.bench import (
     _drop_topics,
     _fresh_topics,
-    _produce_in_subprocess,
     _read_labels,
     label_summary,
 )
+from cluster.cameras import produce_in_subprocess
 from cluster.machine import describe, machine_line
 from cluster.settings import FramecastSettings
 
@@ -102,7 +102,7 @@ def _run(
                 tail = processes[0][1].read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the classifiers did not all join {group}: {tail}")
             time.sleep(0.5)
-        produced = _produce_in_subprocess(
+        produced = produce_in_subprocess(
             settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
             per_camera=per_camera, batch=batch,
         )

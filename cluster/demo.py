@@ -25,6 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cluster import stack
+from cluster.cameras import CameraProcess
 from cluster.settings import FramecastSettings
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_optimized"
@@ -43,6 +44,8 @@ class _LabelReader:
             auto_offset_reset="earliest",
             consumer_timeout_ms=200,
         )
+        # The frames topic's end offsets: frames in, as the broker has them (main thread only).
+        self.offsets = KafkaConsumer(**settings.kafka.client_config(bootstrap), group_id=None)
         self.latencies: list[float] = []
         self.labelled = 0
         self.dropped = 0
@@ -68,6 +71,19 @@ class _LabelReader:
                     self.with_truth += 1
                     self.correct += int(record["class_id"] == record["ground_truth"])
         self.consumer.close()
+
+    def frames_in(self, frames_topic: str) -> int:
+        """Frames the broker holds in ``frames_topic`` (one frame a message in the demo)."""
+        from kafka import TopicPartition
+
+        partitions = self.offsets.partitions_for_topic(frames_topic) or set()
+        ends = self.offsets.end_offsets([TopicPartition(frames_topic, p) for p in partitions])
+        return int(sum(ends.values()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.offsets.close()
 
     def stats(self) -> dict[str, Any]:
         values = np.asarray(self.latencies[-5000:]) if self.latencies else None
@@ -116,7 +132,7 @@ def run_demo(
     from serving.deploy import shutdown as serve_shutdown
     from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
     from streams.client import admin_client
-    from streams.producers import produce_frames
+    from streams.exceptions import StreamsError
     from streams.serve_client import serve_classify_fn
     from streams.topics import TopicSpec, ensure_topics
 
@@ -147,6 +163,7 @@ def run_demo(
         "artifact": str(artifact),
     }
     deployed = False
+    cameras_process: CameraProcess | None = None
     try:
         with admin_client(settings.kafka, bootstrap) as admin:
             partitions = max(2, min(cameras, 8))
@@ -195,46 +212,36 @@ def run_demo(
                 target=lambda: outcome.update(classifier.run()), name="demo-classifier", daemon=True
             )
             reader = _LabelReader(settings, bootstrap, names["labels"])
-            sent = {"frames": 0}
-            produced: dict[str, Any] = {}
-
-            def produce() -> None:
-                produced.update(
-                    produce_frames(
-                        settings.kafka,
-                        bootstrap,
-                        "synthetic",
-                        names["frames"],
-                        fps,
-                        cameras,
-                        per_camera,
-                        "png",
-                        data_dir=settings.data_dir,
-                        create_topic=False,
-                        progress=lambda n: sent.__setitem__("frames", sent["frames"] + n),
-                    )
-                )
-
-            producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
             worker.start()
             reader.thread.start()
-            producer.start()
+            with console.status("the classifier joins its consumer group..."):
+                joined_by = time.monotonic() + 120
+                while not classifier.assignment() and time.monotonic() < joined_by:
+                    if not worker.is_alive():
+                        raise StreamsError(f"the classifier stopped: {outcome}")
+                    time.sleep(0.1)
+            # The cameras are a process of their own, as cameras are: see cluster/cameras.py.
+            cameras_process = CameraProcess(
+                settings, bootstrap, names["frames"], source="synthetic", cameras=cameras,
+                fps=fps, per_camera=per_camera, encoding="png",
+            ).start()
             deadline = time.monotonic() + seconds + 120
             with Live(console=console, refresh_per_second=4) as live:
                 while time.monotonic() < deadline:
+                    filming = cameras_process.running()
+                    sent = reader.frames_in(names["frames"])
                     stats = reader.stats()
-                    live.update(_live_table(sent["frames"], total, stats, classifier.totals["dlq"]))
+                    live.update(_live_table(sent, total, stats, classifier.totals["dlq"]))
                     done = stats["labelled"] + stats["dropped_deadline"] + classifier.totals["dlq"]
-                    if not producer.is_alive() and done >= sent["frames"]:
+                    if not filming and done >= sent:
                         break
                     time.sleep(0.25)
-            producer.join(timeout=30)
+            produced = cameras_process.wait(timeout_s=60)
             classifier.stop()
             worker.join(timeout=60)
             classify.close()
             time.sleep(0.5)
-            reader.stop.set()
-            reader.thread.join(timeout=10)
+            reader.close()
             stats = reader.stats()
             report.update(_summarize(reader, produced, classifier.totals, stats))
             if deployed and not keep_running:
@@ -242,6 +249,8 @@ def run_demo(
                     settings.serve.app_name, address=None, namespace=settings.ray.namespace
                 )
     finally:
+        if cameras_process is not None:
+            cameras_process.stop()
         with admin_client(settings.kafka, bootstrap) as admin:
             admin.delete_topics(list(names.values()))
         if not keep_running:
