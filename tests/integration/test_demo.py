@@ -57,6 +57,7 @@ def test_demo_labels_every_frame_writes_its_report_and_leaves_no_process(tmp_pat
     assert report["online_accuracy"] > 0.6
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert sum(w["frames"] for w in report["latency_ms_by_window"]) == 240
     assert (report_dir / "latency_histogram.png").stat().st_size > 1000
     assert "| frames produced / labelled | 240 / 240 |" in (report_dir / "demo.md").read_text()
     assert "demo summary" in done.stdout
