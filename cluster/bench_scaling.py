@@ -153,7 +153,7 @@ def bench_scaling(
     replica_counts = replicas or [1, 2]
     classifier_counts = classifiers or [1, 2]
     bootstrap = stack.kafka_bootstrap(settings)
-    flat_frames = 3000 if quick else 12000
+    flat_frames = 12000 if quick else 60000  # as bench pipeline: a few seconds flat out
     cameras, fps, seconds = (8, 30.0, 6) if quick else (16, 30.0, 15)
     log_dir = settings.home / "reports" / "bench" / "scaling-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
