@@ -1,10 +1,9 @@
 """Cameras as a process of their own: ``framecast produce`` run by the demo and the benchmarks.
 
-Cameras are other programs than the classifier, and in one Python process a producer encoding
-frames would share the interpreter lock with the classifier's loop (the demo's p50 was 22 ms
-with its cameras in a thread, 14 ms at four times the load with them in a process of their
-own). The child inherits this process's environment, so the Kafka settings that came from
-``FRAMECAST_*`` variables (security included) apply to it as well.
+Cameras are other programs than the classifier; in its process, a producer encoding frames
+would share the interpreter lock with the classifier's loop. The child inherits this process's
+environment, so the Kafka settings that came from ``FRAMECAST_*`` variables (security
+included) apply to it as well.
 """
 
 from __future__ import annotations
@@ -127,5 +126,3 @@ def produce_in_subprocess(
     ) as process:
         return process.wait()
 
-
-__all__ = ["CameraProcess", "produce_in_subprocess"]
