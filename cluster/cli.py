@@ -690,8 +690,8 @@ def bench(
         if not counts[name] or not all(1 <= v <= most for v in counts[name]):
             fail(f"--{name}: expected comma-separated counts in 1..{most}, got {text!r}",
                  EXIT_USAGE)
-    from cluster import bench as benchmarks
     from cluster import stack
+    from cluster.bench import report
     from cluster.demo import SHIPPED_MODEL
     from serving.artifacts import ArtifactError
     from streams.exceptions import StreamsError
@@ -704,7 +704,7 @@ def bench(
     seconds: dict[str, float] = {}
     written: dict[str, list[Path]] = {}
     if what in ("model", "all"):
-        from cluster.bench_model import ModelBenchOptions, bench_model, write_model_outputs
+        from cluster.bench.model import ModelBenchOptions, bench_model
 
         options = ModelBenchOptions.quick() if quick else ModelBenchOptions(
             models=["baseline_cnn", "mobilenet_v2", "optimized_cnn"])
@@ -726,7 +726,7 @@ def bench(
         except (RuntimeError, ValueError, ArtifactError) as error:
             fail(str(error))
         seconds["model"] = time.perf_counter() - clock
-        written["model"] = write_model_outputs(out_dir, results["model"], command)
+        written["model"] = report.write_model_outputs(out_dir, results["model"], command)
     parts = [p for p in ("serve", "pipeline", "scaling")
              if what == p or (what == "all" and (p != "scaling" or not quick))]
     if parts:
@@ -742,32 +742,36 @@ def bench(
                     written[part] = [out_dir / f"bench-{part}.{ext}"
                                      for ext in ("json", "md", "png")]
                 elif part == "scaling":
-                    from cluster.bench_scaling import bench_scaling, write_scaling_outputs
+                    from cluster.bench.scaling import bench_scaling
 
                     console.rule(f"framecast bench scaling{' (quick)' if quick else ''}")
                     results[part] = bench_scaling(
                         settings, artifact or SHIPPED_MODEL, console, quick=quick,
                         replicas=counts["replicas"], classifiers=counts["classifiers"])
-                    written[part] = write_scaling_outputs(out_dir, results[part], command)
+                    written[part] = report.write_scaling_outputs(out_dir, results[part], command)
                 else:
+                    from cluster.bench.pipeline import bench_pipeline
+                    from cluster.bench.serve import bench_serve
+
                     console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
-                    run = benchmarks.bench_serve if part == "serve" else benchmarks.bench_pipeline
+                    run = bench_serve if part == "serve" else bench_pipeline
                     results[part] = run(settings, artifact or SHIPPED_MODEL, console, quick=quick)
-                    written[part] = benchmarks.write_outputs(out_dir, part, results[part])
+                    write = (report.write_serve_outputs if part == "serve"
+                             else report.write_pipeline_outputs)
+                    written[part] = write(out_dir, results[part])
                 seconds[part] = time.perf_counter() - clock
         except (ClusterError, StreamsError, ArtifactError) as error:
             fail(str(error))
         finally:
             stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
     if what == "all":
-        from cluster.bench_all import write_all_outputs
-        from cluster.machine import describe
+        from jobs.machine import describe
 
         results.update(
             machine=describe(), wall_seconds=time.perf_counter() - started,
             section_seconds=seconds, loadavg_after=describe()["loadavg"],
             section_markdown={k: v[1].read_text(encoding="utf-8") for k, v in written.items()})
-        written["all"] = write_all_outputs(out_dir, results, command)
+        written["all"] = report.write_all_outputs(out_dir, results, command)
     for paths in written.values():
         for path in paths:
             console.print(f"wrote {path}", highlight=False)

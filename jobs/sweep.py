@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.machine import describe, provenance, write_report
+
 SWEEP_SPARSITIES = ("0", "0.5", "0.75", "0.9", "2:4")
 SWEEP_QUANTS = ("none", "float16", "dynamic", "int8", "qat-int8")
 CALIBRATION_SAMPLES = 500
@@ -130,7 +132,6 @@ def _measure_point(path: Path, x_test: Any, y_test: Any, num_classes: int,
 
 def run_sweep(options: SweepOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, export and measure every (sparsity, quantization) point; return the results."""
-    from cluster.machine import describe
     from jobs.data import calibration_sample, load_dataset
     from jobs.qat import finetune_quantization_aware
     from jobs.variants import convert_litert, train_in_process
@@ -212,8 +213,6 @@ def _point_line(point: dict[str, Any]) -> str:
 
 def sweep_markdown(results: dict[str, Any], command: str) -> str:
     """The Pareto report as Markdown: every point, the front marked, the choice explained."""
-    from cluster.machine import provenance
-
     options = results["options"]
     points = results["points"]
     lines = [
@@ -303,6 +302,4 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
 
 def write_sweep(results: dict[str, Any], out: Path, command: str) -> list[Path]:
     """sweep.json, sweep.md and sweep.png in out."""
-    from cluster.machine import write_report
-
     return write_report(out, "sweep", results, sweep_markdown(results, command), plot_sweep)

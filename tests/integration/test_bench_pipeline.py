@@ -1,7 +1,7 @@
-"""The pipeline bench's measured run (`cluster.bench._pipeline_run`) on the session broker and
-Serve app: real `framecast produce` cameras in their own process, the stream classifier in
-this one. Its figures are not checked (the machine is noisy); that every frame is labelled and
-measured, is.
+"""The pipeline bench's measured run (`cluster.bench.pipeline._pipeline_run`) on the session
+broker and Serve app: real `framecast produce` cameras in their own process, the stream
+classifier in this one. Its figures are not checked (the machine is noisy); that every frame
+is labelled and measured, is.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench import _pipeline_run
+from cluster.bench.pipeline import _pipeline_run
 from cluster.settings import load_settings
 from streams.config import KafkaSettings
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench_model import add_efficiency, summarize
-from cluster.machine import (
+from cluster.bench.model import add_efficiency, summarize
+from jobs.machine import (
     CpuInfo,
     describe,
     efficiency_pct,

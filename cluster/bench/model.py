@@ -6,10 +6,10 @@ exported every way framecast can ship it: Keras float (plain ``model.predict``),
 SavedModel, LiteRT float32 / float16 / dynamic-range / int8, and ONNX (tf2onnx) on ONNX
 Runtime. Each is measured on the same test images: accuracy, p50/p99 latency at batch 1 on
 one thread, throughput at the best batch on all cores, size, and the MAC efficiency against
-the CPU's peak (cluster.machine).
+the CPU's peak (jobs.machine); the report is written by cluster.bench.report.
 
 TensorFlow's thread count is fixed per process at first use, so the work runs in child
-processes per model (``python -m cluster.bench_model``): ``prepare`` (training, all cores;
+processes per model (``python -m cluster.bench.model``): ``prepare`` (training, all cores;
 only for a model the artifact is not), ``run`` (export + accuracy + latency, one thread) and
 ``throughput`` (all cores).
 """
@@ -27,14 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.machine import (
-    cpu_from,
-    describe,
-    efficiency_pct,
-    peak_mac_rate,
-    provenance,
-    write_report,
-)
+from jobs.machine import cpu_from, describe, efficiency_pct, peak_mac_rate
 
 # The compute each export really does on a CPU: int8 kernels for full-integer and
 # dynamic-range models; float16 weights are widened to float32 before the math.
@@ -252,7 +245,7 @@ def child_throughput(model_name: str, work: Path, options: ModelBenchOptions,
 
 
 def _child(args: list[str], timeout: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "cluster.bench_model", *args]
+    command = [sys.executable, "-m", "cluster.bench.model", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
@@ -357,109 +350,9 @@ def _row_line(row: dict[str, Any]) -> str:
             f"  {row['size_bytes'] / 1024:.0f} KiB")
 
 
-# -- report ------------------------------------------------------------------------------------
-
-
-def _f(value: Any, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def model_markdown(results: dict[str, Any], command: str) -> list[str]:
-    """The bench model section as Markdown lines."""
-    opts = results["options"]
-    lines = [
-        "## Model: each export, and the peers",
-        "",
-        *provenance(command, results["machine"], results["loadavg_after"]),
-        f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
-        f"images. Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
-        "20 warm-up calls, uint8 in -> probabilities out (normalization and int8 "
-        f"(de)quantization included). Throughput: best of batches {list(opts['batches'])} on "
-        f"all cores, {opts['throughput_seconds']} s per batch. Keras = `model.predict`; "
-        "ONNX Runtime = the same weights through tf2onnx (opset 17), CPU provider, all graph "
-        "optimizations. Efficiency = MACs/image x images/s / peak MAC/s of the cores used.",
-        "",
-    ]
-    for model in results["models"]:
-        lines += [f"### {model['model']}", "",
-                  f"Weights: {model['source']}. {model['params']:,} parameters, "
-                  f"{model['macs'] / 1e6:.2f} M MACs per image. Load average before/after: "
-                  f"{model['loadavg_before']} / {model['loadavg_after']}.", "",
-                  "| export | accuracy % | F1 | p50 ms | p99 ms | images/s (batch) | size KiB "
-                  "| gzip KiB | eff. batch-1 % | eff. throughput % |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in (r for r in results["rows"] if r["model"] == model["model"]):
-            if row.get("error"):
-                lines.append(f"| {row['export']} | error: {row['error'][:200]} "
-                             "| | | | | | | | |")
-                continue
-            lines.append(
-                f"| {row['export']} | {100 * row['accuracy']:.2f} | {row['f1_macro']:.4f} "
-                f"| {row['latency_ms_p50']:.3f} | {row['latency_ms_p99']:.3f} "
-                f"| {_f(row.get('throughput_ips'), ',.0f')} ({row.get('throughput_batch')}) "
-                f"| {row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} "
-                f"| {_f(row.get('efficiency_latency_pct'), '.2f')} "
-                f"| {_f(row.get('efficiency_throughput_pct'), '.2f')} |")
-        s = results["summary"][model["model"]]
-        lines += ["", f"Winners: batch-1 latency **{s['fastest_batch1']}**, throughput "
-                      f"**{s['highest_throughput']}**, size **{s['smallest']}**, accuracy "
-                      f"**{s['most_accurate']}**. Keras predict p50 / LiteRT int8 p50 = "
-                      f"{_f(s['keras_over_int8_latency'], '')}x; ONNX Runtime p50 / LiteRT "
-                      f"float32 p50 = {_f(s['onnxruntime_over_litert_float32_latency'], '')}x, "
-                      f"/ LiteRT int8 p50 = {_f(s['onnxruntime_over_litert_int8_latency'], '')}"
-                      f"x; LiteRT int8 / ONNX Runtime throughput = "
-                      f"{_f(s['litert_int8_over_onnxruntime_throughput'], '')}x.", ""]
-    peaks = {r["compute_dtype"]: r["peak_formula"] for r in results["rows"]
-             if r.get("peak_formula")}
-    lines += ["Peak MAC rate per core, as computed from /proc/cpuinfo: "
-              + "; ".join(f"{k}: {v}" for k, v in sorted(peaks.items())) + ".", ""]
-    return lines
-
-
-def plot_model(results: dict[str, Any], path: Path) -> None:
-    """Batch-1 p50 latency and best throughput per export, one group of bars per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jobs.variants import EXPORTS
-
-    names = [m["model"] for m in results["models"]]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    width = 0.8 / max(1, len(EXPORTS))
-    for k, export in enumerate(EXPORTS):
-        lat, ips = [], []
-        for name in names:
-            row = next((r for r in results["rows"] if r["model"] == name
-                        and r["export"] == export and not r.get("error")), None)
-            lat.append(row["latency_ms_p50"] if row else 0)
-            ips.append(row.get("throughput_ips", 0) if row else 0)
-        xs = [i + (k - len(EXPORTS) / 2 + 0.5) * width for i in range(len(names))]
-        axes[0].bar(xs, lat, width, label=export, color=f"C{k}")
-        axes[1].bar(xs, ips, width, label=export, color=f"C{k}")
-    for axis, title in ((axes[0], "p50 latency, batch 1, 1 thread (ms, log)"),
-                        (axes[1], "throughput at best batch, all cores (images/s, log)")):
-        axis.set_xticks(range(len(names)), names)
-        axis.set_yscale("log")
-        axis.set_title(title)
-        axis.grid(alpha=0.3, axis="y")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("framecast bench model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
-    """bench-model.json, .md and .png."""
-    text = "\n".join(["# framecast bench model", "", *model_markdown(results, command)]) + "\n"
-    return write_report(out_dir, "bench-model", results, text, plot_model)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Child processes of bench model: ``prepare``, ``run`` and ``throughput``."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench_model")
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench.model")
     parser.add_argument("step", choices=("prepare", "run", "throughput"))
     parser.add_argument("model")
     parser.add_argument("work", type=Path)

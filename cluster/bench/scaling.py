@@ -25,15 +25,10 @@ from typing import Any
 from rich.console import Console
 
 from cluster import stack
-from cluster.bench import (
-    _drop_topics,
-    _fresh_topics,
-    _read_labels,
-    label_summary,
-)
+from cluster.bench.runs import drop_topics, fresh_topics, label_summary, read_labels
 from cluster.cameras import produce_in_subprocess
-from cluster.machine import describe, machine_line
 from cluster.settings import FramecastSettings
+from jobs.machine import describe
 
 PARTITIONS = 4  # enough partitions for every classifier count measured here
 APP = "bench-scaling"
@@ -81,7 +76,7 @@ def _run(
     log_dir: Path,
 ) -> dict[str, Any]:
     """One measured run: P classifier processes, one producer, fresh topics."""
-    names = _fresh_topics(settings, bootstrap, partitions=PARTITIONS)
+    names = fresh_topics(settings, bootstrap, partitions=PARTITIONS)
     group = f"scaling-{names['frames']}"
     total = cameras * per_camera
     processes: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -109,7 +104,7 @@ def _run(
         # Every label read back, then each member is told to stop (SIGTERM: drain, commit,
         # print its totals). No idle exit: a member that joined first must not leave while
         # the others are still joining.
-        labels = _read_labels(settings, bootstrap, names["labels"], total, timeout_s=600)
+        labels = read_labels(settings, bootstrap, names["labels"], total, timeout_s=600)
         totals: list[dict[str, Any]] = []
         for child, _ in processes:
             child.send_signal(signal.SIGTERM)
@@ -124,7 +119,7 @@ def _run(
             if child.poll() is None:
                 child.kill()
                 child.wait(30)
-        _drop_topics(settings, bootstrap, names)
+        drop_topics(settings, bootstrap, names)
     return {
         "offered_fps": cameras * fps if fps else None,
         "frames": total,
@@ -214,61 +209,3 @@ def extrapolate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         },
     }
 
-
-def write_scaling_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
-    """bench-scaling.json, .md and .png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "bench-scaling.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    load = results["offered_load"]
-    offered = f"{load['cameras']}x{load['fps_per_camera']:g} fps"
-    lines = [
-        "# framecast bench scaling", "", f"Command: `{command}`", "",
-        f"Machine: {machine_line(results['machine'])}; Ray CPUs {results['ray_cpus']:g}.", "",
-        f"| Serve replicas (CPUs each) | classifier processes | flat-out frames/s | "
-        f"p50 ms at {offered} | p99 ms at {offered} | labels/frames |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results["runs"]:
-        f, o = r["flat_out"], r["offered"]
-        lines.append(
-            f"| {r['replicas']} ({r['cpus_per_replica']:g}) | {r['classifiers']} | "
-            f"{f['sustained_fps']} | {o['p50_ms']} | {o['p99_ms']} | "
-            f"{f['labels'] + o['labels']}/{f['frames'] + o['frames']} |"
-        )
-    x = results["extrapolation"]
-    lines += [
-        "",
-        f"Best: {x['best']['replicas']} replica(s) x {x['best']['classifiers']} classifier(s), "
-        f"{x['best']['sustained_fps']} frames/s. One replica sustains {x['per_replica_fps']} "
-        "frames/s here; arithmetic, not a measurement: replicas of this kind needed for "
-        + ", ".join(f"{int(t):,} frames/s: {n}" for t, n in x["replicas_needed"].items())
-        + " (on a cluster, with one core per replica and classifiers and brokers elsewhere).",
-    ]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for members in sorted({r["classifiers"] for r in results["runs"]}):
-        rows = [r for r in results["runs"] if r["classifiers"] == members]
-        counts = [r["replicas"] for r in rows]
-        left.plot(counts, [r["flat_out"]["sustained_fps"] for r in rows], "o-",
-                  label=f"{members} classifier(s)")
-        right.plot(counts, [r["offered"]["p99_ms"] for r in rows], "s-",
-                   label=f"{members} classifier(s)")
-    left.set_xlabel("Serve replicas")
-    left.set_ylabel("flat-out frames/s")
-    right.set_xlabel("Serve replicas")
-    right.set_ylabel(f"p99 ms at {offered}")
-    for axis in (left, right):
-        axis.legend()
-    figure.suptitle("framecast bench scaling")
-    figure.tight_layout()
-    png_path = out_dir / "bench-scaling.png"
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
-    md_path = out_dir / "bench-scaling.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return [json_path, md_path, png_path]

@@ -1,9 +1,15 @@
-"""The machine a benchmark ran on, and the arithmetic of its peak multiply-accumulate rate.
+"""The machine a measurement ran on, the arithmetic of its peak multiply-accumulate rate,
+and the report files every measurement writes.
 
 Everything here is plain parsing and arithmetic (no TensorFlow), so it is cheap to call and
 to test: :func:`parse_cpuinfo` reads ``/proc/cpuinfo`` text, :func:`peak_macs_per_cycle`
 states how many multiply-accumulates one core can start per cycle from its ISA flags, and
-:func:`efficiency_pct` puts a measured rate against that peak.
+:func:`efficiency_pct` puts a measured rate against that peak. :func:`describe` is the one
+machine description; :func:`provenance` and :func:`write_report` start and write a report.
+
+A leaf module (the standard library only; matplotlib is the caller's, through ``plot``):
+``jobs.sweep`` and the benchmarks in ``cluster.bench`` both use it, and keeping it in
+``jobs`` keeps the imports one way (``cluster`` may import ``jobs``, never the reverse).
 """
 
 from __future__ import annotations

@@ -1,0 +1,434 @@
+"""The reports of ``framecast bench``: each section's ``bench-<what>.json``, ``.md`` and
+``.png`` (model, serve, pipeline, scaling), and ``bench all``'s combined one with the headline
+ratios (``bench-all.{json,md,png}``) beside them.
+
+The measuring modules (cluster.bench.model, .serve, .pipeline, .scaling) return plain dicts;
+this module only renders them. Every report is written by :func:`jobs.machine.write_report`
+(``framecast sweep``'s too), so all of them start from the same machine line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jobs.machine import describe, machine_line, provenance, write_report
+
+# -- serve and pipeline -----------------------------------------------------------------------
+
+
+def _section_header(what: str, results: dict[str, Any]) -> list[str]:
+    """Title, machine, served artifact and (pipeline) the unmeasured warm-up."""
+    lines = [
+        f"# framecast bench {what}",
+        "",
+        f"Machine: {machine_line(results['machine'])}.",
+        "",
+    ]
+    if results.get("artifact"):
+        lines += [f"Served artifact: `{results['artifact']}`.", ""]
+    if results.get("warmup"):
+        w = results["warmup"]
+        lines += [
+            f"First an unmeasured warm-up: {w['frames']} frames at {w['offered_fps']:g} "
+            f"frames/s offered (its p99: {w['p99_ms']} ms).",
+            "",
+        ]
+    return lines
+
+
+def _one_axis_plot(path: Path, what: str, draw: Callable[[Any], None]) -> None:
+    """A 7x4 in figure of one axis that draw(axis) fills, with legend and title, to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    draw(axis)
+    axis.legend()
+    axis.set_title(f"framecast bench {what}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def serve_markdown(results: dict[str, Any]) -> str:
+    """bench-serve.md: every path's frames/s and latency, and the Serve overhead."""
+    lines = [
+        *_section_header("serve", results),
+        "| path | batch | concurrency | frames/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, r in results["direct"].items():
+        lines.append(
+            f"| direct LiteRT | {b} | 1 | {r['fps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} |"
+        )
+    for key, r in results["handle"].items():
+        b, c = key.split("x")
+        lines.append(
+            f"| Serve handle | {b} | {c} | {r['fps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} |"
+        )
+    for c, r in results["http"].items():
+        lines.append(
+            f"| HTTP PNG | 1 | {c} | {r['fps']:,.0f} | {r['p50_ms']} | {r['p99_ms']} |"
+        )
+    lines += [
+        "",
+        "Serve overhead (direct frames/s / Serve handle frames/s at 4 concurrent "
+        "calls): " + ", ".join(f"batch {b}: {v}x" for b, v in results["overhead"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_serve(results: dict[str, Any], path: Path) -> None:
+    """Frames/s by frames per call: direct LiteRT, and the Serve handle at 1 and 4 calls."""
+
+    def draw(axis: Any) -> None:
+        sizes = [int(b) for b in results["direct"]]
+        axis.plot(
+            sizes, [r["fps"] for r in results["direct"].values()], "o-", label="direct LiteRT"
+        )
+        for c in (1, 4):
+            axis.plot(
+                sizes,
+                [results["handle"][f"{b}x{c}"]["fps"] for b in sizes],
+                "s-",
+                label=f"Serve handle x{c}",
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("frames per call")
+        axis.set_ylabel("frames/s")
+
+    _one_axis_plot(path, "serve", draw)
+
+
+def write_serve_outputs(out_dir: Path, results: dict[str, Any]) -> list[Path]:
+    """bench-serve.json, .md and .png."""
+    return write_report(out_dir, "bench-serve", results, serve_markdown(results), plot_serve)
+
+
+def pipeline_markdown(results: dict[str, Any]) -> str:
+    """bench-pipeline.md: every run's sustained rate and latency, and the ratio to naive."""
+    lines = [
+        *_section_header("pipeline", results),
+        "| classifier | offered | frames | sustained frames/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        offered = (
+            f"{r['cameras']}x{r['fps_per_camera']:g} fps" if r["fps_per_camera"] else "flat out"
+        )
+        lines.append(
+            f"| {r['classifier']} | {offered} | {r['labels']}/{r['frames']} | "
+            f"{r['sustained_fps']} | {r['p50_ms']} | {r['p95_ms']} | "
+            f"{r['p99_ms']} |"
+        )
+    lines += [
+        "",
+        f"framecast's best sustained rate / naive baseline: {results['ratio_vs_naive']}x",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pipeline(results: dict[str, Any], path: Path) -> None:
+    """p50 and p99 end-to-end latency against the offered load (framecast's paced runs)."""
+
+    def draw(axis: Any) -> None:
+        runs = [r for r in results["runs"] if r["classifier"] == "framecast" and r["offered_fps"]]
+        axis.plot(
+            [r["offered_fps"] for r in runs],
+            [r["p99_ms"] for r in runs],
+            "o-",
+            label="p99 end-to-end",
+        )
+        axis.plot(
+            [r["offered_fps"] for r in runs],
+            [r["p50_ms"] for r in runs],
+            "s-",
+            label="p50 end-to-end",
+        )
+        axis.set_xlabel("offered load (frames/s)")
+        axis.set_ylabel("latency (ms)")
+
+    _one_axis_plot(path, "pipeline", draw)
+
+
+def write_pipeline_outputs(out_dir: Path, results: dict[str, Any]) -> list[Path]:
+    """bench-pipeline.json, .md and .png."""
+    return write_report(out_dir, "bench-pipeline", results, pipeline_markdown(results),
+                        plot_pipeline)
+
+
+# -- scaling ----------------------------------------------------------------------------------
+
+
+def scaling_markdown(results: dict[str, Any], command: str) -> str:
+    """bench-scaling.md: each (replicas, classifiers) run, the best, the extrapolation."""
+    load = results["offered_load"]
+    offered = f"{load['cameras']}x{load['fps_per_camera']:g} fps"
+    lines = [
+        "# framecast bench scaling", "", f"Command: `{command}`", "",
+        f"Machine: {machine_line(results['machine'])}; Ray CPUs {results['ray_cpus']:g}.", "",
+        f"| Serve replicas (CPUs each) | classifier processes | flat-out frames/s | "
+        f"p50 ms at {offered} | p99 ms at {offered} | labels/frames |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        f, o = r["flat_out"], r["offered"]
+        lines.append(
+            f"| {r['replicas']} ({r['cpus_per_replica']:g}) | {r['classifiers']} | "
+            f"{f['sustained_fps']} | {o['p50_ms']} | {o['p99_ms']} | "
+            f"{f['labels'] + o['labels']}/{f['frames'] + o['frames']} |"
+        )
+    x = results["extrapolation"]
+    lines += [
+        "",
+        f"Best: {x['best']['replicas']} replica(s) x {x['best']['classifiers']} classifier(s), "
+        f"{x['best']['sustained_fps']} frames/s. One replica sustains {x['per_replica_fps']} "
+        "frames/s here; arithmetic, not a measurement: replicas of this kind needed for "
+        + ", ".join(f"{int(t):,} frames/s: {n}" for t, n in x["replicas_needed"].items())
+        + " (on a cluster, with one core per replica and classifiers and brokers elsewhere).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(results: dict[str, Any], path: Path) -> None:
+    """Flat-out frames/s and p99 at the offered load against replicas, a line per classifiers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = results["offered_load"]
+    offered = f"{load['cameras']}x{load['fps_per_camera']:g} fps"
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for members in sorted({r["classifiers"] for r in results["runs"]}):
+        rows = [r for r in results["runs"] if r["classifiers"] == members]
+        counts = [r["replicas"] for r in rows]
+        left.plot(counts, [r["flat_out"]["sustained_fps"] for r in rows], "o-",
+                  label=f"{members} classifier(s)")
+        right.plot(counts, [r["offered"]["p99_ms"] for r in rows], "s-",
+                   label=f"{members} classifier(s)")
+    left.set_xlabel("Serve replicas")
+    left.set_ylabel("flat-out frames/s")
+    right.set_xlabel("Serve replicas")
+    right.set_ylabel(f"p99 ms at {offered}")
+    for axis in (left, right):
+        axis.legend()
+    figure.suptitle("framecast bench scaling")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_scaling_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
+    """bench-scaling.json, .md and .png."""
+    return write_report(out_dir, "bench-scaling", results, scaling_markdown(results, command),
+                        plot_scaling)
+
+
+# -- model ----------------------------------------------------------------------------------
+
+
+def _f(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def model_markdown(results: dict[str, Any], command: str) -> list[str]:
+    """The bench model section as Markdown lines."""
+    opts = results["options"]
+    lines = [
+        "## Model: each export, and the peers",
+        "",
+        *provenance(command, results["machine"], results["loadavg_after"]),
+        f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
+        f"images. Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
+        "20 warm-up calls, uint8 in -> probabilities out (normalization and int8 "
+        f"(de)quantization included). Throughput: best of batches {list(opts['batches'])} on "
+        f"all cores, {opts['throughput_seconds']} s per batch. Keras = `model.predict`; "
+        "ONNX Runtime = the same weights through tf2onnx (opset 17), CPU provider, all graph "
+        "optimizations. Efficiency = MACs/image x images/s / peak MAC/s of the cores used.",
+        "",
+    ]
+    for model in results["models"]:
+        lines += [f"### {model['model']}", "",
+                  f"Weights: {model['source']}. {model['params']:,} parameters, "
+                  f"{model['macs'] / 1e6:.2f} M MACs per image. Load average before/after: "
+                  f"{model['loadavg_before']} / {model['loadavg_after']}.", "",
+                  "| export | accuracy % | F1 | p50 ms | p99 ms | images/s (batch) | size KiB "
+                  "| gzip KiB | eff. batch-1 % | eff. throughput % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in (r for r in results["rows"] if r["model"] == model["model"]):
+            if row.get("error"):
+                lines.append(f"| {row['export']} | error: {row['error'][:200]} "
+                             "| | | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['export']} | {100 * row['accuracy']:.2f} | {row['f1_macro']:.4f} "
+                f"| {row['latency_ms_p50']:.3f} | {row['latency_ms_p99']:.3f} "
+                f"| {_f(row.get('throughput_ips'), ',.0f')} ({row.get('throughput_batch')}) "
+                f"| {row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} "
+                f"| {_f(row.get('efficiency_latency_pct'), '.2f')} "
+                f"| {_f(row.get('efficiency_throughput_pct'), '.2f')} |")
+        s = results["summary"][model["model"]]
+        lines += ["", f"Winners: batch-1 latency **{s['fastest_batch1']}**, throughput "
+                      f"**{s['highest_throughput']}**, size **{s['smallest']}**, accuracy "
+                      f"**{s['most_accurate']}**. Keras predict p50 / LiteRT int8 p50 = "
+                      f"{_f(s['keras_over_int8_latency'], '')}x; ONNX Runtime p50 / LiteRT "
+                      f"float32 p50 = {_f(s['onnxruntime_over_litert_float32_latency'], '')}x, "
+                      f"/ LiteRT int8 p50 = {_f(s['onnxruntime_over_litert_int8_latency'], '')}"
+                      f"x; LiteRT int8 / ONNX Runtime throughput = "
+                      f"{_f(s['litert_int8_over_onnxruntime_throughput'], '')}x.", ""]
+    peaks = {r["compute_dtype"]: r["peak_formula"] for r in results["rows"]
+             if r.get("peak_formula")}
+    lines += ["Peak MAC rate per core, as computed from /proc/cpuinfo: "
+              + "; ".join(f"{k}: {v}" for k, v in sorted(peaks.items())) + ".", ""]
+    return lines
+
+
+def plot_model(results: dict[str, Any], path: Path) -> None:
+    """Batch-1 p50 latency and best throughput per export, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.variants import EXPORTS
+
+    names = [m["model"] for m in results["models"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    width = 0.8 / max(1, len(EXPORTS))
+    for k, export in enumerate(EXPORTS):
+        lat, ips = [], []
+        for name in names:
+            row = next((r for r in results["rows"] if r["model"] == name
+                        and r["export"] == export and not r.get("error")), None)
+            lat.append(row["latency_ms_p50"] if row else 0)
+            ips.append(row.get("throughput_ips", 0) if row else 0)
+        xs = [i + (k - len(EXPORTS) / 2 + 0.5) * width for i in range(len(names))]
+        axes[0].bar(xs, lat, width, label=export, color=f"C{k}")
+        axes[1].bar(xs, ips, width, label=export, color=f"C{k}")
+    for axis, title in ((axes[0], "p50 latency, batch 1, 1 thread (ms, log)"),
+                        (axes[1], "throughput at best batch, all cores (images/s, log)")):
+        axis.set_xticks(range(len(names)), names)
+        axis.set_yscale("log")
+        axis.set_title(title)
+        axis.grid(alpha=0.3, axis="y")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("framecast bench model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
+    """bench-model.json, .md and .png."""
+    text = "\n".join(["# framecast bench model", "", *model_markdown(results, command)]) + "\n"
+    return write_report(out_dir, "bench-model", results, text, plot_model)
+
+
+# -- all ------------------------------------------------------------------------------------
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The ratios a reader wants first, from whichever sections ran."""
+    out: dict[str, Any] = {}
+    model = results.get("model")
+    if model:
+        for name, summary in model["summary"].items():
+            out[f"{name}: Keras predict p50 / LiteRT int8 p50"] = summary[
+                "keras_over_int8_latency"]
+            out[f"{name}: ONNX Runtime p50 / LiteRT int8 p50"] = summary[
+                "onnxruntime_over_litert_int8_latency"]
+            out[f"{name}: ONNX Runtime p50 / LiteRT float32 p50"] = summary[
+                "onnxruntime_over_litert_float32_latency"]
+            out[f"{name}: fastest batch-1 export"] = summary["fastest_batch1"]
+            out[f"{name}: highest-throughput export"] = summary["highest_throughput"]
+            int8 = next((r for r in model["rows"] if r["model"] == name
+                         and r["export"] == "litert-int8" and not r.get("error")), None)
+            if int8 and int8.get("efficiency_throughput_pct") is not None:
+                out[f"{name}: LiteRT int8 efficiency, throughput (% of int8 peak)"] = round(
+                    int8["efficiency_throughput_pct"], 2)
+    serve = results.get("serve")
+    if serve:
+        out["serve: direct LiteRT / Serve handle frames/s, by batch"] = serve["overhead"]
+    pipeline = results.get("pipeline")
+    if pipeline:
+        out["pipeline: best framecast sustained frames/s / naive Keras per frame"] = pipeline[
+            "ratio_vs_naive"]
+    scaling = results.get("scaling")
+    if scaling:
+        best = scaling["extrapolation"]["best"]
+        out["scaling: best flat-out frames/s (replicas x classifier processes)"] = (
+            f"{best['sustained_fps']} ({best['replicas']} x {best['classifiers']})")
+    return out
+
+
+def all_markdown(results: dict[str, Any], command: str) -> str:
+    """bench-all.md: the headline, then each section's own Markdown."""
+    lines = ["# framecast bench all", "", f"Command: `{command}`", "",
+             f"Machine: {machine_line(results['machine'])}.", "",
+             f"Wall time: {results['wall_seconds']:.0f} s "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in results['section_seconds'].items())}); "
+             f"load average after: {'/'.join(str(x) for x in results['loadavg_after'])}.",
+             "", "## Headline", "", "| measure | value |", "|---|---|"]
+    for key, value in results["headline"].items():
+        lines.append(f"| {key} | {value} |")
+    lines.append("")
+    for section, text in results.get("section_markdown", {}).items():
+        lines += [f"<!-- section {section} -->", text.replace("\n# ", "\n## "), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(results: dict[str, Any], path: Path) -> None:
+    """One figure: export latency (model), direct vs Serve (serve), sustained rate (pipeline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    model = results.get("model")
+    if model:
+        rows = [r for r in model["rows"] if not r.get("error")]
+        labels = [f"{r['model'][:9]}\n{r['export']}" for r in rows]
+        axes[0].barh(range(len(rows)), [r["latency_ms_p50"] for r in rows],
+                     color=[f"C{i % 10}" for i in range(len(rows))])
+        axes[0].set_yticks(range(len(rows)), labels, fontsize=6)
+        axes[0].set_xscale("log")
+        axes[0].set_title("model: p50 ms, batch 1, 1 thread (log)")
+    serve = results.get("serve")
+    if serve:
+        sizes = [int(b) for b in serve["direct"]]
+        axes[1].plot(sizes, [r["fps"] for r in serve["direct"].values()], "o-",
+                     label="direct LiteRT")
+        axes[1].plot(sizes, [serve["handle"][f"{b}x4"]["fps"] for b in sizes], "s-",
+                     label="Serve handle x4")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set(xlabel="frames per call", ylabel="frames/s",
+                    title="serve: direct vs Ray Serve")
+        axes[1].legend(fontsize=8)
+    pipeline = results.get("pipeline")
+    if pipeline:
+        runs = pipeline["runs"]
+        names = [f"{r['classifier']}\n" + (f"{r['cameras']}x{r['fps_per_camera']:g}"
+                                           if r["fps_per_camera"] else "flat out") for r in runs]
+        axes[2].bar(range(len(runs)), [r["sustained_fps"] or 0 for r in runs],
+                    color=["C0" if r["classifier"] == "framecast" else "C3" for r in runs])
+        axes[2].set_xticks(range(len(runs)), names, fontsize=7)
+        axes[2].set(ylabel="sustained frames/s", title="pipeline: Kafka -> Serve -> Kafka")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    fig.suptitle("framecast bench all - " + machine_line(results["machine"])[:150], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all_outputs(out_dir: Path, results: dict[str, Any], command: str) -> list[Path]:
+    """bench-all.json, bench-all.md and bench-all.png."""
+    results["headline"] = headline(results)
+    results.setdefault("loadavg_after", describe()["loadavg"])
+    return write_report(out_dir, "bench-all", results, all_markdown(results, command), plot_all)
