@@ -5,9 +5,11 @@ the rendered YAML (the secure defaults: nothing of Ray exposed, token auth, no s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,157 @@ def _pod_specs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield spec["submitterPodTemplate"]["spec"]
 
 
+def _values(variant: str) -> dict[str, Any]:
+    """values.yaml with a values file over it (maps merge, everything else replaces)."""
+
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base.get(k), over[k]) if k in over else base[k] for k in base | over}
+        return over
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    for path in _files(variant):
+        values = merge(values, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return values
+
+
 def _ray_clusters(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = [d["spec"]["rayClusterConfig"] for d in _kind(docs, "RayService")]
     return out + [d["spec"]["rayClusterSpec"] for d in _kind(docs, "RayJob")]
+
+
+def _containers(doc: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(pod spec, container) for every container and init container a workload renders."""
+    for pod in _pod_specs(doc):
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            yield pod, container
+
+
+# -- a NetworkPolicy evaluator over the rendered policies ------------------------------------------
+# The semantics of networking.k8s.io/v1: a pod selected by a policy of a direction is isolated in
+# that direction and admits only what some rule of those policies allows; policies add up. A
+# connection needs the source's egress and the destination's ingress. Everything rendered lives
+# in the release's namespace (helm template: "default").
+
+RELEASE_NAMESPACE = "default"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    labels: dict[str, str]
+    namespace: str | None = RELEASE_NAMESPACE  # None: an address outside the cluster
+    ip: str = "10.0.0.10"
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace or ""}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict[str, Any], other: Endpoint) -> bool:
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(other.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(c) for c in block.get("except", [])
+        )
+    if other.namespace is None:  # pod and namespace selectors match pods only
+        return False
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], other.namespace_labels):
+            return False
+    elif other.namespace != RELEASE_NAMESPACE:
+        return False
+    return _selects(peer.get("podSelector", {}), other.labels)
+
+
+def _rule_matches(rule: dict[str, Any], peers_key: str, other: Endpoint, port: int, protocol: str):
+    peers = rule.get(peers_key)
+    if peers is not None and not any(_peer_matches(p, other) for p in peers):
+        return False
+    ports = rule.get("ports")
+    return ports is None or any(
+        p.get("protocol", "TCP") == protocol and p.get("port", port) == port for p in ports
+    )
+
+
+def _admits(
+    policies: list[dict[str, Any]],
+    direction: str,
+    pod: Endpoint,
+    other: Endpoint,
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    """Does `pod` let this connection to/from `other` through in `direction`?"""
+    if pod.namespace != RELEASE_NAMESPACE:
+        return True  # no policy of the release selects it
+    selecting = [
+        p
+        for p in policies
+        if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod.labels)
+    ]
+    if not selecting:
+        return True
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    return any(
+        _rule_matches(rule, peers, other, port, protocol)
+        for policy in selecting
+        for rule in policy["spec"].get(key) or []
+    )
+
+
+def _connects(
+    policies: list[dict[str, Any]],
+    source: Endpoint,
+    target: Endpoint,
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    return _admits(policies, "Egress", source, target, port, protocol) and _admits(
+        policies, "Ingress", target, source, port, protocol
+    )
+
+
+def _pods(docs: list[dict[str, Any]]) -> list[Endpoint]:
+    """Every pod template of the release, with the labels its pods carry."""
+    pods = []
+    for doc in docs:
+        spec = doc.get("spec", {})
+        templates: list[tuple[str, dict[str, Any]]] = []
+        if doc["kind"] == "Deployment":
+            templates.append((doc["metadata"]["name"], spec["template"]))
+        cluster = {"RayService": "rayClusterConfig", "RayJob": "rayClusterSpec"}.get(doc["kind"])
+        if cluster:
+            name = doc["metadata"]["name"]
+            templates.append((f"{name}-head", spec[cluster]["headGroupSpec"]["template"]))
+            for group in spec[cluster]["workerGroupSpecs"]:
+                templates.append((f"{name}-{group['groupName']}", group["template"]))
+        if doc["kind"] == "RayJob":
+            templates.append((f"{doc['metadata']['name']}-submitter", spec["submitterPodTemplate"]))
+        for name, template in templates:
+            pods.append(Endpoint(name, template.get("metadata", {}).get("labels", {})))
+    return pods
+
+
+KUBE_DNS = Endpoint("coredns", {"k8s-app": "kube-dns"}, "kube-system")
+OUTSIDE = Endpoint("somewhere", {}, None, ip="203.0.113.7")
 
 
 # -- lint, render, validate -----------------------------------------------------------------------
@@ -157,39 +307,32 @@ def test_network_policy_admits_ray_ports_only_from_ray_and_the_operator(
     rendered: dict[str, Path], variant: str
 ):
     docs = _docs(rendered, variant)
-    policies = {p["metadata"]["name"]: p for p in _kind(docs, "NetworkPolicy")}
-    ray_policy = policies["framecast-ray"]
-    assert ray_policy["spec"]["podSelector"]["matchLabels"]["framecast.io/ray"] == "true"
+    policies = _kind(docs, "NetworkPolicy")
     for cluster in _ray_clusters(docs):
         for spec in [cluster["headGroupSpec"]["template"]] + [
             g["template"] for g in cluster["workerGroupSpecs"]
         ]:
             assert spec["metadata"]["labels"]["framecast.io/ray"] == "true"
-    for rule in ray_policy["spec"]["ingress"]:
-        ports = {p["port"] for p in rule.get("ports", [])}
-        sources = rule["from"]
-        if not ports:  # all ports: only Ray's own pods (and the release's RayJob submitter)
-            for source in sources:
-                labels = source["podSelector"]["matchLabels"]
-                ray_pod = labels.get("framecast.io/ray") == "true"
-                assert ray_pod or "batch.kubernetes.io/job-name" in labels
-                assert "namespaceSelector" not in source
-        elif ports & {8265, 52365}:
-            (source,) = sources
-            assert source["namespaceSelector"]["matchLabels"] == {
-                "kubernetes.io/metadata.name": "kuberay-system"
-            }
-        elif 10001 in ports:  # Ray Client: only this release's stream classifiers
-            (source,) = sources
-            assert "namespaceSelector" not in source
-            assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
-                "stream-classifier"
-            )
-            assert ports == {10001, 8000}
-        else:
-            assert ports <= {8000, 8080}
+    pods = _pods(docs)
+    heads = [p for p in pods if p.labels.get("app.kubernetes.io/component") == "ray-head"]
+    assert heads
+    ray = next(p for p in pods if p.labels.get("framecast.io/ray") == "true")
+    operator = Endpoint("kuberay-operator", {"app": "kuberay"}, "kuberay-system")
+    stranger = Endpoint("stranger", {"app": "other"})  # same namespace, no release labels
+    for head in heads:
+        train = head.labels["framecast.io/ray-cluster"] == "train"
+        for port in sorted(RAY_PRIVATE_PORTS):
+            assert _connects(policies, ray, head, port)  # Ray pods reach each other everywhere
+            assert not _connects(policies, stranger, head, port)
+            assert _connects(policies, operator, head, port) == (port in {8265, 52365})
+            for pod in pods:
+                component = pod.labels.get("app.kubernetes.io/component")
+                if component == "stream-classifier":  # the Ray Client port only
+                    assert _connects(policies, pod, head, port) == (port == 10001 and not train)
+                if component == "ray-job-submitter":  # the Jobs API of its own cluster only
+                    assert _connects(policies, pod, head, port) == (port == 8265 and train)
     if _kind(docs, "Deployment"):
-        stream = policies["framecast-stream"]
+        stream = next(p for p in policies if p["metadata"]["name"] == "framecast-stream")
         assert set(stream["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
 
@@ -264,6 +407,271 @@ def test_every_pod_is_non_root_and_bounded(rendered: dict[str, Path], variant: s
             assert security["allowPrivilegeEscalation"] is False
             assert security["capabilities"]["drop"] == ["ALL"]
             assert container["resources"]["limits"]["memory"]
+
+
+# -- read-only roots and the paths processes write -----------------------------------------------
+
+# Containers allowed a writable root filesystem: none. An entry needs a reason in values.yaml
+# (containerSecurityContext) and docs/deploy.md; the schema refuses readOnlyRootFilesystem=false
+# for the chart's own containers anyway.
+WRITABLE_ROOT_ALLOWLIST: frozenset[tuple[str, str]] = frozenset()
+# Environment variables naming a directory the process writes to.
+WRITABLE_ENV = ("FRAMECAST_HOME", "XDG_CACHE_HOME", "KERAS_HOME", "CUDA_CACHE_PATH", "TMPDIR")
+
+
+def _writable_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath -> volume, for the container's writable mounts."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out = {}
+    for mount in container.get("volumeMounts", []):
+        assert mount["name"] in volumes, (container["name"], mount)  # every mount has its volume
+        if not mount.get("readOnly"):
+            out[mount["mountPath"]] = volumes[mount["name"]]
+    return out
+
+
+def _under(path: str, mounts: dict[str, Any]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_container_runs_with_a_read_only_root(rendered: dict[str, Path], variant: str):
+    docs = _docs(rendered, variant)
+    containers = [(doc, c) for doc in docs for _, c in _containers(doc)]
+    assert containers
+    for doc, container in containers:
+        security = container["securityContext"]
+        if (doc["kind"], container["name"]) in WRITABLE_ROOT_ALLOWLIST:
+            continue
+        assert security["readOnlyRootFilesystem"] is True, (doc["kind"], container["name"])
+        assert security["runAsNonRoot"] is True
+        assert security["seccompProfile"]["type"] == "RuntimeDefault"
+        assert security["capabilities"]["drop"] == ["ALL"]
+    # KubeRay's autoscaler sidecar (RayService head) gets the same context and its scratch.
+    for service in _kind(docs, "RayService"):
+        cluster = service["spec"]["rayClusterConfig"]
+        options = cluster["autoscalerOptions"]
+        assert options["securityContext"]["readOnlyRootFilesystem"] is True
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in head["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in options["volumeMounts"]}
+        # ray-logs: the volume KubeRay shares between the head and its autoscaler at /tmp/ray.
+        assert mounts == {"/tmp": "tmp", "/tmp/ray": "ray-logs"}
+        assert all("emptyDir" in volumes[name] for name in mounts.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_writable_path_has_a_volume(rendered: dict[str, Path], variant: str):
+    docs = _docs(rendered, variant)
+    ray_pod_specs = [
+        spec
+        for cluster in _ray_clusters(docs)
+        for spec in [cluster["headGroupSpec"]["template"]["spec"]]
+        + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    ]
+    for doc in docs:
+        for pod, container in _containers(doc):
+            writable = _writable_mounts(pod, container)
+            # /tmp everywhere: Python tempfiles and the caches below, on a bounded emptyDir.
+            assert writable["/tmp"]["emptyDir"]["sizeLimit"], container["name"]
+            for env in container.get("env", []):
+                if env["name"] in WRITABLE_ENV:
+                    assert _under(env["value"], writable), (container["name"], env)
+            if any(pod is spec for spec in ray_pod_specs):
+                # Ray's temp root: sessions, logs, sockets, spilled objects.
+                ray_tmp = writable["/tmp/ray"]
+                assert ray_tmp["name"] == "ray-logs" and ray_tmp["emptyDir"]["sizeLimit"]
+    # Serve only reads artifacts; training writes them (and Ray Train's checkpoints under
+    # FRAMECAST_HOME) to the artifacts volume.
+    for service in _kind(docs, "RayService"):
+        cluster = service["spec"]["rayClusterConfig"]
+        for spec in [cluster["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+        ]:
+            (mount,) = [
+                m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "artifacts"
+            ]
+            assert mount["readOnly"] is True
+    for job in _kind(docs, "RayJob"):
+        cluster = job["spec"]["rayClusterSpec"]
+        home = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["FRAMECAST_HOME"]
+        argv = shlex.split(job["spec"]["entrypoint"])
+        out = argv[argv.index("--out") + 1]
+        for spec in [cluster["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+        ]:
+            writable = _writable_mounts(spec, spec["containers"][0])
+            assert _under(home, writable) and _under(out, writable)
+            assert "persistentVolumeClaim" in writable[_mount_of(home, writable)]
+
+
+def _mount_of(path: str, mounts: dict[str, Any]) -> str:
+    return max((m for m in mounts if _under(path, {m: None})), key=len)
+
+
+def test_a_writable_root_is_refused(built_tools: k8s.Tools):
+    with pytest.raises(k8s.ToolError, match="readOnlyRootFilesystem"):
+        k8s.helm_template(
+            built_tools, sets=["containerSecurityContext.readOnlyRootFilesystem=false"]
+        )
+
+
+# -- network policies: every pod isolated both ways, what each may reach --------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_is_selected_by_an_ingress_and_an_egress_policy(
+    rendered: dict[str, Path], variant: str
+):
+    docs = _docs(rendered, variant)
+    policies = _kind(docs, "NetworkPolicy")
+    pods = _pods(docs)
+    assert pods
+    for pod in pods:
+        for direction in ("Ingress", "Egress"):
+            assert any(
+                direction in p["spec"]["policyTypes"]
+                and _selects(p["spec"]["podSelector"], pod.labels)
+                for p in policies
+            ), (pod.name, direction)
+    for policy in policies:  # and no policy selects nothing (a typo in a label)
+        assert any(_selects(policy["spec"]["podSelector"], p.labels) for p in pods), policy
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_egress_is_denied_by_default_and_allowed_where_needed(
+    rendered: dict[str, Path], variant: str
+):
+    docs = _docs(rendered, variant)
+    policies = _kind(docs, "NetworkPolicy")
+    pods = _pods(docs)
+    by_component: dict[str, list[Endpoint]] = {}
+    for pod in pods:
+        by_component.setdefault(pod.labels["app.kubernetes.io/component"], []).append(pod)
+    ray_pods = [p for p in pods if p.labels.get("framecast.io/ray") == "true"]
+    serve_head = next(
+        p for p in by_component["ray-head"] if p.labels["framecast.io/ray-cluster"] == "serve"
+    )
+    kube_api = Endpoint("apiserver", {}, None, ip="172.20.0.1")
+    stranger = Endpoint("stranger", {"app": "other"})
+    for pod in pods:
+        # DNS to the cluster DNS pods only; nothing to an address outside or a stranger pod.
+        assert _admits(policies, "Egress", pod, KUBE_DNS, 53, "UDP")
+        assert _admits(policies, "Egress", pod, KUBE_DNS, 53, "TCP")
+        assert not _admits(policies, "Egress", pod, stranger, 53, "UDP")
+        # The Kubernetes API: only the RayService head (its autoscaler sidecar); with
+        # networkPolicy.kubeApi.cidrs empty (every values file) on any address.
+        assert _admits(policies, "Egress", pod, kube_api, 443) == (pod is serve_head), pod.name
+        for port in (80, 443, 8080):
+            allowed = pod is serve_head and port == 443
+            assert _admits(policies, "Egress", pod, OUTSIDE, port) == allowed, (pod.name, port)
+    for source in ray_pods:  # Ray pods reach each other on every port (GCS, object manager, ...)
+        for target in ray_pods:
+            for port in (6379, 8076, 10002, 52365):
+                assert _connects(policies, source, target, port)
+    for classifier in by_component.get("stream-classifier", []):
+        # kafka.egress: the broker ports, to the listed CIDRs (none listed: any address).
+        egress = _values(variant)["kafka"]["egress"]
+        broker = OUTSIDE
+        if egress["cidrs"]:
+            broker = replace(OUTSIDE, ip=str(ipaddress.ip_network(egress["cidrs"][0])[5]))
+            assert not _admits(policies, "Egress", classifier, OUTSIDE, egress["ports"][0])
+        for port in egress["ports"]:
+            assert _admits(policies, "Egress", classifier, broker, port)
+        assert not _admits(policies, "Egress", classifier, broker, 9094)
+        for target in ray_pods:
+            serve = target.labels["framecast.io/ray-cluster"] == "serve"
+            head = serve and target is serve_head
+            assert _connects(policies, classifier, target, 8000) == serve
+            assert _connects(policies, classifier, target, 10001) == head
+            assert not _connects(policies, classifier, target, 6379)
+
+
+def test_egress_destinations_follow_values(built_tools: k8s.Tools):
+    sets = [
+        "kafka.egress.namespaces[0]=kafka",
+        "networkPolicy.dns.namespace=",
+        "networkPolicy.kubeApi.cidrs[0]=172.20.0.1/32",
+    ]
+    docs = k8s.documents(k8s.helm_template(built_tools, [CHART / "values-sasl.yaml"], sets=sets))
+    policies = _kind(docs, "NetworkPolicy")
+    (head,) = [p for p in _pods(docs) if p.name == "framecast-head"]
+    assert _admits(policies, "Egress", head, Endpoint("apiserver", {}, None, ip="172.20.0.1"), 443)
+    assert not _admits(policies, "Egress", head, OUTSIDE, 443)
+    (classifier,) = [p for p in _pods(docs) if "framecast-stream" in p.name]
+    broker = Endpoint("broker", {"strimzi.io/kind": "Kafka"}, "kafka")
+    assert _admits(policies, "Egress", classifier, broker, 9096)
+    assert _admits(policies, "Egress", classifier, replace(OUTSIDE, ip="10.20.3.4"), 9096)
+    assert not _admits(policies, "Egress", classifier, OUTSIDE, 9096)  # outside 10.20.0.0/16
+    assert not _admits(policies, "Egress", classifier, broker, 9092)
+    # dns.namespace "": port 53 to any destination (NodeLocal DNSCache, an outside resolver).
+    assert _admits(policies, "Egress", classifier, OUTSIDE, 53, "UDP")
+
+
+# -- the policy in front of Serve -----------------------------------------------------------------
+
+
+def _serve_pods(docs: list[dict[str, Any]]) -> list[Endpoint]:
+    pods = [p for p in _pods(docs) if p.labels.get("framecast.io/ray-cluster") == "serve"]
+    (service,) = _kind(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert len(pods) == 1 + len(cluster["workerGroupSpecs"])  # proxies on every node
+    return pods
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serve_admits_the_classifiers_and_denies_a_pod_without_the_label(
+    rendered: dict[str, Path], variant: str
+):
+    docs = _docs(rendered, variant)
+    policies = _kind(docs, "NetworkPolicy")
+    (serve_policy,) = [p for p in policies if p["metadata"]["name"] == "framecast-serve"]
+    assert serve_policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in serve_policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [8000]
+    classifiers = [p for p in _pods(docs) if "framecast-stream" in p.name]
+    # The classifier's labels minus its component: same release, same namespace.
+    unlabelled = [
+        Endpoint(
+            "unlabelled", {k: v for k, v in p.labels.items() if k != "app.kubernetes.io/component"}
+        )
+        for p in classifiers
+    ] or [Endpoint("unlabelled", {"app.kubernetes.io/instance": "framecast"})]
+    elsewhere = [Endpoint(c.name, c.labels, "elsewhere") for c in classifiers]
+    namespaces = _values(variant)["networkPolicy"]["serveClients"]
+    for target in _serve_pods(docs):
+        for classifier in classifiers:
+            assert _admits(policies, "Ingress", target, classifier, 8000)
+            assert _connects(policies, classifier, target, 8000)
+        for pod in unlabelled + elsewhere:
+            assert not _admits(policies, "Ingress", target, pod, 8000), pod
+        for namespace in namespaces:  # values-gpu.yaml: any pod of `apps`
+            assert _admits(policies, "Ingress", target, Endpoint("app", {}, namespace), 8000)
+            assert not _admits(policies, "Ingress", target, Endpoint("app", {}, namespace), 6379)
+        assert not _admits(policies, "Ingress", target, Endpoint("app", {}, "other"), 8000)
+
+
+def test_serve_admits_configured_sources_such_as_an_ingress_controller(built_tools: k8s.Tools):
+    controller = {"app.kubernetes.io/name": "ingress-nginx"}
+    sets = [
+        r"networkPolicy.serve.from[0].namespaceSelector.matchLabels.kubernetes\.io/metadata\.name"
+        "=ingress-nginx",
+        r"networkPolicy.serve.from[0].podSelector.matchLabels.app\.kubernetes\.io/name"
+        "=ingress-nginx",
+    ]
+    docs = k8s.documents(k8s.helm_template(built_tools, sets=sets))
+    policies = _kind(docs, "NetworkPolicy")
+    for target in _serve_pods(docs):
+        assert _admits(
+            policies, "Ingress", target, Endpoint("nginx", controller, "ingress-nginx"), 8000
+        )
+        assert not _admits(
+            policies, "Ingress", target, Endpoint("nginx", controller, "ingress-nginx"), 8265
+        )
+        assert not _admits(
+            policies, "Ingress", target, Endpoint("other", {}, "ingress-nginx"), 8000
+        )
+        assert not _admits(policies, "Ingress", target, Endpoint("nginx", controller), 8000)
 
 
 # -- the pieces, per values file ------------------------------------------------------------------

@@ -27,7 +27,9 @@ app.kubernetes.io/part-of: framecast
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
-{{/* Labels of every Ray pod (head and workers): the NetworkPolicy selects on these. */}}
+{{/* Labels of every Ray pod (head and workers): the NetworkPolicies select on these, and on
+framecast.io/ray-cluster (serve: the RayService's pods, which run Serve's proxies; train: the
+RayJob's), which each template adds. */}}
 {{- define "framecast.rayPodLabels" -}}
 {{ include "framecast.selectorLabels" . }}
 app.kubernetes.io/part-of: framecast
@@ -91,6 +93,44 @@ ports:
   - {name: metrics, containerPort: 8080}
 {{- end -}}
 
+{{/*
+Writable paths under the read-only root filesystem (containerSecurityContext): emptyDir
+volumes, deleted with the pod. /tmp: Python tempfiles, FRAMECAST_HOME=/tmp/framecast, the
+caches below. /tmp/ray: Ray's temp root (session dirs, logs, sockets, spilled objects,
+runtime_env resources). The volume must be called ray-logs: KubeRay mounts the volume of that
+name at /tmp/ray in the autoscaler sidecar, so the head and its autoscaler share the session
+dir. /dev/shm (the object store) is a tmpfs KubeRay adds, or the GPU groups' dshm.
+*/}}
+{{- define "framecast.tmpVolume" -}}
+- name: tmp
+  emptyDir: {sizeLimit: {{ .Values.scratch.tmpSizeLimit }}}
+{{- end -}}
+
+{{- define "framecast.rayScratchVolumes" -}}
+{{ include "framecast.tmpVolume" . }}
+- name: ray-logs
+  emptyDir: {sizeLimit: {{ .Values.scratch.rayTmpSizeLimit }}}
+{{- end -}}
+
+{{- define "framecast.rayScratchMounts" -}}
+- {name: tmp, mountPath: /tmp}
+- {name: ray-logs, mountPath: /tmp/ray}
+{{- end -}}
+
+{{/* Caches that would default to $HOME (read-only) go under /tmp instead. */}}
+{{- define "framecast.scratchEnv" -}}
+- {name: XDG_CACHE_HOME, value: /tmp/.cache}
+- {name: KERAS_HOME, value: /tmp/.keras}
+- {name: CUDA_CACHE_PATH, value: /tmp/.nv/ComputeCache}
+{{- end -}}
+
+{{/* Every Ray container: the scratch caches, and no usage-stats report (egress is denied). */}}
+{{- define "framecast.rayEnv" -}}
+env:
+  {{- include "framecast.scratchEnv" . | nindent 2 }}
+  - {name: RAY_USAGE_STATS_ENABLED, value: "0"}
+{{- end -}}
+
 {{- define "framecast.artifactVolume" -}}
 - name: artifacts
   persistentVolumeClaim:
@@ -111,4 +151,34 @@ ports:
 {{- if and .Values.serve.enabled (gt (float64 .Values.serve.numGpus) 0.0) (not .Values.serve.gpuWorkers.enabled) -}}
 {{- fail "serve.numGpus > 0 needs serve.gpuWorkers.enabled=true" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* NetworkPolicy egress rule: DNS (networkPolicy.dns). */}}
+{{- define "framecast.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
+- ports:
+    {{- range $dns.ports }}
+    - {protocol: UDP, port: {{ . }}}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- if $dns.namespace }}
+  to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ $dns.namespace }}
+      {{- with $dns.podLabels }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  {{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy peer: the Ray pods of one Ray cluster of the release (serve or train). */}}
+{{- define "framecast.rayClusterPeer" -}}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/instance: {{ .root.Release.Name }}
+    framecast.io/ray: "true"
+    framecast.io/ray-cluster: {{ .cluster }}
 {{- end -}}
