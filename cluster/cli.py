@@ -59,7 +59,10 @@ class _Options:
             for section, values in more.items():
                 merged.setdefault(section, {}).update(values)
             try:
-                self._settings = load_settings(**merged)
+                from cluster.kafka_security import with_stack_credentials
+
+                # After `up --sasl`: the embedded broker's TLS CA and framecast's SCRAM user.
+                self._settings = with_stack_credentials(load_settings(**merged))
             except SettingsError as error:
                 fail(f"invalid configuration:\n{error}", EXIT_USAGE)
         return self._settings
@@ -123,6 +126,14 @@ def up(
     no_kafka: Annotated[bool, typer.Option("--no-kafka", help="Do not start Kafka.")] = False,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Do not start Ray.")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs the local Ray head offers.")] = None,
+    sasl: Annotated[
+        bool,
+        typer.Option(
+            "--sasl",
+            help="Secure the embedded broker for good: SASL_SSL (SCRAM-SHA-512), ACLs, "
+            "credentials in HOME/kafka/sasl/credentials.json (0600).",
+        ),
+    ] = False,
 ) -> None:
     """Start the embedded stack: a real Kafka broker (KRaft) and a local Ray head. Idempotent."""
     from cluster import stack
@@ -135,7 +146,7 @@ def up(
     settings = _opts(ctx).settings(**extra)
     try:
         with console.status("starting the embedded stack..."):
-            events = stack.up(settings, kafka=not no_kafka, ray=not no_ray)
+            events = stack.up(settings, kafka=not no_kafka, ray=not no_ray, sasl=sasl)
     except ClusterError as error:
         fail(str(error))
     for event in events:
@@ -180,7 +191,10 @@ def status(
     table.add_column("state")
     table.add_column("where")
     kstate = "healthy" if kafka["healthy"] else ("running" if kafka["running"] else "stopped")
-    table.add_row(f"kafka ({kafka['mode']})", kstate, kafka["bootstrap_servers"])
+    where = kafka["bootstrap_servers"] + (
+        f" ({kafka['security_protocol']})" if kafka["security_protocol"] != "PLAINTEXT" else ""
+    )
+    table.add_row(f"kafka ({kafka['mode']})", kstate, where)
     table.add_row(
         f"ray ({ray_['mode']})", "running" if ray_["running"] else "stopped", ray_["address"] or "-"
     )

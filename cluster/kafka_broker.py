@@ -8,9 +8,13 @@ standalone KRaft quorum records its voter endpoint at format time.
 
 Two variants for production-like tests:
 
-- ``security=BrokerSecurity(...)``: the client listener (also used between brokers) is
-  ``SASL_SSL`` with SCRAM users created at format time and a PKCS#12 keystore the caller
-  provides; the controller listener stays on 127.0.0.1 and serves only KRaft controller APIs.
+- ``security=BrokerSecurity(...)``: every listener is ``SASL_SSL`` (a PKCS#12 keystore the
+  caller provides). The broker's own user (``framecast-broker``, a super user) logs in with
+  PLAIN, checked against the broker's 0600 config file, on the controller listener
+  (127.0.0.1, KRaft controller APIs only) and between brokers; client users log in with
+  SCRAM, their credentials upserted through the Admin API once the broker answers (never on
+  a command line). With ``authorizer=True`` a ``StandardAuthorizer`` denies whatever the
+  ``acls`` grants do not allow.
 - :class:`EmbeddedKafkaCluster`: several combined broker+controller nodes with a static
   KRaft quorum (``controller.quorum.voters``), replication factor = node count and
   ``min.insync.replicas`` below it, so that one node can die without losing an
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from cluster.exceptions import BrokerStartError, PortInUseError, PrerequisiteError
 from cluster.processes import (
@@ -74,19 +78,78 @@ logger.state.level = WARN
 
 ScramMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512"]
 SCRAM_MECHANISMS: tuple[ScramMechanism, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+SCRAM_ITERATIONS = 8192  # >= Kafka's minimum of 4096 for both mechanisms
 INTER_BROKER_USER = "framecast-broker"
-# The StorageTool parses `--add-scram 'MECH=[name=N,password=P]'`: keep N and P to safe chars.
-_SCRAM_SAFE = re.compile(r"^[A-Za-z0-9._~!@#$%^&*()+:;?/|{}-]{1,256}$")
+INTER_BROKER_MECHANISM = "PLAIN"  # SCRAM needs the metadata log, which the controller serves
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+# SCRAM user names: no ',' or '=' (the SCRAM saslname escapes), no spaces or quotes.
+_USER_NAME = re.compile(r"^[A-Za-z0-9._~!@#$%^&*()+:;?/|{}-]{1,256}$")
+AclResource = Literal["TOPIC", "GROUP", "TRANSACTIONAL_ID", "CLUSTER"]
+AclOperationName = Literal[
+    "ALL",
+    "READ",
+    "WRITE",
+    "CREATE",
+    "DELETE",
+    "ALTER",
+    "DESCRIBE",
+    "DESCRIBE_CONFIGS",
+    "ALTER_CONFIGS",
+    "IDEMPOTENT_WRITE",
+]
+
+
+class AclGrant(BaseModel):
+    """One ALLOW rule: ``user`` may do ``operations`` on a resource (or a name prefix)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str = Field(description="SCRAM user name the rule is for (principal User:<user>).")
+    resource: AclResource = Field(description="Kind of resource.")
+    name: str = Field(
+        min_length=1, description="Resource name, or prefix; kafka-cluster for CLUSTER."
+    )
+    prefixed: bool = Field(default=False, description="Match every name starting with name.")
+    operations: tuple[AclOperationName, ...] = Field(
+        default=("ALL",), min_length=1, description="Operations allowed."
+    )
+
+    def bindings(self) -> list[Any]:
+        """The rule as confluent-kafka ``AclBinding`` objects (one per operation)."""
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclOperation,
+            AclPermissionType,
+            ResourcePatternType,
+            ResourceType,
+        )
+
+        pattern = ResourcePatternType.PREFIXED if self.prefixed else ResourcePatternType.LITERAL
+        return [
+            AclBinding(
+                ResourceType[self.resource],
+                self.name,
+                pattern,
+                f"User:{self.user}",
+                "*",
+                AclOperation[operation],
+                AclPermissionType.ALLOW,
+            )
+            for operation in self.operations
+        ]
 
 
 class BrokerSecurity(BaseModel):
-    """TLS and SCRAM for the embedded broker's client listener (``SASL_SSL``).
+    """TLS, SASL users and ACLs of the embedded broker (every listener ``SASL_SSL``).
 
     ``keystore`` is a PKCS#12 file with the broker's private key and certificate (its SANs
     must cover 127.0.0.1, which clients verify); ``ca_file`` is the PEM CA that signed it,
-    which the broker trusts for its own inter-broker connections. ``scram_users`` are
-    created at format time (both SCRAM mechanisms), so changing them needs a fresh data
-    directory. Secrets are ``SecretStr``: they never appear in reprs or logs.
+    which the broker trusts for its own connections. ``scram_users`` get both SCRAM
+    mechanisms, upserted at every start (a changed password takes effect then). With
+    ``authorizer`` a ``StandardAuthorizer`` runs: the broker's own user is the only super
+    user, and every other user may do exactly what ``acls`` grant (ALLOW rules of the users
+    in ``scram_users`` that ``acls`` no longer lists are removed at start). Secrets are
+    ``SecretStr``: they never appear in reprs or logs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -95,11 +158,12 @@ class BrokerSecurity(BaseModel):
     keystore_password: SecretStr = Field(description="Password of the keystore and its key.")
     ca_file: Path = Field(description="PEM CA certificate that signed the broker certificate.")
     scram_users: dict[str, SecretStr] = Field(
-        default_factory=dict, description="SCRAM users (name -> password) made at format time."
+        default_factory=dict, description="SCRAM users (name -> password), upserted at start."
     )
-    inter_broker_mechanism: ScramMechanism = Field(
-        default="SCRAM-SHA-512", description="SCRAM mechanism brokers use among themselves."
+    authorizer: bool = Field(
+        default=False, description="Run a StandardAuthorizer: deny what acls do not grant."
     )
+    acls: tuple[AclGrant, ...] = Field(default=(), description="ALLOW rules, with authorizer.")
 
     @field_validator("keystore", "ca_file")
     @classmethod
@@ -112,17 +176,20 @@ class BrokerSecurity(BaseModel):
     @classmethod
     def _safe_users(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name, password in users.items():
-            if not _SCRAM_SAFE.match(name) or name == INTER_BROKER_USER:
+            if not _USER_NAME.match(name) or name == INTER_BROKER_USER:
                 raise ValueError(
                     f"SCRAM user name {name!r} must be 1-256 of letters, digits and "
                     f"._~!@#$%^&*()+:;?/|{{}}- and not {INTER_BROKER_USER!r}"
                 )
-            if not _SCRAM_SAFE.match(password.get_secret_value()):
-                raise ValueError(
-                    f"the SCRAM password of {name!r} must be 1-256 of letters, digits and "
-                    "._~!@#$%^&*()+:;?/|{}- (no spaces, commas, quotes, '=' or brackets)"
-                )
+            if not password.get_secret_value():
+                raise ValueError(f"the SCRAM password of {name!r} is empty")
         return users
+
+    @model_validator(mode="after")
+    def _acls_need_the_authorizer(self) -> BrokerSecurity:
+        if self.acls and not self.authorizer:
+            raise ValueError("acls: ACLs are only enforced with authorizer=True")
+        return self
 
 
 @dataclass
@@ -258,7 +325,7 @@ class EmbeddedKafka:
 
     @property
     def security_protocol(self) -> str:
-        """Protocol of the client listener: PLAINTEXT, or SASL_SSL with ``security``."""
+        """Protocol of the listeners: PLAINTEXT, or SASL_SSL with ``security``."""
         return "SASL_SSL" if self.security else "PLAINTEXT"
 
     def client_config(self) -> dict[str, Any]:
@@ -270,7 +337,7 @@ class EmbeddedKafka:
             return {}
         return {
             "security_protocol": "SASL_SSL",
-            "sasl_mechanism": self.security.inter_broker_mechanism,
+            "sasl_mechanism": INTER_BROKER_MECHANISM,
             "sasl_plain_username": INTER_BROKER_USER,
             "sasl_plain_password": self._inter_broker_password(),
             "ssl_cafile": str(self.security.ca_file),
@@ -286,6 +353,12 @@ class EmbeddedKafka:
         info, proc = self.launch()
         deadline = time.monotonic() + timeout
         self._wait_ready(proc, timeout)
+        if self.security is not None:
+            try:
+                self._apply_security(self.security, max(10.0, deadline - time.monotonic()))
+            except BrokerStartError:
+                self.stop()  # never leave a broker whose users or ACLs are not what was asked
+                raise
         # A broker that just (re)started loads its transaction coordinator before it hands
         # out producer ids: ~1 s here, during which every idempotent producer (frames,
         # labels) holds its records. Ready means ready for them too.
@@ -424,19 +497,32 @@ class EmbeddedKafka:
 
     def _security_properties(self, security: BrokerSecurity) -> dict[str, str]:
         password = self._inter_broker_password()
-        # Every enabled mechanism needs a JAAS entry on the listener; the credentials in it
-        # are what this broker presents when it connects to the others.
-        jaas = {
+        # PLAIN, checked against this file: the broker's own user, on the controller listener
+        # (KRaft cannot use SCRAM there) and between brokers. The same entry is what this
+        # broker presents when it connects to a controller or another broker.
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{INTER_BROKER_USER}" password="{password}" '
+            f'user_{INTER_BROKER_USER}="{password}";'
+        )
+        # Every mechanism a listener enables needs a JAAS entry; SCRAM's is never used to
+        # log in (brokers use PLAIN) but must be there.
+        scram = {
             f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config": (
                 "org.apache.kafka.common.security.scram.ScramLoginModule required "
                 f'username="{INTER_BROKER_USER}" password="{password}";'
             )
             for mechanism in SCRAM_MECHANISMS
         }
-        return {
-            "sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
-            "sasl.mechanism.inter.broker.protocol": security.inter_broker_mechanism,
-            **jaas,
+        props = {
+            "listener.security.protocol.map": "CONTROLLER:SASL_SSL,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": ",".join((*SCRAM_MECHANISMS, INTER_BROKER_MECHANISM)),
+            "sasl.mechanism.inter.broker.protocol": INTER_BROKER_MECHANISM,
+            "sasl.mechanism.controller.protocol": INTER_BROKER_MECHANISM,
+            "listener.name.controller.sasl.enabled.mechanisms": INTER_BROKER_MECHANISM,
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+            **scram,
             "ssl.keystore.type": "PKCS12",
             "ssl.keystore.location": str(security.keystore),
             "ssl.keystore.password": security.keystore_password.get_secret_value(),
@@ -446,6 +532,96 @@ class EmbeddedKafka:
             "ssl.client.auth": "none",
             "ssl.endpoint.identification.algorithm": "https",
         }
+        if security.authorizer:
+            props["authorizer.class.name"] = STANDARD_AUTHORIZER
+            props["super.users"] = f"User:{INTER_BROKER_USER}"
+            props["allow.everyone.if.no.acl.found"] = "false"
+        return props
+
+    def rdkafka_admin_config(self) -> dict[str, Any]:
+        """librdkafka properties of the broker's own (super) user. Holds its password."""
+        from streams.config import rdkafka_properties
+
+        return rdkafka_properties({"bootstrap_servers": self.bootstrap_servers,
+                                   **self.client_config()})
+
+    def _apply_security(self, security: BrokerSecurity, timeout: float) -> None:
+        """Upsert the SCRAM users and the ACLs, then wait until every user can log in."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import (
+            AclBindingFilter,
+            AclOperation,
+            AclPermissionType,
+            AdminClient,
+            ResourcePatternType,
+            ResourceType,
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialAlteration,
+            UserScramCredentialUpsertion,
+        )
+
+        admin_config: dict[str, Any] = {
+            **self.rdkafka_admin_config(),
+            "logger": logging.getLogger(f"{__name__}.admin"),
+        }
+        admin = AdminClient(admin_config)
+        wait = max(5.0, timeout / 2)
+        try:
+            # One request per mechanism: Kafka refuses a user twice in one request.
+            for mechanism in SCRAM_MECHANISMS:
+                upserts: list[UserScramCredentialAlteration] = [
+                    UserScramCredentialUpsertion(
+                        name,
+                        ScramCredentialInfo(
+                            ScramMechanism[mechanism.replace("-", "_")], SCRAM_ITERATIONS
+                        ),
+                        password.get_secret_value().encode(),
+                    )
+                    for name, password in security.scram_users.items()
+                ]
+                if upserts:
+                    for future in admin.alter_user_scram_credentials(
+                        upserts, request_timeout=wait
+                    ).values():
+                        future.result()
+            if security.authorizer:
+                wanted = {binding for grant in security.acls for binding in grant.bindings()}
+                stale = []
+                for name in security.scram_users:
+                    anything = AclBindingFilter(
+                        ResourceType.ANY,
+                        None,  # type: ignore[arg-type]  # None matches any name
+                        ResourcePatternType.ANY,
+                        f"User:{name}",
+                        None,  # type: ignore[arg-type]  # and any host
+                        AclOperation.ANY,
+                        AclPermissionType.ANY,
+                    )
+                    held = admin.describe_acls(anything, request_timeout=wait).result()
+                    stale += [binding for binding in held if binding not in wanted]
+                if stale:
+                    for future in admin.delete_acls(stale, request_timeout=wait).values():
+                        future.result()
+                if wanted:
+                    for future in admin.create_acls(
+                        sorted(wanted), request_timeout=wait
+                    ).values():
+                        future.result()
+        except KafkaException as error:
+            raise BrokerStartError(
+                f"the Kafka broker at {self.bootstrap_servers} refused its users or ACLs: "
+                f"{error.args[0].str() if error.args else error}"
+            ) from None
+        deadline = time.monotonic() + timeout
+        for name, password in security.scram_users.items():
+            while not _can_log_in(self, name, password.get_secret_value()):
+                if time.monotonic() > deadline:
+                    raise BrokerStartError(
+                        f"the SCRAM user {name!r} still cannot log in to the Kafka broker at "
+                        f"{self.bootstrap_servers} after {timeout:.0f}s"
+                    )
+                time.sleep(0.2)
 
     def _inter_broker_password(self) -> str:
         """The broker's own SCRAM password: made once, kept in a 0600 file under the home."""
@@ -470,17 +646,6 @@ class EmbeddedKafka:
         os.chmod(self.config_file, 0o600)
         self.log4j_file.write_text(_LOG4J2)
 
-    def _scram_arguments(self) -> list[str]:
-        if self.security is None:
-            return []
-        users = {INTER_BROKER_USER: self._inter_broker_password()}
-        users.update({n: p.get_secret_value() for n, p in self.security.scram_users.items()})
-        args = []
-        for name, password in users.items():
-            for mechanism in SCRAM_MECHANISMS:
-                args += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
-        return args
-
     def _format(self, java: str) -> None:
         cluster_id = self.cluster_id or new_cluster_id()
         quorum = ["--standalone"] if self.voters is None else []
@@ -497,7 +662,6 @@ class EmbeddedKafka:
             cluster_id,
             "-c",
             str(self.config_file.resolve()),
-            *self._scram_arguments(),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -703,6 +867,26 @@ def broker_answers_metadata(
             with contextlib.suppress(KafkaError, OSError):
                 admin.close()
         kafka_logger.setLevel(previous)
+
+
+def _can_log_in(broker: EmbeddedKafka, user: str, password: str) -> bool:
+    """True when ``user`` logs in to the broker with SCRAM-SHA-512 and gets metadata."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    config: dict[str, Any] = {
+        **broker.rdkafka_admin_config(),
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": user,
+        "sasl.password": password,
+        "logger": logging.getLogger(f"{__name__}.login"),
+    }
+    logging.getLogger(f"{__name__}.login").setLevel(logging.CRITICAL)  # refusals until ready
+    try:
+        AdminClient(config).list_topics(timeout=5)
+    except KafkaException:
+        return False
+    return True
 
 
 def producer_ids_available(bootstrap_servers: str, timeout_s: float, **client_config: Any) -> bool:

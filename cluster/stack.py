@@ -1,7 +1,8 @@
 """The embedded local stack: one Kafka broker and one Ray head, started and stopped together.
 
 When the settings point at an existing Kafka cluster or Ray cluster, that part is used as
-it is and never started or stopped here.
+it is and never started or stopped here. ``up(sasl=True)`` secures the embedded broker
+(SASL_SSL, SCRAM users, ACLs; see :mod:`cluster.kafka_security`), for good.
 """
 
 from __future__ import annotations
@@ -13,21 +14,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.exceptions import RayHeadError
-from cluster.kafka_broker import EmbeddedKafka, broker_answers_metadata
+from cluster import kafka_security
+from cluster.exceptions import BrokerStartError, RayHeadError
+from cluster.kafka_broker import BrokerSecurity, EmbeddedKafka, broker_answers_metadata
 from cluster.ray_head import LocalRayHead, use_ray_auth_env
 from cluster.settings import FramecastSettings
 
 log = logging.getLogger(__name__)
 
 
-def embedded_kafka(settings: FramecastSettings, port: int | None = None) -> EmbeddedKafka:
-    """The embedded broker described by settings."""
+def embedded_kafka(
+    settings: FramecastSettings,
+    port: int | None = None,
+    *,
+    security: BrokerSecurity | None = None,
+) -> EmbeddedKafka:
+    """The embedded broker described by settings (``security`` only matters to start it)."""
     return EmbeddedKafka(
         settings.home,
         libs_dir=settings.kafka_libs_dir,
         port=port or settings.kafka.embedded_port,
         heap_mb=settings.kafka.embedded_heap_mb,
+        security=security,
     )
 
 
@@ -94,26 +102,23 @@ def up(
     kafka: bool = True,
     ray: bool = True,
     kafka_port: int | None = None,
+    sasl: bool = False,
 ) -> list[StackEvent]:
-    """Start what is not running yet (idempotent); returns what happened."""
+    """Start what is not running yet (idempotent); returns what happened.
+
+    ``sasl`` secures the embedded broker (a home once secured stays so, ``sasl`` or not).
+    """
     events: list[StackEvent] = []
     if kafka:
         if settings.kafka.bootstrap_servers:
+            if sasl:
+                raise BrokerStartError(
+                    "--sasl secures the embedded broker; Kafka here is the external cluster "
+                    f"at {settings.kafka.bootstrap_servers}, whose security is its own"
+                )
             events.append(StackEvent("kafka", "external", settings.kafka.bootstrap_servers))
         else:
-            broker = embedded_kafka(settings, kafka_port)
-            already = broker.info()
-            started = time.monotonic()
-            info = broker.start()
-            events.append(
-                StackEvent(
-                    "kafka",
-                    "running" if already else "started",
-                    info.bootstrap_servers,
-                    time.monotonic() - started,
-                    {"pid": info.pid},
-                )
-            )
+            events.append(_up_kafka(settings, kafka_port, sasl))
     if ray:
         if settings.ray.address:
             events.append(StackEvent("ray", "external", settings.ray.address))
@@ -132,6 +137,38 @@ def up(
                 )
             )
     return events
+
+
+def _up_kafka(settings: FramecastSettings, port: int | None, sasl: bool) -> StackEvent:
+    secure = sasl or kafka_security.enabled(settings.home)
+    broker = embedded_kafka(settings, port)
+    already = broker.info()
+    if already is not None and secure and already.security_protocol != "SASL_SSL":
+        raise BrokerStartError(
+            f"the embedded broker (pid {already.pid}) runs without SASL; stop it with "
+            "`framecast down`, then `framecast up --sasl`"
+        )
+    security = None
+    if secure and already is None:
+        try:
+            security = kafka_security.broker_security(settings.home, settings.topics)
+        except (OSError, ValueError) as error:
+            raise BrokerStartError(f"cannot prepare the broker's SASL/TLS files: {error}") from None
+    started = time.monotonic()
+    info = embedded_kafka(settings, port, security=security).start()
+    detail = info.bootstrap_servers
+    if info.security_protocol == "SASL_SSL":
+        detail += (
+            f" (SASL_SSL, {kafka_security.MECHANISM} user {kafka_security.APP_USER!r}, ACLs; "
+            f"credentials in {kafka_security.credentials_file(settings.home)})"
+        )
+    return StackEvent(
+        "kafka",
+        "running" if already else "started",
+        detail,
+        time.monotonic() - started,
+        {"pid": info.pid, "security_protocol": info.security_protocol},
+    )
 
 
 def down(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True) -> list[StackEvent]:
@@ -179,6 +216,9 @@ def _kafka_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
         "bootstrap_servers": bootstrap,
         "running": external or info is not None,
         "pid": info.pid if info else None,
+        "security_protocol": (
+            info.security_protocol if info else settings.kafka.security_protocol
+        ),
         "healthy": False,
         "topics": [],
     }
