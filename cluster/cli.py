@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cluster.exceptions import ClusterError
 from cluster.settings import FramecastSettings, SettingsError, load_settings
+from serving.exceptions import FramecastError, UserError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -147,7 +147,7 @@ def up(
     try:
         with console.status("starting the embedded stack..."):
             events = stack.up(settings, kafka=not no_kafka, ray=not no_ray, sasl=sasl)
-    except ClusterError as error:
+    except FramecastError as error:
         fail(str(error))
     for event in events:
         took = f" in {event.seconds:.1f}s" if event.action == "started" else ""
@@ -167,7 +167,7 @@ def down(
 
     try:
         events = stack.down(_opts(ctx).settings(), kafka=not no_kafka, ray=not no_ray)
-    except ClusterError as error:
+    except FramecastError as error:
         fail(str(error))
     for event in events:
         console.print(f"[green]{event.component}[/] {event.action}", highlight=False)
@@ -238,7 +238,6 @@ def topics_apply(
     ] = None,
 ) -> None:
     """Create missing topics, add partitions and set configs so the cluster matches the spec."""
-    from streams.exceptions import StreamsError
     from streams.topics import apply_topic_specs, default_topic_specs, load_topic_specs
 
     settings = _opts(ctx).settings()
@@ -246,7 +245,7 @@ def topics_apply(
         specs = load_topic_specs(spec) if spec else default_topic_specs(settings.topics)
         with _with_admin(ctx) as admin:
             changes = apply_topic_specs(admin, specs)
-    except StreamsError as error:
+    except FramecastError as error:
         fail(str(error))
     for change in changes:
         detail = f" ({', '.join(change.details)})" if change.details else ""
@@ -265,12 +264,10 @@ def topics_create(
 @topics_app.command("list")
 def topics_list(ctx: typer.Context) -> None:
     """List the user topics of the cluster."""
-    from streams.exceptions import StreamsError
-
     try:
         with _with_admin(ctx) as admin:
             names = sorted(t for t in admin.list_topics() if not t.startswith("__"))
-    except StreamsError as error:
+    except FramecastError as error:
         fail(str(error))
     for name in names:
         console.print(name, highlight=False)
@@ -283,13 +280,12 @@ def topics_describe(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Partitions, replication factor and non-default configs of topics."""
-    from streams.exceptions import StreamsError
     from streams.topics import describe_topics
 
     try:
         with _with_admin(ctx) as admin:
             described = describe_topics(admin, names or None)
-    except StreamsError as error:
+    except FramecastError as error:
         fail(str(error))
     if as_json:
         sys.stdout.write(json.dumps(described, indent=2) + "\n")
@@ -412,8 +408,7 @@ def serve_deploy(
 ) -> None:
     """Deploy an artifact as the Ray Serve application; returns once it is healthy."""
     from cluster import stack
-    from serving.artifacts import ArtifactError
-    from serving.deploy import DeployError, deploy
+    from serving.deploy import deploy
 
     settings = _opts(ctx).settings(serve={
         "app_name": name, "min_replicas": min_replicas, "max_replicas": max_replicas,
@@ -427,7 +422,7 @@ def serve_deploy(
         with stack.ray_connection(settings), console.status(f"deploying {artifact}..."):
             result = deploy(artifact, settings.serve, address=None,
                             namespace=settings.ray.namespace)
-    except (ArtifactError, DeployError, ClusterError) as error:
+    except FramecastError as error:
         fail(str(error))
     model = result.get("model") or {}
     console.print(
@@ -448,7 +443,7 @@ def serve_status(
     try:
         with stack.ray_connection(settings):
             report = serve_app_status(address=None, namespace=settings.ray.namespace)
-    except ClusterError as error:
+    except FramecastError as error:
         fail(str(error))
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -476,7 +471,7 @@ def serve_shutdown(
     try:
         with stack.ray_connection(settings):
             shutdown(name, address=None, namespace=settings.ray.namespace)
-    except ClusterError as error:
+    except FramecastError as error:
         fail(str(error))
     console.print(f"{'application ' + name if name else 'Serve'} shut down")
 
@@ -514,7 +509,6 @@ def produce(
 ) -> None:
     """Produce video frames to Kafka."""
     from cluster.stack import kafka_bootstrap
-    from streams.exceptions import StreamsError
     from streams.producers import check_options, produce_frames, progress_bar, summary_line
 
     try:
@@ -526,7 +520,7 @@ def produce(
             message_format=message_format,
             batch=batch,
         )
-    except StreamsError as error:
+    except UserError as error:
         fail(str(error), EXIT_USAGE)
     settings = _opts(ctx).settings()
     try:
@@ -550,7 +544,7 @@ def produce(
                 progress=advance,
                 linger_ms=linger_ms,
             )
-    except (StreamsError, ValueError) as error:
+    except FramecastError as error:
         fail(str(error))
     for note in summary["notes"]:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -593,7 +587,6 @@ def stream_run(
     from cluster.settings import describe_validation_error
     from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
     from streams.client import admin_client
-    from streams.exceptions import StreamsError
     from streams.serve_client import serve_classify_fn
     from streams.topics import default_topic_specs, ensure_topics
 
@@ -635,7 +628,7 @@ def stream_run(
                 totals = classifier.run()
             finally:
                 classify.close()
-    except (StreamsError, ClusterError) as error:
+    except FramecastError as error:
         fail(str(error))
     sys.stdout.write(json.dumps(totals) + "\n")
 
@@ -707,8 +700,6 @@ def bench(
     from cluster import stack
     from cluster.bench import report
     from cluster.demo import SHIPPED_MODEL
-    from serving.artifacts import ArtifactError
-    from streams.exceptions import StreamsError
 
     settings = _opts(ctx).settings()
     out_dir = out or settings.home / "reports" / "bench"
@@ -737,7 +728,7 @@ def bench(
         try:
             results["model"] = bench_model(
                 options, log=lambda line: console.print(line, highlight=False))
-        except (RuntimeError, ValueError, ArtifactError) as error:
+        except (FramecastError, RuntimeError) as error:  # bench.model: a failed step
             fail(str(error))
         seconds["model"] = time.perf_counter() - clock
         written["model"] = report.write_model_outputs(out_dir, results["model"], command)
@@ -774,7 +765,7 @@ def bench(
                              else report.write_pipeline_outputs)
                     written[part] = write(out_dir, results[part])
                 seconds[part] = time.perf_counter() - clock
-        except (ClusterError, StreamsError, ArtifactError) as error:
+        except FramecastError as error:
             fail(str(error))
         finally:
             stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
@@ -821,7 +812,6 @@ def sweep(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Sparsity x quantization sweep with a Pareto report (sweep.json, .md, .png)."""
-    from jobs.data import DatasetError
     from jobs.sweep import SweepOptions, run_sweep, write_sweep
 
     options = SweepOptions(
@@ -842,7 +832,7 @@ def sweep(
         fail(str(error), EXIT_USAGE)
     try:
         results = run_sweep(options, log=lambda line: console.print(line, highlight=False))
-    except (DatasetError, ValueError) as error:
+    except FramecastError as error:
         fail(str(error))
     for path in write_sweep(results, out, "framecast " + " ".join(sys.argv[1:])):
         console.print(f"wrote {path}", highlight=False)
@@ -861,11 +851,11 @@ def submit_train(
     address: Annotated[str, typer.Option(help="Ray dashboard / Jobs API URL.")],
 ) -> None:
     """Submit `framecast train ...` to a Ray cluster through the Jobs API."""
-    from cluster.submit import SubmitError, run_submit_train
+    from cluster.submit import run_submit_train
 
     try:
         code = run_submit_train(_opts(ctx).settings(), address, list(ctx.args), console)
-    except SubmitError as error:
+    except FramecastError as error:
         fail(str(error))
     if code:
         raise typer.Exit(code)
@@ -874,12 +864,12 @@ def submit_train(
 @submit_app.command("status")
 def submit_status(ctx: typer.Context, job_id: str) -> None:
     """Status of a submitted job."""
-    from cluster.submit import SubmitError, run_submit_status
+    from cluster.submit import run_submit_status
 
     settings = _opts(ctx).settings()
     try:
         code = run_submit_status(settings, job_id, console)
-    except SubmitError as error:
+    except FramecastError as error:
         fail(str(error))
     if code:
         raise typer.Exit(code)
@@ -888,24 +878,24 @@ def submit_status(ctx: typer.Context, job_id: str) -> None:
 @submit_app.command("logs")
 def submit_logs(ctx: typer.Context, job_id: str) -> None:
     """Logs of a submitted job."""
-    from cluster.submit import SubmitError, run_submit_logs
+    from cluster.submit import run_submit_logs
 
     settings = _opts(ctx).settings()
     try:
         run_submit_logs(settings, job_id, console)
-    except SubmitError as error:
+    except FramecastError as error:
         fail(str(error))
 
 
 @submit_app.command("stop")
 def submit_stop(ctx: typer.Context, job_id: str) -> None:
     """Stop a submitted job."""
-    from cluster.submit import SubmitError, run_submit_stop
+    from cluster.submit import run_submit_stop
 
     settings = _opts(ctx).settings()
     try:
         run_submit_stop(settings, job_id, console)
-    except SubmitError as error:
+    except FramecastError as error:
         fail(str(error))
 
 
@@ -927,15 +917,12 @@ def demo(
 ) -> None:
     """The main job: synthetic cameras -> Kafka -> Ray Serve -> Kafka, live, with a report."""
     from cluster.demo import run_demo
-    from serving.artifacts import ArtifactError
-    from serving.deploy import DeployError
-    from streams.exceptions import StreamsError
 
     try:
         report = run_demo(_opts(ctx).settings(), console, cameras=cameras, fps=fps,
                           seconds=seconds, deadline_ms=deadline_ms, artifact=artifact,
                           keep_running=keep_running)
-    except (ClusterError, StreamsError, ArtifactError, DeployError) as error:
+    except FramecastError as error:
         fail(str(error))
     if report.get("unaccounted"):
         fail(f"{report['unaccounted']} frames were neither labelled, dropped nor dead-lettered")

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, PositiveInt, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cluster.exceptions import SettingsError
 from serving.config import ServeSettings
 from streams.config import KafkaSettings, TopicSettings
 
@@ -74,10 +75,6 @@ class FramecastSettings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective settings as JSON-able data, with every secret masked."""
         return self.model_dump(mode="json")
-
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names each offending field."""
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:

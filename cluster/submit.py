@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cluster.exceptions import ClusterError
+from cluster.exceptions import SubmitError, SubmitOptionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REQUIREMENTS = REPO_ROOT / "requirements.lock"
@@ -59,10 +59,6 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})  # noqa: S104 - a name, not a bind
 PIP_MODES = ("auto", "none")
-
-
-class SubmitError(ClusterError):
-    """A job could not be submitted, found or followed."""
 
 
 # A ``ray.job_submission.JobSubmissionClient`` (typed loosely: Ray's stubs are partial).
@@ -102,12 +98,14 @@ def normalize_address(address: str) -> str:
     """The Jobs API URL: ``host:port`` gets ``http://``; ``ray://`` and others are refused."""
     address = address.strip().rstrip("/")
     if not address:
-        raise SubmitError("empty --address; give the Ray dashboard URL, e.g. http://HEAD:8265")
+        raise SubmitOptionError(
+            "empty --address; give the Ray dashboard URL, e.g. http://HEAD:8265"
+        )
     if "://" not in address:
         address = f"http://{address}"
     scheme = urlparse(address).scheme
     if scheme not in ("http", "https"):
-        raise SubmitError(
+        raise SubmitOptionError(
             f"--address {address!r}: the Jobs API is the dashboard's HTTP endpoint "
             "(http://HEAD:8265), not a GCS or ray:// client address"
         )
@@ -158,7 +156,7 @@ def split_submit_args(address: str, args: Sequence[str]) -> SubmitOptions:
                 index += 1
             else:
                 if index + 1 >= len(items):
-                    raise SubmitError(f"{name} needs a value")
+                    raise SubmitOptionError(f"{name} needs a value")
                 value = items[index + 1]
                 index += 2
             _apply_submit_flag(options, name, value)
@@ -179,11 +177,11 @@ def _apply_submit_flag(options: SubmitOptions, name: str, value: str) -> None:
         try:
             options.entrypoint_num_cpus = float(value)
         except ValueError:
-            raise SubmitError(f"--entrypoint-num-cpus: not a number: {value!r}") from None
+            raise SubmitOptionError(f"--entrypoint-num-cpus: not a number: {value!r}") from None
     else:
         key, eq, val = value.partition("=")
         if not eq or not key:
-            raise SubmitError(f"--env expects KEY=VALUE, got {value!r}")
+            raise SubmitOptionError(f"--env expects KEY=VALUE, got {value!r}")
         options.env[key] = val
 
 
@@ -224,12 +222,12 @@ def prepare_train_args(options: SubmitOptions, cwd: Path | None = None) -> list[
     args = list(options.train_args)
     out = _option_value(args, "--out")
     if out is None:
-        raise SubmitError("framecast train needs --out DIR (where the artifact is written)")
+        raise SubmitOptionError("framecast train needs --out DIR (where the artifact is written)")
     if "://" in out or Path(out).is_absolute():
         return args
     if is_local_address(options.address):
         return _replace_option(args, "--out", str(((cwd or Path.cwd()) / out).resolve()))
-    raise SubmitError(
+    raise SubmitOptionError(
         f"--out {out!r} is relative: on a remote cluster it would land in the job's temporary "
         "working directory on the head node. Use an absolute path on a shared volume "
         "(e.g. /mnt/artifacts/run1) or a storage URI."
@@ -245,7 +243,7 @@ def read_requirements(path: Path) -> list[str]:
     Ray is left out on purpose: the cluster's Ray must stay the one its nodes run.
     """
     if not path.is_file():
-        raise SubmitError(f"--pip {path}: no such requirements file")
+        raise SubmitOptionError(f"--pip {path}: no such requirements file")
     packages: list[str] = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -340,7 +338,7 @@ def connect(address: str, token: str | None = None) -> JobsClient:
     try:
         client = JobSubmissionClient(url, headers=headers)
     except AuthenticationError as error:
-        raise SubmitError(
+        raise SubmitOptionError(
             f"the Ray cluster at {url} wants a token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
             f"to the cluster's token ({error.__class__.__name__})"
         ) from None
@@ -465,7 +463,7 @@ def resolve_address(
     for candidate in candidates:
         if candidate and (candidate.startswith(("http://", "https://"))):
             return normalize_address(candidate)
-    raise SubmitError(
+    raise SubmitOptionError(
         f"no Jobs API address known for {job_id}: set RAY_ADDRESS=http://HEAD:8265 "
         "(or pass --ray-address http://HEAD:8265 before `submit`)"
     )

@@ -13,17 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs.train import TrainConfig
+from serving.exceptions import FramecastError, UserError
 
 Fail = Callable[..., NoReturn]
 EXIT_USAGE = 2
-# Errors a user can fix (bad flag values, missing data, tampered artifact) -> exit 2 / 1.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from serving.artifacts import ArtifactError
-
-    return (*_USER_ERRORS, ArtifactError)
+# A FramecastError (bad options, missing data, a tampered artifact, a failed run) is printed
+# as a message: exit 2 for options refused before any work, 1 after. Anything else is a bug
+# and keeps its traceback.
 
 
 def run_train(config: TrainConfig, console: Console, fail: Fail) -> None:
@@ -32,7 +28,7 @@ def run_train(config: TrainConfig, console: Console, fail: Fail) -> None:
 
     try:
         validate_config(config)
-    except ValueError as error:
+    except UserError as error:
         fail(str(error), EXIT_USAGE)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -51,7 +47,7 @@ def run_train(config: TrainConfig, console: Console, fail: Fail) -> None:
     try:
         with progress:
             metrics = train_artifact(config, on_epoch=on_epoch, on_stage=on_stage)
-    except _user_errors() as error:
+    except FramecastError as error:
         fail(str(error))
     console.print(_metrics_table(metrics, title=f"{config.model} -> {config.out}"))
 
@@ -59,7 +55,6 @@ def run_train(config: TrainConfig, console: Console, fail: Fail) -> None:
 def run_evaluate(artifact: Path, dataset: str | None, limit: int | None, runtime: str,
                  as_json: bool, console: Console, fail: Fail) -> None:
     """Verify and evaluate an artifact; print a table or the metrics JSON."""
-    from jobs.data import DatasetError
     from jobs.evaluate import evaluate_artifact
 
     if limit is not None and limit < 1:
@@ -67,9 +62,7 @@ def run_evaluate(artifact: Path, dataset: str | None, limit: int | None, runtime
     try:
         with console.status("evaluating...") if not as_json else _nullcontext():
             metrics = evaluate_artifact(artifact, dataset=dataset, limit=limit, runtime=runtime)
-    except DatasetError as error:
-        fail(str(error))
-    except _user_errors() as error:
+    except FramecastError as error:
         fail(str(error))
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -83,7 +76,7 @@ def run_report_paper(out: Path, quick: bool, console: Console, fail: Fail) -> No
 
     try:
         paths = write_paper_report(out, quick=quick, console=console)
-    except _user_errors() as error:
+    except FramecastError as error:
         fail(str(error))
     for path in paths:
         console.print(f"wrote {path}", highlight=False)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.idx import FASHION_MNIST_CLASSES, DatasetNotFoundError, load_fashion_mnist
+from jobs.exceptions import DatasetError, OptionError
+from serving.exceptions import DatasetFormatError, DatasetNotFoundError
+from serving.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -23,10 +25,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 FOLDER_IMAGE_SIZE = (28, 28)
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
 SYNTHETIC_CLASSES = tuple(f"pattern-{i}" for i in range(10))
-
-
-class DatasetError(ValueError):
-    """A dataset name is unknown, or its files are missing or malformed."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class Dataset:
 
 def _validate_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 when given, got {limit}")
+        raise OptionError(f"limit must be >= 1 when given, got {limit}")
 
 
 def _validate_dataset_name(name: str) -> None:
@@ -72,7 +70,7 @@ def load_dataset(name: str, limit: int | None = None, test_limit: int | None = N
         try:
             x_train, y_train = load_fashion_mnist("train", limit=limit)
             x_test, y_test = load_fashion_mnist("test", limit=test_limit)
-        except DatasetNotFoundError as error:
+        except (DatasetNotFoundError, DatasetFormatError) as error:
             raise DatasetError(str(error)) from error
         return Dataset(name, FASHION_MNIST_CLASSES, x_train[..., None], y_train,
                        x_test[..., None], y_test)
@@ -163,7 +161,7 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float,
                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded shuffle, then hold out val_fraction of the training images for validation."""
     if not 0.0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+        raise OptionError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(len(y))
     n_val = max(1, round(len(y) * val_fraction))
     val, train = order[:n_val], order[n_val:]

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jobs.data import load_dataset, normalize
+from jobs.exceptions import DatasetError, OptionError
 from serving.artifacts import ArtifactError, LoadedArtifact, load_artifact
 
 RUNTIMES = ("auto", "tflite", "saved_model")
@@ -114,7 +115,7 @@ def _set_tf_threads(tf: Any, num_threads: int) -> None:
 def open_runner(artifact: LoadedArtifact, runtime: str = "auto", num_threads: int = 1) -> Runner:
     """The runner for an artifact: LiteRT for model.tflite, TensorFlow for the SavedModel."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
+        raise OptionError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
     if runtime in ("auto", "tflite") and artifact.tflite_path is not None:
         return LiteRTRunner(artifact.tflite_path, num_threads=num_threads)
     if runtime == "tflite":
@@ -227,7 +228,7 @@ def evaluate_loaded(artifact: LoadedArtifact, images: np.ndarray, labels: np.nda
     manifest = artifact.manifest
     expected = tuple(d for d in manifest.input.shape[1:])
     if tuple(images.shape[1:]) != expected:
-        raise ValueError(f"images have shape {images.shape[1:]}, the model expects {expected}")
+        raise DatasetError(f"images have shape {images.shape[1:]}, the model expects {expected}")
     runner = open_runner(artifact, runtime=runtime, num_threads=1)
     probabilities = predict_all(runner, images)
     metrics = classification_metrics(labels, probabilities.argmax(axis=1), len(manifest.classes))
@@ -258,7 +259,7 @@ def evaluate_artifact(directory: Path, dataset: str | None = None, limit: int | 
     name = dataset or artifact.manifest.training.dataset
     data = load_dataset(name, limit=1, test_limit=limit, seed=artifact.manifest.training.seed)
     if len(data.classes) != len(artifact.manifest.classes):
-        raise ValueError(f"dataset {name} has {len(data.classes)} classes, the model "
+        raise DatasetError(f"dataset {name} has {len(data.classes)} classes, the model "
                          f"{len(artifact.manifest.classes)}")
     metrics = evaluate_loaded(artifact, data.x_test, data.y_test, runtime=runtime, speed=speed)
     metrics["dataset"] = name

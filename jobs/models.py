@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.exceptions import OptionError
 from jobs.names import MODEL_NAMES
 from jobs.tf_env import keras
 
@@ -30,18 +31,18 @@ class ModelSpec:
 
 def _validate_model_spec(spec: ModelSpec) -> None:
     if spec.name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {spec.name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+        raise OptionError(f"unknown model {spec.name!r}; expected one of: {', '.join(MODEL_NAMES)}")
     if spec.name != "mobilenet_v2":
         if spec.weights != "none":
-            raise ValueError(f"--weights is only for mobilenet_v2, not {spec.name}")
+            raise OptionError(f"--weights is only for mobilenet_v2, not {spec.name}")
         return
     if spec.weights == "imagenet" and spec.alpha not in MOBILENET_ALPHAS:
-        raise ValueError(f"imagenet weights exist only for alpha in {MOBILENET_ALPHAS}, "
+        raise OptionError(f"imagenet weights exist only for alpha in {MOBILENET_ALPHAS}, "
                          f"got {spec.alpha}")
     if spec.alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {spec.alpha}")
+        raise OptionError(f"alpha must be > 0, got {spec.alpha}")
     if spec.weights not in ("none", "imagenet") and not Path(spec.weights).is_file():
-        raise ValueError(f"--weights must be none, imagenet or an existing weights file; "
+        raise OptionError(f"--weights must be none, imagenet or an existing weights file; "
                          f"{spec.weights} does not exist")
 
 

@@ -11,6 +11,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
+from jobs.exceptions import OptionError
 from jobs.names import PRUNE_SCHEDULES, validate_prune_options
 from jobs.tf_env import keras
 
@@ -122,11 +123,11 @@ def measure_sparsity(model: keras.Model, layer_names: list[str]) -> tuple[float,
 
 def check_sparsity(measured: float, plan: PruningPlan,
                    tolerance: float = SPARSITY_TOLERANCE) -> None:
-    """Raise ValueError when the measured sparsity is off the plan's target by > tolerance."""
+    """Raise OptionError when the measured sparsity is off the plan's target by > tolerance."""
     if not plan.enabled:
         return
     if abs(measured - plan.effective_target) > tolerance:
-        raise ValueError(
+        raise OptionError(
             f"measured sparsity {measured:.4f} is not within {tolerance:.2f} of the target "
             f"{plan.effective_target:.4f} ({plan.schedule}); pruning did not finish - train "
             "for more steps"

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.exceptions import OptionError
 from jobs.tf_env import keras
 
 QAT_LEARNING_RATE_FACTOR = 0.1  # of the main run's initial learning rate
@@ -33,7 +34,7 @@ def quantization_aware(model: keras.Model, *, preserve_sparsity: bool) -> keras.
                 return quantization.quantize_apply(annotated, scheme)
             return quantization.quantize_apply(annotated)
     except (ValueError, RuntimeError, TypeError) as error:
-        raise ValueError(
+        raise OptionError(
             f"--qat: tfmot cannot make {model.name} quantization-aware: {error}"
         ) from None
 
@@ -53,7 +54,7 @@ def finetune_quantization_aware(
     from jobs.data import make_tf_dataset
 
     if epochs < 1:
-        raise ValueError(f"qat epochs must be >= 1, got {epochs}")
+        raise OptionError(f"qat epochs must be >= 1, got {epochs}")
     keras.utils.set_random_seed(seed)
     qat_model = quantization_aware(model, preserve_sparsity=preserve_sparsity)
     qat_model.compile(

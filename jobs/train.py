@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.exceptions import OptionError, TrainingError
 from jobs.names import MODEL_NAMES, validate_prune_options, validate_quantize
 from serving.artifacts import MANIFEST_NAME
 
@@ -91,23 +92,23 @@ def validate_config(config: TrainConfig) -> None:
     validate_prune_options(config.prune, config.target_sparsity)
     validate_quantize(config.quantize)
     if config.qat and config.model == "mobilenet_v2":
-        raise ValueError("--qat works for baseline_cnn and optimized_cnn; tfmot cannot quantize "
+        raise OptionError("--qat works for baseline_cnn and optimized_cnn; tfmot cannot quantize "
                          "mobilenet_v2's Resizing/Rescaling layers (use post-training int8)")
     if config.model != "mobilenet_v2" and config.weights != "none":
-        raise ValueError(f"--weights is only for mobilenet_v2, not {config.model}")
+        raise OptionError(f"--weights is only for mobilenet_v2, not {config.model}")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
-        raise ValueError(f"--weights {config.weights}: no such weights file")
+        raise OptionError(f"--weights {config.weights}: no such weights file")
     if config.from_checkpoint is not None:
         checkpoint = Path(config.from_checkpoint)
         missing = [n for n in (CHECKPOINT_PROGRESS, f"{CHECKPOINT_STATE}.index")
                    if not (checkpoint / n).is_file()]
         if missing:
-            raise ValueError(f"--from-checkpoint {checkpoint} is not a framecast training "
+            raise OptionError(f"--from-checkpoint {checkpoint} is not a framecast training "
                              f"checkpoint (missing {', '.join(missing)})")
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / MANIFEST_NAME).is_file())):
-        raise ValueError(f"--out {out} exists and is not an artifact directory; "
+        raise OptionError(f"--out {out} exists and is not an artifact directory; "
                          "refusing to overwrite it")
 
 
@@ -376,7 +377,7 @@ def run_ray_training(config: TrainConfig,
         raise outcome["error"]
     result = outcome["result"]
     if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
+        raise TrainingError("training finished without a checkpoint")
     return result
 
 
@@ -559,7 +560,7 @@ def _evaluate_in_fresh_process(directory: Path, config: TrainConfig,
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
-        raise RuntimeError(f"evaluation of {directory} ({runtime}) failed:\n{done.stderr[-3000:]}")
+        raise TrainingError(f"evaluation of {directory} ({runtime}) failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from jobs.exceptions import OptionError
+from serving.exceptions import ArtifactError
+
 # Sweep sparsity labels -> (prune schedule, target sparsity).
 SPARSITY_SCHEDULES: dict[str, tuple[str, float]] = {
     "0": ("none", 0.0),
@@ -63,7 +66,7 @@ def train_in_process(model_name: str, x_train: np.ndarray, y_train: np.ndarray,
     from jobs.tf_env import keras
 
     if sparsity not in SPARSITY_SCHEDULES:
-        raise ValueError(f"unknown sparsity {sparsity!r}; expected one of: "
+        raise OptionError(f"unknown sparsity {sparsity!r}; expected one of: "
                          f"{', '.join(SPARSITY_SCHEDULES)}")
     schedule, target = SPARSITY_SCHEDULES[sparsity]
     keras.utils.set_random_seed(seed)
@@ -103,7 +106,7 @@ def restore_from_artifact(directory: Path) -> tuple[Any, Any]:
     artifact = load_artifact(directory)
     manifest = artifact.manifest
     if artifact.saved_model_path is None:
-        raise ValueError(f"{directory}: has no saved_model/ to take the float weights from")
+        raise ArtifactError(f"{directory}: has no saved_model/ to take the float weights from")
     shape = tuple(int(d) for d in manifest.input.shape[1:])
     model = build_model(ModelSpec(manifest.model), shape,  # type: ignore[arg-type]
                         len(manifest.classes))

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serving.exceptions import ArtifactError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 # Files the manifest never lists: itself. Everything else must be listed.
@@ -24,10 +26,6 @@ _CHUNK = 1 << 20
 
 PruneSchedule = Literal["none", "polynomial", "constant", "2:4"]
 QuantizationMode = Literal["none", "int8", "float16", "dynamic"]
-
-
-class ArtifactError(Exception):
-    """An artifact directory is missing, malformed, or does not match its manifest."""
 
 
 class _Strict(BaseModel):

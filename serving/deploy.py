@@ -11,10 +11,7 @@ import httpx
 
 from serving.artifacts import load_artifact
 from serving.config import ServeSettings
-
-
-class DeployError(RuntimeError):
-    """The application did not become healthy."""
+from serving.exceptions import DeployError
 
 
 def _connect(address: str | None, namespace: str) -> None:

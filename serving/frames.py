@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from serving.exceptions import FrameSchemaError
+
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 # What one message may decode to. Arrow IPC may compress its buffers (LZ4/ZSTD): 8 kB on the
 # wire can declare 200 MB, so the declared sizes are checked before anything is inflated.
@@ -38,10 +40,6 @@ FRAME_SCHEMA = pa.schema(
         pa.field("label", pa.int32(), nullable=True),
     ]
 )
-
-
-class FrameSchemaError(ValueError):
-    """A message does not hold frames in the frame schema."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,19 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from serving.exceptions import FrameDecodeError
 from serving.frames import FrameRecord
 
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
-
-
-class FrameDecodeError(ValueError):
-    """A frame could not be turned into model input; ``reason`` is a short stable code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.client import admin_client, rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
-from streams.exceptions import KafkaConnectionError, StreamsError
+from streams.exceptions import (
+    KafkaConnectionError,
+    ProducerError,
+    ProducerOptionError,
+    SourceError,
+)
 from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames, warm_up
 from streams.topics import apply_topic_specs, default_topic_specs
 from streams.video import (
@@ -47,7 +52,6 @@ from streams.video import (
     DEFAULT_HOLD_FRAMES,
     DEFAULT_MAX_SIDE,
     FrameSource,
-    SourceError,
     SourceFrame,
     open_source,
 )
@@ -58,10 +62,6 @@ MessageFormat = Literal["arrow", "bare"]
 FORMATS = ("arrow", "bare")
 IMAGE_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 ProgressCallback = Callable[[int], None]
-
-
-class ProducerError(StreamsError):
-    """Frames could not be produced: bad options, a source failure, or undelivered messages."""
 
 
 def encode_pixels(pixels: np.ndarray, encoding: str, jpeg_quality: int = 90) -> bytes:
@@ -75,7 +75,7 @@ def encode_pixels(pixels: np.ndarray, encoding: str, jpeg_quality: int = 90) -> 
     elif encoding == "png":
         image.save(buffer, format="PNG", compress_level=1)
     else:
-        raise ProducerError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+        raise ProducerOptionError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
     return buffer.getvalue()
 
 
@@ -102,7 +102,7 @@ def check_options(
     batch: int,
     jpeg_quality: int = 90,
 ) -> None:
-    """Refuse inconsistent producer options with a ProducerError that says why."""
+    """Refuse inconsistent producer options with a ProducerOptionError that says why."""
     problems = []
     if encoding not in ENCODINGS:
         problems.append(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
@@ -123,7 +123,7 @@ def check_options(
     if not 1 <= jpeg_quality <= 95:
         problems.append(f"JPEG quality must be in 1..95, got {jpeg_quality}")
     if problems:
-        raise ProducerError("; ".join(problems))
+        raise ProducerOptionError("; ".join(problems))
 
 
 def ensure_frames_topic(

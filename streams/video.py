@@ -24,18 +24,15 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.idx import DatasetNotFoundError, load_fashion_mnist
-from streams.exceptions import StreamsError
+from serving.exceptions import DatasetFormatError, DatasetNotFoundError
+from serving.fashion_mnist import load_fashion_mnist
+from streams.exceptions import SourceError
 
 GARMENT = 28
 DEFAULT_FRAME_SIZE = 32
 DEFAULT_HOLD_FRAMES = 30
 DEFAULT_MAX_SIDE = 320
 SOURCE_NAMES = ("synthetic", "fashion-mnist")
-
-
-class SourceError(StreamsError):
-    """A frame source cannot be opened or read (missing dataset, bad video file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +183,7 @@ class SyntheticVideo:
 def _fashion_mnist(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         return load_fashion_mnist("test", data_dir)
-    except (DatasetNotFoundError, ValueError, OSError) as error:
+    except (DatasetNotFoundError, DatasetFormatError, OSError) as error:
         raise SourceError(str(error)) from None
 
 

@@ -22,8 +22,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 
 from cluster.processes import wait_until
+from serving.fashion_mnist import load_fashion_mnist
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
-from serving.idx import load_fashion_mnist
 from streams.classifier import ClassifierConfig, StreamClassifier
 from streams.client import admin_client
 from streams.config import KafkaSettings

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from cluster.exceptions import ToolError
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FRAMECAST_TOOLS_DIR", REPO / ".framecast" / "tools"))
 CHART = REPO / "helm" / "framecast"
@@ -63,10 +65,6 @@ CRD_FILES: dict[str, tuple[str, ...]] = {
     "keda": ("keda.sh_scaledobjects.yaml", "keda.sh_triggerauthentications.yaml"),
     "prometheus-operator": ("monitoring.coreos.com_servicemonitors.yaml",),
 }
-
-
-class ToolError(RuntimeError):
-    """A tool could not be built, or a check failed."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from serving.idx import load_fashion_mnist
+from serving.fashion_mnist import load_fashion_mnist
 from serving.preprocess import DecodeLimits, decode_frame, decode_image
 from streams.client import admin_client
 from streams.config import KafkaSettings, TopicSettings

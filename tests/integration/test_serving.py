@@ -23,8 +23,8 @@ from cluster.ray_head import RayHeadInfo
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
 from serving.config import ServeSettings
 from serving.deploy import deploy
+from serving.fashion_mnist import load_fashion_mnist
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
-from serving.idx import load_fashion_mnist
 from serving.runtimes import LiteRTRuntime
 from tests.reliability.conftest import reliability_settings
 

@@ -40,9 +40,9 @@ def test_unknown_and_missing_datasets_give_clear_errors(tmp_path: Path) -> None:
 def test_fashion_mnist_missing_files_is_a_dataset_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import serving.idx
+    import serving.fashion_mnist
 
-    monkeypatch.setattr(serving.idx, "search_dirs", lambda data_dir=None: [tmp_path])
+    monkeypatch.setattr(serving.fashion_mnist, "search_dirs", lambda data_dir=None: [tmp_path])
     with pytest.raises(DatasetError, match="Fashion-MNIST train files not found"):
         load_dataset("fashion-mnist", limit=5)
 

@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from serving.idx import DatasetNotFoundError, load_fashion_mnist
+from serving.exceptions import DatasetNotFoundError
+from serving.fashion_mnist import load_fashion_mnist
 from serving.preprocess import DecodeLimits, decode_image
 from streams import video
 from streams.frames import FrameRecord

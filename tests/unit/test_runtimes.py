@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from serving.artifacts import load_artifact
 from serving.config import ServeSettings
-from serving.idx import load_fashion_mnist
+from serving.fashion_mnist import load_fashion_mnist
 from serving.runtimes import LiteRTRuntime, SavedModelRuntime, select_runtime
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "fashion_mnist_optimized"

@@ -1,4 +1,4 @@
-"""The IDX reader behind every Fashion-MNIST consumer."""
+"""The Fashion-MNIST reader (IDX files) behind every Fashion-MNIST consumer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.idx import DatasetNotFoundError, load_fashion_mnist, read_idx
+from serving.exceptions import DatasetFormatError, DatasetNotFoundError, UserError
+from serving.fashion_mnist import load_fashion_mnist, read_idx
 
 
 def _idx(path: Path, array: np.ndarray) -> Path:
@@ -27,14 +28,15 @@ def test_reads_what_it_wrote(tmp_path: Path) -> None:
 def test_truncated_body_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bad"
     path.write_bytes(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 10) + b"\x01\x02")
-    with pytest.raises(ValueError, match="header says 10"):
+    with pytest.raises(DatasetFormatError, match="header says 10") as excinfo:
         read_idx(path)
+    assert isinstance(excinfo.value, ValueError | UserError)
 
 
 def test_missing_dataset_says_where_it_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serving.idx.search_dirs", lambda data_dir=None: [tmp_path])
+    monkeypatch.setattr("serving.fashion_mnist.search_dirs", lambda data_dir=None: [tmp_path])
     with pytest.raises(DatasetNotFoundError, match="dataset-fashion-mnist"):
         load_fashion_mnist("test")
 

@@ -1,8 +1,15 @@
-"""Fashion-MNIST in its IDX form, read with numpy alone (no TensorFlow).
+"""The Fashion-MNIST reader: its IDX files, read with numpy alone (no TensorFlow).
 
 Training (jobs), the frame producers (streams) and the serving tests all read the same
 files, looked up in this order: ``$FRAMECAST_DATA_DIR``, ``/usr/share/datasets/fashion-mnist``
 (Debian package ``dataset-fashion-mnist``), the Keras cache ``~/.keras/datasets/fashion-mnist``.
+
+Why it lives in ``serving``: its two users are ``jobs`` (training data) and ``streams`` (dataset
+replay), and the import direction ``cluster -> streams -> serving <- jobs`` gives them exactly
+one package in common, the bottom one. ``jobs`` may not import ``streams`` nor the reverse, and
+a fifth top-level package for one module would break the design's four rooms (and the Ray
+convention that ships them with ``--working-dir .``). Like the artifact format in
+``serving/artifacts.py``, it is a format that ``serving`` defines and the others read.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from serving.exceptions import DatasetFormatError, DatasetNotFoundError
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -41,10 +50,6 @@ _DTYPES: dict[int, str] = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files are in none of the places framecast looks."""
-
-
 def search_dirs(data_dir: Path | None = None) -> list[Path]:
     """Where Fashion-MNIST is looked for, in order."""
     dirs = []
@@ -67,21 +72,23 @@ def _find(name: str, dirs: list[Path]) -> Path | None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (optionally gzipped); raise ValueError on a malformed one."""
+    """Parse one IDX file (optionally gzipped); raise DatasetFormatError on a malformed one."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as handle:
         raw = handle.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DatasetFormatError(f"{path}: not an IDX file (bad magic number)")
     dtype = np.dtype(_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DatasetFormatError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: IDX body has {len(raw) - header} bytes, header says {expected}")
+        raise DatasetFormatError(
+            f"{path}: IDX body has {len(raw) - header} bytes, header says {expected}"
+        )
     return (
         np.frombuffer(raw, dtype=dtype, offset=header)
         .reshape(shape)
@@ -106,7 +113,9 @@ def load_fashion_mnist(
     images = read_idx(images_path)
     labels = read_idx(labels_path).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images_path} has {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DatasetFormatError(
+            f"{images_path} has {images.shape[0]} images but {labels.shape[0]} labels"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels
