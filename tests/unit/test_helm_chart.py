@@ -226,7 +226,7 @@ OUTSIDE = Endpoint("somewhere", {}, None, ip="203.0.113.7")
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_helm_lint_passes_strict(built_tools: k8s.Tools, variant: str):
-    out = k8s.helm_lint(built_tools, (_files(variant) or [None])[0])
+    out = k8s.helm_lint(built_tools, next(iter(_files(variant)), None))
     assert "0 chart(s) failed" in out
 
 
