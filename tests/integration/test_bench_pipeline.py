@@ -7,6 +7,7 @@ is labelled and measured, is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,30 @@ def test_a_paced_run_labels_every_frame_and_measures_its_latency(
     assert run["produce_fps"] > 0 and run["sustained_fps"] > 0
     assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
     assert all(v is not None for v in run["p50_parts_ms"].values())
+
+
+def test_the_naive_baseline_labels_every_frame_with_the_artifact_it_is_given(
+    kafka_settings: KafkaSettings, served_artifact: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        home=tmp_path / "home", kafka={"bootstrap_servers": kafka_settings.bootstrap_servers}
+    )
+
+    def naive(artifact: Path | None) -> dict[str, Any]:
+        return _pipeline_run(
+            settings,
+            str(kafka_settings.bootstrap_servers),
+            cameras=2,
+            fps=0.0,
+            per_camera=20,
+            batch=1,
+            classifier="naive",
+            artifact=artifact,
+        )
+
+    with pytest.raises(ValueError, match="artifact"):
+        naive(None)
+    run = naive(served_artifact)
+    assert run["frames"] == run["labels"] == 40
+    assert run["classifier_totals"] == {"labelled": 40}
+    assert run["sustained_fps"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"]
