@@ -37,6 +37,7 @@ from serving.preprocess import (
     decode_image,
     to_model_input,
 )
+from serving.results import ClassifyResult, FrameAnswer, FrameError
 from serving.runtimes import ModelRuntime, select_runtime
 
 log = logging.getLogger("ray.serve")
@@ -75,9 +76,9 @@ class LoadedModel:
 
     def results(
         self, probs: np.ndarray, inference_ms: float, topk: bool = True
-    ) -> list[dict[str, Any]]:
-        """The DESIGN response object for each row of class probabilities (without ``topk``
-        when ``topk`` is False: the stream classifier labels with the top class only)."""
+    ) -> list[ClassifyResult]:
+        """The answer for each row of class probabilities (without ``topk`` when ``topk`` is
+        False: the stream classifier labels with the top class only)."""
         # One argsort for the whole batch (highest first; ties to the lower class id, as
         # argmax): a replica answers thousands of frames per second.
         order = np.argsort(-probs, axis=1, kind="stable")[:, : TOPK if topk else 1]
@@ -85,12 +86,16 @@ class LoadedModel:
         classes, info, ms = self.classes, self.info, round(inference_ms, 3)
         out = []
         for ids, row_scores in zip(order.tolist(), scores, strict=True):
-            top = [
-                {"class_id": i, "label": classes[i], "score": score}
-                for i, score in zip(ids, row_scores, strict=True)
-            ]
-            extra = {"topk": top} if topk else {}
-            out.append({**top[0], **extra, "model": info, "inference_ms": ms})
+            best, score = ids[0], row_scores[0]
+            top = (
+                [
+                    {"class_id": i, "label": classes[i], "score": s}
+                    for i, s in zip(ids, row_scores, strict=True)
+                ]
+                if topk
+                else None
+            )
+            out.append(ClassifyResult(best, classes[best], score, info, ms, top))
         return out
 
 
@@ -243,31 +248,32 @@ class Classifier:
         return probs, elapsed_ms
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _infer_one(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def _infer_one(self, tensors: list[np.ndarray]) -> list[ClassifyResult]:
         model = self._require_model()
         probs, ms = await asyncio.to_thread(self._predict, model, np.stack(tensors))
         return model.results(probs, ms)
 
     def _prepare(
         self, model: LoadedModel, frames: list[FrameRecord]
-    ) -> tuple[list[np.ndarray | None], list[dict[str, Any] | None]]:
+    ) -> tuple[list[np.ndarray | None], list[FrameError | None]]:
         h, w, c = model.runtime.input_hwc
         tensors: list[np.ndarray | None] = []
-        errors: list[dict[str, Any] | None] = []
+        errors: list[FrameError | None] = []
         for frame in frames:
             try:
                 tensors.append(to_model_input(decode_frame(frame, self.limits), h, w, c))
                 errors.append(None)
             except FrameDecodeError as error:
                 tensors.append(None)
-                errors.append({"error": error.reason, "detail": error.detail})
+                errors.append(FrameError(error.reason, error.detail))
                 self.errors.inc(tags={"reason": error.reason})
         return tensors, errors
 
     async def classify_frames(
         self, frames: list[FrameRecord], topk: bool = True
-    ) -> list[dict[str, Any]]:
-        """Classify many frames in one call; a bad frame gets {"error", "detail"}, no exception.
+    ) -> list[FrameAnswer]:
+        """Classify many frames in one call: a ClassifyResult per frame, or a FrameError for
+        a bad one (no exception).
 
         ``topk=False`` leaves each result's ``topk`` list out (less to serialize per frame).
         """
@@ -283,11 +289,11 @@ class Classifier:
 
     def _classify(
         self, model: LoadedModel, frames: list[FrameRecord], topk: bool
-    ) -> tuple[list[dict[str, Any]], int]:
-        """(one result per frame, how many frames were classified) - in a worker thread."""
+    ) -> tuple[list[FrameAnswer], int]:
+        """(one answer per frame, how many frames were classified) - in a worker thread."""
         tensors, errors = self._prepare(model, frames)
         good = [i for i, t in enumerate(tensors) if t is not None]
-        results: list[dict[str, Any]] = [error or {} for error in errors]
+        results: list[Any] = list(errors)  # the good ones' None is replaced below
         if good:
             batch = np.stack([tensors[i] for i in good])  # type: ignore[misc]
             probs, ms = self._predict(model, batch)
@@ -312,13 +318,14 @@ class Classifier:
             except FrameSchemaError as error:
                 self.errors.inc(tags={"reason": "bad_arrow"})
                 return _error(400, "bad_arrow", str(error))
-            results = await self.classify_frames(frames)
-            if all("error" in r for r in results) and results:
-                first = results[0]
+            answers = await self.classify_frames(frames)
+            results = [answer.to_json() for answer in answers]
+            first = answers[0] if answers else None
+            if isinstance(first, FrameError) and all(isinstance(a, FrameError) for a in answers):
                 return _error(
-                    _STATUS_BY_REASON.get(first["error"], 400),
-                    first["error"],
-                    first["detail"],
+                    _STATUS_BY_REASON.get(first.reason, 400),
+                    first.reason,
+                    first.detail,
                     results=results,
                 )
             return JSONResponse(results)
@@ -340,7 +347,7 @@ class Classifier:
             return _error(_STATUS_BY_REASON.get(error.reason, 400), error.reason, error.detail)
         result = await self._infer_one(tensor)
         self.frames.inc(tags={"outcome": "classified"})
-        return JSONResponse(result)
+        return JSONResponse(result.to_json())
 
     @http.get("/healthz")
     def healthz(self) -> JSONResponse:

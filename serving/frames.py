@@ -42,6 +42,14 @@ FRAME_SCHEMA = pa.schema(
 )
 
 
+class FrameLimitError(FrameSchemaError):
+    """A message over a limit: ``reason`` is ``too_large`` or ``too_many_frames``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class FrameRecord:
     """One video frame and its metadata."""
@@ -149,17 +157,43 @@ def check_decoded_size(payload: bytes, limit: int = MAX_DECODED_BYTES) -> None:
     except (pa.ArrowInvalid, OSError, struct.error, IndexError) as error:
         raise FrameSchemaError(f"not an Arrow IPC stream: {error}") from None
     if total > limit:
-        raise FrameSchemaError(
+        raise FrameLimitError(
+            "too_large",
             f"the Arrow stream declares {total} decoded bytes, over the limit of {limit} "
             "(a compressed decompression bomb?): refused before decoding"
         )
 
 
-def decode_frames(payload: bytes, max_decoded_bytes: int = MAX_DECODED_BYTES) -> list[FrameRecord]:
-    """Parse an Arrow IPC stream of frames; raise FrameSchemaError on anything else.
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """A row of an Arrow message that is not a frame (the other rows may be)."""
 
-    Streams whose (possibly compressed) buffers declare more than ``max_decoded_bytes``
-    are refused before any buffer is inflated.
+    row: int
+    reason: str  # a stable word: bad_value, stream_id_too_long
+    detail: str
+    value: bytes  # the row alone, as a one-row Arrow IPC stream (for a dead-letter record)
+
+
+DecodedRow = FrameRecord | RowError
+_NOT_NULL = [i for i, f in enumerate(FRAME_SCHEMA) if not f.nullable]
+_STRINGS = [i for i, f in enumerate(FRAME_SCHEMA) if f.type == pa.string()]
+_STREAM_ID, _FRAME_INDEX, _CAPTURED_AT = 0, 1, 2
+
+
+def decode_frame_rows(
+    payload: bytes,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
+    max_rows: int | None = None,
+    max_stream_id_bytes: int | None = None,
+) -> list[DecodedRow]:
+    """Parse an Arrow IPC stream of frames into one frame, or one RowError, per row.
+
+    FrameSchemaError (the whole message is refused) when it is not an Arrow stream in the
+    frame schema, would inflate past ``max_decoded_bytes`` (checked before anything is
+    inflated), or holds more than ``max_rows`` rows. Row by row, values that the schema's
+    types let through but the contract does not - nulls in non-nullable columns, strings
+    that are not UTF-8, a negative index or time, a stream id longer than
+    ``max_stream_id_bytes`` - make a RowError for that row only.
     """
     if not payload:
         raise FrameSchemaError("empty message value")
@@ -173,10 +207,88 @@ def decode_frames(payload: bytes, max_decoded_bytes: int = MAX_DECODED_BYTES) ->
                 "Arrow schema does not match the frame schema"
                 + (f" (missing: {', '.join(missing)})" if missing else f": got {schema}")
             )
-        frames: list[FrameRecord] = []
+        out: list[DecodedRow] = []
         for batch in reader:  # columns in FRAME_SCHEMA order, as the check above ensured
-            columns = [column.to_pylist() for column in batch.columns]
-            frames += [FrameRecord(*row) for row in zip(*columns, strict=True)]
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:
+            if max_rows is not None and len(out) + batch.num_rows > max_rows:
+                raise FrameLimitError(
+                    "too_many_frames",
+                    f"the message holds more than {max_rows} frames (the per-message limit)",
+                )
+            out += _batch_rows(batch, len(out), max_stream_id_bytes)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as error:
         raise FrameSchemaError(f"not an Arrow IPC stream: {error}") from None
+    return out
+
+
+def _batch_rows(
+    batch: pa.RecordBatch, first_row: int, max_stream_id_bytes: int | None
+) -> list[DecodedRow]:
+    columns = batch.columns
+    clean = all(columns[i].null_count == 0 for i in _NOT_NULL)
+    if clean:
+        try:
+            for i in _STRINGS:
+                columns[i].validate(full=True)
+        except pa.ArrowInvalid:
+            clean = False
+    if clean:  # the common case: every row is a frame unless a value is out of range
+        values = [column.to_pylist() for column in columns]
+        rows: list[DecodedRow] = [FrameRecord(*row) for row in zip(*values, strict=True)]
+    else:
+        rows = [_one_row(batch, r) for r in range(batch.num_rows)]
+    for r, row in enumerate(rows):
+        if isinstance(row, FrameRecord):
+            why = _out_of_range(row, max_stream_id_bytes)
+            if why is not None:
+                rows[r] = RowError(first_row + r, why[0], why[1], _row_ipc(batch, r))
+        else:
+            rows[r] = RowError(first_row + r, row.reason, row.detail, row.value)
+    return rows
+
+
+def _one_row(batch: pa.RecordBatch, r: int) -> DecodedRow:
+    values = []
+    for i, column in enumerate(batch.columns):
+        name = FRAME_SCHEMA.names[i]
+        scalar = column[r]
+        if i in _NOT_NULL and not scalar.is_valid:
+            return RowError(r, "bad_value", f"{name} is null", _row_ipc(batch, r))
+        try:
+            values.append(scalar.as_py())
+        except UnicodeDecodeError:
+            return RowError(r, "bad_value", f"{name} is not UTF-8", _row_ipc(batch, r))
+    return FrameRecord(*values)
+
+
+def _out_of_range(frame: FrameRecord, max_stream_id_bytes: int | None) -> tuple[str, str] | None:
+    if max_stream_id_bytes is not None and len(frame.stream_id) > max_stream_id_bytes // 4 and (
+        len(frame.stream_id.encode()) > max_stream_id_bytes
+    ):
+        return (
+            "stream_id_too_long",
+            f"stream_id of {len(frame.stream_id.encode())} bytes > {max_stream_id_bytes}",
+        )
+    if frame.frame_index < 0:
+        return "bad_value", f"frame_index {frame.frame_index} < 0"
+    if frame.captured_at_ns < 0:
+        return "bad_value", f"captured_at_ns {frame.captured_at_ns} < 0"
+    return None
+
+
+def _row_ipc(batch: pa.RecordBatch, r: int) -> bytes:
+    """One row as an Arrow IPC stream: its buffers are copied as they are (no UTF-8 check)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, FRAME_SCHEMA) as writer:
+        writer.write_batch(batch.slice(r, 1))
+    return sink.getvalue().to_pybytes()
+
+
+def decode_frames(payload: bytes, max_decoded_bytes: int = MAX_DECODED_BYTES) -> list[FrameRecord]:
+    """Parse an Arrow IPC stream of frames; raise FrameSchemaError on anything else,
+    including a single row that is not a frame (see :func:`decode_frame_rows`)."""
+    frames: list[FrameRecord] = []
+    for row in decode_frame_rows(payload, max_decoded_bytes):
+        if isinstance(row, RowError):
+            raise FrameSchemaError(f"row {row.row}: {row.detail}")
+        frames.append(row)
     return frames

@@ -1,42 +1,45 @@
 """The stream classifier: a Kafka consumer group -> Ray Serve -> labels, latency and DLQ topics.
 
-The commit path, at-least-once (the default):
-  1. poll frames; parse each message (Arrow rows or a bare image) into frames, or a DLQ entry;
-  2. micro-batch whole messages, bounded by frame count and by wait time;
-  3. send each batch to Serve (``classify_frames``), at most ``max_in_flight`` at a time;
-  4. complete batches in submission order, so labels keep each stream's order;
-  5. produce labels / DLQ records, then - on the commit interval - flush the producer and
-     only then commit the offsets. Never the other way round: a crash between 5's flush and
-     commit re-labels frames (deduplicable by ``source``), and never loses one.
-Exactly-once puts step 5 in a Kafka transaction with the offsets
-(``send_offsets_to_transaction``), so ``read_committed`` readers see one label per frame.
+One member of the group runs :meth:`StreamClassifier.run`, a short loop that hands off:
+  1. poll messages; :func:`streams.parsing.parse_message` turns each into frames or dead
+     letters (a pure function: no message can make it raise);
+  2. :class:`streams.batching.Batcher` groups frames into Serve calls, bounded by frames,
+     bytes and wait time;
+  3. each batch goes to Serve (``classify_frames``), at most ``max_in_flight`` at a time;
+  4. batches complete in submission order (each stream's labels keep its order):
+     :class:`streams.output.Output` produces labels and dead letters;
+  5. on the commit interval :class:`streams.checkpoint.Checkpoint` commits - after the
+     labels are acknowledged, or in a Kafka transaction with them (exactly-once).
 
 Kafka I/O is librdkafka (confluent-kafka): fetching, producing and heartbeats run in its own
-threads, outside the interpreter lock, so the Python loop only parses, batches and labels.
-Rebalance callbacks run on this loop's thread (inside ``poll``): partitions being revoked
-are drained and committed first, so their next owner starts where this member stopped.
+threads, outside the interpreter lock. Rebalance callbacks run on this loop's thread (inside
+``poll``): partitions being revoked are drained and committed first, so their next owner
+starts where this member stopped.
 
-When Serve pushes back (``BackPressureError``) or a replica dies mid-request, the consumer
-pauses its partitions and retries the same batch with bounded exponential backoff: memory
-stays bounded by ``max_in_flight`` batches, and no frame is skipped.
+Serve failures: when Serve has no replica for us now (backpressure, unavailable) the member
+pauses its partitions and retries the same frames with bounded exponential backoff, polling
+meanwhile so it stays in the group, for at most ``serve_give_up_s``. When a call fails while
+a replica ran it (the replica raised, died or timed out) it counts against those frames:
+after ``serve_max_attempts`` the batch is split in halves to isolate the frame that breaks
+it, and a frame that fails alone goes to the DLQ (``replica_error``). Memory stays bounded by
+``max_in_flight`` batches, and no frame is skipped.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -47,27 +50,31 @@ from confluent_kafka import (
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from serving.frames import (
-    ARROW_CONTENT_TYPE,
-    FrameRecord,
-    FrameSchemaError,
-    decode_frames,
-    warm_up,
-)
+from serving.frames import FrameRecord, warm_up
+from serving.results import ClassifyResult, FrameAnswer, FrameError
+from streams.batching import Batch, Batcher
+from streams.checkpoint import SEND_FAILURES, Checkpoint, Outcome
 from streams.client import rdkafka_callbacks, rdkafka_reason
 from streams.config import KafkaSettings, TopicSettings
 from streams.exceptions import KafkaConnectionError, StreamsError
-from streams.labels import encode_label, label_record
-from streams.latency import LatencyWindow, encode_latency
+from streams.latency import LatencyWindow
+from streams.output import Output, dlq_value_limit
+from streams.parsing import ParseLimits, Source, kafka_timestamp_ns, parse_message
 from streams.sinks import ParquetSink
+
+__all__ = [
+    "SEND_FAILURES",
+    "ClassifierConfig",
+    "ClassifyFn",
+    "Guarantee",
+    "StreamClassifier",
+    "dlq_value_limit",
+]
 
 log = logging.getLogger(__name__)
 
 Guarantee = Literal["at-least-once", "exactly-once"]
-_BARE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
-Partition = tuple[str, int]  # (topic, partition)
 MAX_POLL_MESSAGES = 2000
-TXN_TIMEOUT_S = 60.0  # one transactional call (send offsets, commit, abort)
 
 FRAMES = Counter(
     "framecast_stream_frames_total", "Frames handled by the stream classifier.", ["outcome"]
@@ -80,24 +87,9 @@ END_TO_END = Histogram(
 # Bound once: a labels() lookup per frame costs as much as the increment.
 LABELLED = FRAMES.labels(outcome="labelled")
 DROPPED = FRAMES.labels(outcome="dropped_deadline")
+DEAD = FRAMES.labels(outcome="dlq")
 LAG = Gauge("framecast_stream_lag", "Consumer lag over the assigned partitions.")
-SEND_FAILURES = Counter(
-    "framecast_stream_send_failures_total", "Label/DLQ records the brokers never acknowledged."
-)
 RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
-
-
-# The DLQ topic takes what the frames topic takes (TopicSettings.max_message_bytes); a DLQ
-# record adds headers to the original value, so values are copied up to that less 64 KiB.
-DLQ_HEADROOM_BYTES = 64 * 1024
-
-
-def dlq_value_limit(max_message_bytes: int) -> int:
-    """The dlq_max_value_bytes that fits a DLQ topic of this max.message.bytes."""
-    return max(1, max_message_bytes - DLQ_HEADROOM_BYTES)
-
-
-DLQ_MAX_VALUE_BYTES = dlq_value_limit(TopicSettings.model_fields["max_message_bytes"].default)
 
 
 class ClassifierConfig(BaseModel):
@@ -120,6 +112,35 @@ class ClassifierConfig(BaseModel):
         description="Name in the latency aggregates and transactional id.",
     )
     max_batch_frames: PositiveInt = Field(default=256, description="Frames per Serve call.")
+    max_batch_bytes: PositiveInt = Field(
+        default=16 * 1024 * 1024, description="Frame data per Serve call (bytes)."
+    )
+    max_message_frames: PositiveInt = Field(
+        default=4096, description="Rows one Arrow message may hold (more: the DLQ)."
+    )
+    max_message_decoded_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024,
+        description="Bytes one Arrow message may inflate to, checked before it is inflated.",
+    )
+    max_frame_bytes: PositiveInt = Field(
+        default=8 * 1024 * 1024,
+        description="Data of one frame (more: the DLQ, without a Serve call; the replicas' "
+        "own limit is max_frame_bytes of their config).",
+    )
+    max_stream_id_bytes: PositiveInt = Field(
+        default=256, description="Longest stream id (it is copied into every label)."
+    )
+    max_clock_skew_ms: PositiveFloat = Field(
+        default=5_000.0,
+        description="How far captured_at_ns may be ahead of Kafka's timestamp before it is "
+        "not trusted: latency and deadline are then measured from Kafka's timestamp (the "
+        "label gets timings_ms.clock_skew).",
+    )
+    max_capture_delay_s: PositiveFloat = Field(
+        default=3_600.0,
+        description="How far captured_at_ns may be behind Kafka's timestamp (a camera "
+        "holding frames) before it is not trusted, as for max_clock_skew_ms.",
+    )
     max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
     max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
     commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
@@ -134,7 +155,21 @@ class ClassifierConfig(BaseModel):
         "flushes at once, so this bounds delivery delay only between commits).",
     )
     latency_window_s: PositiveFloat = Field(default=5.0, description="Aggregate period.")
-    serve_timeout_s: PositiveFloat = Field(default=60.0, description="One Serve call's limit.")
+    serve_timeout_s: PositiveFloat = Field(
+        default=60.0, description="One Serve call's limit; past it the call is cancelled."
+    )
+    serve_max_attempts: PositiveInt = Field(
+        default=3,
+        description="Failed calls of the same frames (a replica raised, died or timed out on "
+        "them) before the batch is split to isolate a bad frame; a frame alone that fails "
+        "this often goes to the DLQ (replica_error).",
+    )
+    serve_give_up_s: PositiveFloat | None = Field(
+        default=600.0,
+        description="How long Serve may have no replica for us (unavailable, backpressure) "
+        "before the classifier stops with an error, committing nothing past its frames "
+        "(None: wait forever).",
+    )
     backoff_max_s: PositiveFloat = Field(default=5.0, description="Longest retry backoff.")
     idle_exit_s: PositiveFloat | None = Field(
         default=None, description="Stop after this long without input (tests, batch jobs)."
@@ -144,53 +179,20 @@ class ClassifierConfig(BaseModel):
         default=60.0, description="How long start-up waits for the frames topic to exist."
     )
     dlq_max_value_bytes: PositiveInt = Field(
-        default=DLQ_MAX_VALUE_BYTES,
+        default=dlq_value_limit(TopicSettings.model_fields["max_message_bytes"].default),
         description="Largest original value copied into a DLQ record. A larger one is left "
         "out (header error.value_omitted = its size; source.* still point at it): a DLQ "
         "record its topic refuses would block every commit behind it.",
     )
 
 
-@dataclass
-class _Item:
-    """One consumed frame (or a message's DLQ entry), in consumption order."""
-
-    topic: str
-    partition: int
-    offset: int
-    row: int
-    key: bytes | None
-    consumed_ns: int
-    broker_ms: float
-    frame: FrameRecord | None = None
-    dropped: bool = False
-    dlq_reason: str | None = None
-    dlq_detail: str = ""
-    dlq_class: str = ""
-    value: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-
-@dataclass
-class _Batch:
-    items: list[_Item] = field(default_factory=list)
-    offsets: dict[Partition, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    response: Any = None
-    results: list[dict[str, Any]] | None = None  # the response's answer, once fetched
-    submitted_ns: int = 0
-
-    @property
-    def frames(self) -> list[FrameRecord]:
-        return [
-            i.frame
-            for i in self.items
-            if i.frame is not None and not i.dropped and i.dlq_reason is None
-        ]
-
-
 ClassifyFn = Callable[[list[FrameRecord]], Any]
-"""Sends frames to Serve; returns an object whose ``result(timeout_s=...)`` gives the results."""
+"""Sends frames to Serve; returns an object whose ``result(timeout_s=...)`` gives one
+:data:`serving.results.FrameAnswer` per frame (and ``cancel()``)."""
+
+
+class _Abandoned(Exception):
+    """The work in hand was given up (its partitions were taken away while it waited)."""
 
 
 class StreamClassifier:
@@ -206,7 +208,7 @@ class StreamClassifier:
     ) -> None:
         self.config = config
         self.classify = classify
-        self.retriable = retriable
+        self.retriable = retriable  # "Serve has no replica for us now": not the frames' fault
         client = {**kafka.rdkafka_config(bootstrap), **rdkafka_callbacks(log)}
         self.exactly_once = config.guarantee == "exactly-once"
         self.consumer = Consumer(
@@ -237,21 +239,32 @@ class StreamClassifier:
         }
         if self.exactly_once:
             producer_config["transactional.id"] = f"framecast-{config.group}-{config.consumer_id}"
-        self.producer = Producer(producer_config)
-        self.in_txn = False
-        # Records the brokers refused since the last commit (delivery reports, or produce()
-        # itself): the offsets covering them must not be committed.
-        self.send_failures = 0
-        self.last_send_failure = ""
-        # Exactly-once: the consumer group metadata (its generation) under which the oldest
-        # record still held was polled. Offsets are committed with it, so a rebalance since
-        # then makes the coordinator refuse them (KIP-447) and the work is redone, not
-        # committed twice.
-        self.txn_group: Any = None
-        self.pending: collections.deque[_Batch] = collections.deque()
-        self.batch = _Batch()
-        self.done_offsets: dict[Partition, int] = {}
-        self.last_commit = time.monotonic()
+        self.output = Output(
+            Producer(producer_config),
+            labels_topic=config.labels_topic,
+            dlq_topic=config.dlq_topic,
+            latency_topic=config.latency_topic,
+            dlq_max_value_bytes=config.dlq_max_value_bytes,
+            transactional=self.exactly_once,
+        )
+        self.checkpoint = Checkpoint(
+            self.consumer,
+            self.output,
+            exactly_once=self.exactly_once,
+            interval_ms=config.commit_interval_ms,
+        )
+        self.limits = ParseLimits(
+            max_message_frames=config.max_message_frames,
+            max_decoded_bytes=config.max_message_decoded_bytes,
+            max_frame_bytes=config.max_frame_bytes,
+            max_stream_id_bytes=config.max_stream_id_bytes,
+            max_clock_skew_ms=config.max_clock_skew_ms,
+            max_capture_delay_s=config.max_capture_delay_s,
+        )
+        self.batcher = Batcher(
+            config.max_batch_frames, config.max_batch_bytes, config.max_batch_wait_ms
+        )
+        self.pending: collections.deque[Batch] = collections.deque()
         self.window = LatencyWindow(config.consumer_id)
         self.sink = (
             ParquetSink(config.parquet_dir, config.consumer_id) if config.parquet_dir else None
@@ -260,19 +273,28 @@ class StreamClassifier:
         self.closing = False
         self.paused = False
         self.revoking = False
+        self.waiting = False  # inside a Serve call's wait (rebalances then abandon the work)
+        self.epoch = 0  # bumped when the work in hand is dropped
+        self.redo_delay = 0.0
         self.owned: list[TopicPartition] = []  # for other threads: see assignment()
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
         warm_up()  # the first frames are not late for pyarrow's first-use imports
         try:
             self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
             if self.exactly_once:
-                self._transactional(self.producer.init_transactions, "init")
+                self.output.transactional_call(self.output.producer.init_transactions, "init")
         except (StreamsError, KafkaException):
             self.closing = True
             self.consumer.close()
             raise
+        self._subscribe()
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        self.output.delivered(error, message)
+
+    def _subscribe(self) -> None:
         self.consumer.subscribe(
-            [config.frames_topic],
+            [self.config.frames_topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -317,17 +339,15 @@ class StreamClassifier:
 
     def assignment(self) -> list[TopicPartition]:
         """The partitions this member owns now; safe from any thread (the consumer itself is
-        not: a call from another thread waits until the loop's polls let go of it, which on
-        a busy loop took up to 25 s)."""
+        not: a call from another thread waits until the loop's polls let go of it)."""
         return list(self.owned)
 
     def run(self) -> dict[str, Any]:
         """Consume until stop(), max_frames or idle_exit_s; returns the totals."""
-        started = time.monotonic()
-        last_input = time.monotonic()
-        # What exists now (modules, Ray's and the clients' state: ~190k objects) is never
-        # garbage: a full collection walking it stalled the loop up to 114 ms, four times in
-        # 20 s at 1,000 frames/s. Collected once, then frozen out of later collections.
+        started = last_input = time.monotonic()
+        # What exists now (modules, Ray's and the clients' state) is never garbage: full
+        # collections walking it stalled the loop (see docs/BENCHMARKS.md). Collected once,
+        # then frozen out of later collections.
         gc.collect()
         gc.freeze()
         try:
@@ -335,32 +355,18 @@ class StreamClassifier:
                 messages = self._poll(self._wait_s())
                 if messages:
                     last_input = time.monotonic()
-                    for message in messages:
-                        self._add(message)
-                        if len(self.batch.items) >= self.config.max_batch_frames:
-                            # A poll of a backlog can hold 100k frames: cut it into
-                            # Serve calls as it is read, so inference overlaps labelling.
-                            self._submit_next()
-                if self._batch_ready():
-                    self._submit_next()
-                # Label what Serve has answered, oldest first, without waiting for the rest
-                # (_submit_next waits when the in-flight budget is spent): polling goes on
-                # meanwhile, so frames do not wait in the broker for a slow Serve call.
-                while self.pending and self._answered(self.pending[0]):
-                    self._complete(self.pending.popleft())
-                self.producer.poll(0)  # delivery reports of failed sends
-                self._maybe_commit()
-                self._maybe_publish_latency()
+                with contextlib.suppress(_Abandoned):
+                    self._step(messages)
                 if self.config.max_frames and self._handled() >= self.config.max_frames:
                     break
                 if messages:
                     continue
-                if not self.consumer.assignment():
+                if not self.owned:
                     last_input = time.monotonic()  # idle only counts while we own partitions
                 if (
                     self.config.idle_exit_s
                     and not self.pending
-                    and not self.batch.items
+                    and not self.batcher.current.items
                     and time.monotonic() - last_input > self.config.idle_exit_s
                 ):
                     break
@@ -371,14 +377,32 @@ class StreamClassifier:
             gc.unfreeze()
         return {**self.totals, "seconds": round(time.monotonic() - started, 3)}
 
+    def _step(self, messages: list[Message]) -> None:
+        """One turn of the loop after a poll."""
+        for message in messages:
+            for batch in self._consume(message):
+                # A poll of a backlog can hold 100k frames: cut it into Serve calls as it
+                # is read, so inference overlaps labelling.
+                self._submit(batch)
+        if self.batcher.due():
+            self._submit(self.batcher.cut())
+        # Label what Serve has answered, oldest first, without waiting for the rest:
+        # polling goes on meanwhile, so frames do not wait in the broker for a slow call.
+        while self.pending and self._answered(self.pending[0]):
+            self._complete(self.pending.popleft())
+        self.output.poll()  # delivery reports of failed sends
+        if self.checkpoint.due():
+            self._commit("interval")
+        if self.window.elapsed() >= self.config.latency_window_s:
+            self._publish_latency()
+
     def _wait_s(self) -> float:
         """How long the next poll may wait for frames: until the batch being filled is due,
         and only briefly while Serve calls are out (their answers are checked between
         polls); 100 ms when idle."""
-        if self.batch.items:
-            due = self.batch.started + self.config.max_batch_wait_ms / 1000 - time.monotonic()
-            wait = max(0.0, due)
-            return min(wait, 0.002) if self.pending else wait
+        due = self.batcher.wait_s()
+        if due is not None:
+            return min(due, 0.002) if self.pending else due
         return 0.002 if self.pending else 0.1
 
     def _poll(self, wait_s: float) -> list[Message]:
@@ -411,16 +435,19 @@ class StreamClassifier:
 
     def drain(self, reason: str) -> None:
         """Classify everything held, publish it, and commit (used on stop and on rebalance)."""
-        if self.batch.items:
-            self._submit(self.batch)
-            self.batch = _Batch()
-        while self.pending:
-            self._complete(self.pending.popleft())
+        try:
+            if self.batcher.current.items or self.batcher.current.offsets:
+                self._submit(self.batcher.cut(), wait=False)
+            while self.pending:
+                self._complete(self.pending.popleft())
+        except _Abandoned:
+            return
         self._commit(reason)
 
     # -- rebalance (called inside poll, on this thread) -----------------------------------------
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.owned = list(partitions)
+        self.paused = False  # a new assignment starts unpaused
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -430,12 +457,19 @@ class StreamClassifier:
         if self.closing or not partitions:
             return
         log.info("revoking %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+        if self.waiting:
+            # Inside a Serve call's wait (Serve is away): the work cannot be finished now;
+            # the next owner redoes it.
+            log.warning("revoked while waiting for Serve; the work in hand is redone elsewhere")
+            self.output.abort()
+            self._rewind(seek=False)
+            return
         self.revoking = True
         try:
             self.drain(reason="rebalance")
         finally:
             self.revoking = False
-            self.txn_group = None
+            self.checkpoint.txn_group = None
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions taken away without a revoke (this member was thrown out of the group):
@@ -447,8 +481,7 @@ class StreamClassifier:
         )
         if self.closing:
             return
-        if self.exactly_once and self.in_txn:
-            self._abort()
+        self.output.abort()
         self._rewind(seek=False)
 
     # -- consume ----------------------------------------------------------------------------
@@ -456,406 +489,244 @@ class StreamClassifier:
         t = self.totals
         return t["labelled"] + t["dropped_deadline"] + t["dlq"]
 
-    def _add(self, message: Message) -> None:
+    def _consume(self, message: Message) -> list[Batch]:
+        """Parse one message into the batcher; returns the batches it filled."""
         now = time.time_ns()
         topic, partition = message.topic() or "", message.partition() or 0
         offset = message.offset() or 0
-        kind, timestamp = message.timestamp()
-        if self.exactly_once and self.txn_group is None:
-            self.txn_group = self.consumer.consumer_group_metadata()
-        base = {
-            "topic": topic,
-            "partition": partition,
-            "offset": offset,
-            "key": message.key(),
-            "consumed_ns": now,
-            "broker_ms": max(0.0, now / 1e6 - timestamp)
-            if kind != TIMESTAMP_NOT_AVAILABLE and timestamp > 0
-            else 0.0,
-        }
-        value = message.value()
-        headers = cast(list[tuple[str, bytes]], message.headers() or [])
-        for index, item in enumerate(self._parse(value, headers, base)):
-            item.row = index
-            if (
-                item.frame is not None
-                and self.config.deadline_ms is not None
-                and (now - item.frame.captured_at_ns) / 1e6 > self.config.deadline_ms
-            ):
-                item.dropped = True
-            self.batch.items.append(item)
-        self.batch.offsets[(topic, partition)] = offset + 1
-
-    def _parse(
-        self, value: bytes | None, headers: list[tuple[str, bytes]], base: dict[str, Any]
-    ) -> list[_Item]:
-        named = {k: v for k, v in headers}
-        content_type = (named.get("content-type") or b"").decode("latin-1")
-        content_type = content_type.split(";")[0].strip()
-
-        def dlq(reason: str, detail: str, error_class: str) -> list[_Item]:
-            return [
-                _Item(
-                    **base,
-                    row=0,
-                    dlq_reason=reason,
-                    dlq_detail=detail,
-                    dlq_class=error_class,
-                    value=value,
-                    headers=list(headers),
-                )
-            ]
-
-        if not value:
-            return dlq("empty_value", "the message has no value", "FrameSchemaError")
-        if content_type == ARROW_CONTENT_TYPE:
-            try:
-                frames = decode_frames(value)
-            except FrameSchemaError as error:
-                return dlq("bad_arrow", str(error), "FrameSchemaError")
-            if not frames:
-                return dlq("bad_arrow", "Arrow stream holds no frames", "FrameSchemaError")
-            # read-only: one list for all of its frames
-            return [
-                _Item(**base, row=0, frame=frame, value=value, headers=headers)
-                for frame in frames
-            ]
-        encoding = _BARE_TYPES.get(content_type)
-        if encoding is None:
-            return dlq(
-                "unsupported_content_type",
-                f"content-type {content_type or '(none)'} is not {ARROW_CONTENT_TYPE}, "
-                "image/jpeg or image/png",
-                "FrameSchemaError",
-            )
-        try:
-            label = named.get("label")
-            stream_id = named.get("stream_id")
-            frame = FrameRecord(
-                stream_id=(stream_id if stream_id is not None else base["key"] or b"").decode(),
-                frame_index=int(named["frame_index"]),
-                captured_at_ns=int(named["captured_at_ns"]),
-                encoding=encoding,
-                height=0,
-                width=0,
-                channels=0,
-                data=value,
-                label=int(label) if label not in (None, b"") else None,
-            )
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
-            return dlq(
-                "bad_headers",
-                f"bare image needs headers frame_index and captured_at_ns (integers): {error!r}",
-                "FrameSchemaError",
-            )
-        return [_Item(**base, row=0, frame=frame, value=value, headers=list(headers))]
-
-    def _batch_ready(self) -> bool:
-        if not self.batch.items:
-            return False
-        if len(self.batch.items) >= self.config.max_batch_frames:
-            return True
-        return (time.monotonic() - self.batch.started) * 1000 >= self.config.max_batch_wait_ms
+        kind, timestamp_ms = message.timestamp()
+        self.checkpoint.polled()
+        source = Source(
+            topic, partition, offset, message.key(), now, kafka_timestamp_ns(kind, timestamp_ms)
+        )
+        items = parse_message(
+            message.value(),
+            cast(list[tuple[str, bytes | None]] | None, message.headers()),
+            source,
+            self.limits,
+            self.config.deadline_ms,
+        )
+        if self.output.learned:
+            for item in items:
+                if item.reason is None and self.output.route(item) == "dlq":
+                    item.reason, item.error_class = "label_refused", "LabelRefused"
+                    item.detail = f"topic {self.config.labels_topic} refused this frame's label"
+        return self.batcher.add(items, (topic, partition), offset + 1)
 
     # -- Serve --------------------------------------------------------------------------------
-    def _submit_next(self) -> None:
-        """Send the batch being filled, first completing the oldest call if the in-flight
-        budget is spent (that is what bounds memory and Serve's queue)."""
-        while len(self.pending) >= self.config.max_in_flight:
+    def _submit(self, batch: Batch, wait: bool = True) -> None:
+        """Send a batch, first completing the oldest call if the in-flight budget is spent
+        (that is what bounds memory and Serve's queue)."""
+        while wait and len(self.pending) >= self.config.max_in_flight:
             self._complete(self.pending.popleft())
-        self._submit(self.batch)
-        self.batch = _Batch()
-
-    def _submit(self, batch: _Batch) -> None:
         frames = batch.frames
         batch.submitted_ns = time.time_ns()
-        batch.response = self.classify(frames) if frames else None
+        if frames:
+            try:
+                batch.response = self.classify(frames)
+            except Exception as error:
+                log.warning("Serve call not sent (%s: %s)", type(error).__name__, error)
+                batch.response = None
         self.pending.append(batch)
 
-    def _answered(self, batch: _Batch) -> bool:
+    def _answered(self, batch: Batch) -> bool:
         """Whether the batch's Serve call has finished, without waiting (a failed call has:
-        ``_results`` retries it)."""
+        ``_answers`` deals with it)."""
         if batch.response is None or batch.results is not None:
             return True
         try:
             batch.results = list(batch.response.result(timeout_s=0))
         except TimeoutError:  # not yet (Ray's GetTimeoutError is a TimeoutError too)
             return False
-        except self.retriable:
+        except Exception:
             return True
         return True
 
-    def _results(self, batch: _Batch) -> list[dict[str, Any]]:
-        if batch.response is None:
+    def _answers(self, batch: Batch) -> list[FrameAnswer]:
+        """One answer per frame of the batch, retrying and isolating as the module says."""
+        frames = batch.frames
+        if not frames:
             return []
-        delay = 0.05
+        if batch.results is not None and len(batch.results) == len(frames):
+            self._resume()
+            return batch.results
+        response = batch.response if batch.results is None else None
+        return self._call(frames, response, batch)
+
+    def _call(self, frames: list[FrameRecord], response: Any, batch: Batch) -> list[FrameAnswer]:
+        attempts, delay = 0, 0.05
+        unavailable_since: float | None = None
         while True:
             try:
-                results = (
-                    batch.results
-                    if batch.results is not None
-                    else batch.response.result(timeout_s=self.config.serve_timeout_s)
-                )
-                if self.paused:
-                    self.consumer.resume(self.consumer.assignment())
-                    self.paused = False
-                return list(results)
+                if response is None:
+                    batch.submitted_ns = time.time_ns()
+                    response = self.classify(frames)
+                answers = list(self._result(response))
+                if len(answers) != len(frames):
+                    raise StreamsError(f"Serve answered {len(answers)} of {len(frames)} frames")
+                self._resume()
+                return answers
+            except _Abandoned:
+                raise
             except self.retriable as error:
-                # Backpressure or a lost replica: hold the input, retry the same frames.
-                RETRIES.labels(reason=type(error).__name__).inc()
-                log.warning(
-                    "Serve call failed (%s: %s); retrying in %.2fs",
-                    type(error).__name__,
-                    str(error)[:200],
-                    delay,
-                )
-                if not self.paused:
-                    self.consumer.pause(self.consumer.assignment())
-                    self.paused = True
-                time.sleep(delay)
-                delay = min(delay * 2, self.config.backoff_max_s)
-                batch.submitted_ns = time.time_ns()
-                batch.results = None
-                batch.response = self.classify(batch.frames)
+                # Serve has no replica for us now: not these frames' fault. Wait and retry.
+                response = None
+                unavailable_since = unavailable_since or time.monotonic()
+                give_up = self.config.serve_give_up_s
+                if give_up is not None and time.monotonic() - unavailable_since > give_up:
+                    raise StreamsError(
+                        f"Serve has had no replica for this classifier for {give_up:g}s "
+                        f"({type(error).__name__}: {str(error)[:200]}); stopping without "
+                        "committing past the frames in hand"
+                    ) from None
+                self._retry_wait("unavailable", error, delay)
+            except Exception as error:
+                response = None
+                attempts += 1
+                if attempts < self.config.serve_max_attempts:
+                    # At least 0.5 s: a replica that died is replaced meanwhile, and the
+                    # frames are not blamed for its death within a few milliseconds.
+                    self._retry_wait("failed", error, max(delay, 0.5))
+                elif len(frames) == 1:
+                    detail = f"{type(error).__name__}: {str(error)[:500]}"
+                    log.error("a frame failed %d Serve calls alone; to the DLQ: %s",
+                              attempts, detail)
+                    return [FrameError("replica_error", detail, "ServeError")]
+                else:
+                    half = len(frames) // 2
+                    log.warning(
+                        "%d frames failed %d Serve calls (%s); splitting them to isolate the "
+                        "frame that breaks them", len(frames), attempts, type(error).__name__
+                    )
+                    return self._call(frames[:half], None, batch) + self._call(
+                        frames[half:], None, batch
+                    )
+            delay = min(delay * 2, self.config.backoff_max_s)
 
-    def _complete(self, batch: _Batch) -> None:
-        results = iter(self._results(batch))
-        done_ns = time.time_ns()
-        self._begin()
-        dlq_sent: set[tuple[int, int]] = set()
-        labelled, dropped = self.totals["labelled"], self.totals["dropped_deadline"]
-        for item in batch.items:
-            if item.dlq_reason is None and not item.dropped:
-                result = next(results)
-                if "error" in result:
-                    item.dlq_reason, item.dlq_detail = result["error"], result["detail"]
-                    item.dlq_class = "FrameDecodeError"
-            if item.dlq_reason is not None:
-                if (item.partition, item.offset) not in dlq_sent:  # one DLQ record per message
-                    dlq_sent.add((item.partition, item.offset))
-                    self._send_dlq(item)
-                continue
-            self._send_label(item, None if item.dropped else result, batch, done_ns)
-        # Counted once per batch: a Prometheus increment takes a lock, per frame it showed.
-        if self.totals["labelled"] > labelled:
-            LABELLED.inc(self.totals["labelled"] - labelled)
-        if self.totals["dropped_deadline"] > dropped:
-            DROPPED.inc(self.totals["dropped_deadline"] - dropped)
-        for tp, offset in batch.offsets.items():
-            self.done_offsets[tp] = max(offset, self.done_offsets.get(tp, 0))
+    def _retry_wait(self, why: str, error: BaseException, delay: float) -> None:
+        RETRIES.labels(reason=type(error).__name__).inc()
+        log.warning("Serve call %s (%s: %s); retrying in %.2fs", why, type(error).__name__,
+                    str(error)[:200], delay)
+        until = time.monotonic() + delay
+        while time.monotonic() < until:
+            self._keep_alive(min(0.2, max(0.0, until - time.monotonic())))
 
-    # -- produce ------------------------------------------------------------------------------
-    def _begin(self) -> None:
-        if self.exactly_once and not self.in_txn:
-            self._transactional(self.producer.begin_transaction, "begin")
-            self.in_txn = True
-
-    def _delivered(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:  # only failures are reported (delivery.report.only.error)
-            self._failed(message.topic() or "?", f"{error.name()}: {error.str()}")
-
-    def _failed(self, topic: str, why: str) -> None:
-        self.send_failures += 1
-        self.last_send_failure = f"{topic}: {why}"
-
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
+    def _result(self, response: Any) -> list[FrameAnswer]:
+        """The call's answer, waiting at most serve_timeout_s (then it is cancelled, so it
+        does not go on running while its frames are sent again)."""
+        deadline = time.monotonic() + self.config.serve_timeout_s
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=cast(Any, headers))
-                return
-            except BufferError:  # the client's queue is full: let deliveries drain it
-                self.producer.poll(0.05)
-            except KafkaException as error:  # refused before sending (e.g. too large)
-                self._failed(topic, rdkafka_reason(error))
-                return
+                wait_s = min(0.5, max(0.0, deadline - time.monotonic()))
+                return cast(list[FrameAnswer], response.result(timeout_s=wait_s))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    with contextlib.suppress(Exception):
+                        response.cancel()
+                    raise _CallTimeout(
+                        f"no answer within serve_timeout_s={self.config.serve_timeout_s:g}"
+                    ) from None
+                self._keep_alive(0.0)
 
-    def _send_label(
-        self, item: _Item, result: dict[str, Any] | None, batch: _Batch, done_ns: int
-    ) -> None:
-        frame = item.frame
-        assert frame is not None  # noqa: S101 - only frames reach here
-        labeled_ns = time.time_ns()
-        timings = {
-            "broker": round(item.broker_ms, 3),
-            "queue": round(max(0, batch.submitted_ns - item.consumed_ns) / 1e6, 3),
-            "inference": round(result["inference_ms"], 3) if result else 0.0,
-            "end_to_end": round((labeled_ns - frame.captured_at_ns) / 1e6, 3),
-        }
-        record = label_record(
-            stream_id=frame.stream_id,
-            frame_index=frame.frame_index,
-            topic=item.topic,
-            partition=item.partition,
-            offset=item.offset,
-            row=item.row,
-            result=result,
-            captured_at_ns=frame.captured_at_ns,
-            labeled_at_ns=labeled_ns,
-            timings_ms=timings,
-            ground_truth=frame.label,
-        )
-        self._produce(self.config.labels_topic, frame.stream_id.encode(), encode_label(record))
-        if self.sink:
-            self.sink.add_label(record)
-        if result is None:
-            self.totals["dropped_deadline"] += 1
-            self.window.dropped += 1
-        else:
-            self.totals["labelled"] += 1
+    def _keep_alive(self, wait_s: float) -> None:
+        """Wait while staying in the group: partitions paused (nothing is fetched), the
+        consumer polled (max.poll.interval.ms). A rebalance in here abandons the work."""
+        if not self.paused and self.owned:
+            self.consumer.pause(self.owned)
+            self.paused = True
+        epoch = self.epoch
+        self.waiting = True
+        try:
+            message = self.consumer.poll(wait_s)
+        finally:
+            self.waiting = False
+        if message is not None and message.error() is None:
+            # Paused partitions return nothing; a message here came from a partition
+            # assigned in this very poll. It is not lost: it is read again from its offset.
+            self.consumer.seek(
+                TopicPartition(message.topic() or "", message.partition() or 0,
+                               message.offset() or 0)
+            )
+        if self.epoch != epoch:
+            raise _Abandoned
+
+    def _resume(self) -> None:
+        if self.paused:
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume(self.owned)
+            self.paused = False
+
+    def _complete(self, batch: Batch) -> None:
+        answers = iter(self._answers(batch))
+        done_ns = time.time_ns()
+        self.output.begin()
+        totals, window = self.totals, self.window
+        labelled = dropped = dead = 0
+        for item in batch.items:
+            answer: FrameAnswer | None = next(answers) if item.classifiable else None
+            if isinstance(answer, FrameError):
+                item.reason, item.detail, item.error_class = (
+                    answer.reason, answer.detail, answer.error_class
+                )
+            if item.reason is not None:
+                self.output.dead_letter(item)
+                dead += 1
+                log.info("DLQ %s[%d]@%d row %d: %s", item.source.topic, item.source.partition,
+                         item.source.offset, item.row, item.reason)
+                continue
+            result = cast(ClassifyResult | None, answer)
+            record = self.output.label(item, result, batch.submitted_ns, done_ns)
+            if self.sink:
+                self.sink.add_label(record)
+            if result is None:
+                dropped += 1
+                continue
+            labelled += 1
+            frame = cast(FrameRecord, item.frame)
             if frame.label is not None:
-                self.totals["with_ground_truth"] += 1
-                self.totals["correct"] += int(result["class_id"] == frame.label)
-            self.window.latencies_ms.append(timings["end_to_end"])
-            END_TO_END.observe(timings["end_to_end"])
-
-    def _send_dlq(self, item: _Item) -> None:
-        headers = [(k, v) for k, v in item.headers if not k.startswith(("error.", "source."))]
-        headers += [
-            ("error.reason", item.dlq_reason.encode() if item.dlq_reason else b""),
-            ("error.class", item.dlq_class.encode()),
-            ("error.detail", item.dlq_detail[:1000].encode()),
-            ("source.topic", item.topic.encode()),
-            ("source.partition", str(item.partition).encode()),
-            ("source.offset", str(item.offset).encode()),
-        ]
-        value = item.value or b""
-        if len(value) > self.config.dlq_max_value_bytes:
-            headers.append(("error.value_omitted", str(len(value)).encode()))
-            value = b""
-        self._produce(self.config.dlq_topic, item.key, value, headers)
-        self.totals["dlq"] += 1
-        self.window.dlq += 1
-        FRAMES.labels(outcome="dlq").inc()
-        log.info("DLQ %s[%d]@%d: %s", item.topic, item.partition, item.offset, item.dlq_reason)
+                totals["with_ground_truth"] += 1
+                totals["correct"] += int(result.class_id == frame.label)
+            end_to_end = record["timings_ms"]["end_to_end"]
+            window.latencies_ms.append(end_to_end)
+            END_TO_END.observe(end_to_end)
+        # Counted once per batch: a Prometheus increment takes a lock.
+        for key, count, counter in (
+            ("labelled", labelled, LABELLED), ("dropped_deadline", dropped, DROPPED),
+            ("dlq", dead, DEAD),
+        ):
+            if count:
+                totals[key] += count
+                counter.inc(count)
+        window.dropped += dropped
+        window.dlq += dead
+        self.checkpoint.done(batch.offsets)
 
     # -- commit ----------------------------------------------------------------------------
-    def _maybe_commit(self) -> None:
-        if (time.monotonic() - self.last_commit) * 1000 >= self.config.commit_interval_ms:
-            self._commit("interval")
-
     def _commit(self, reason: str) -> None:
-        self.last_commit = time.monotonic()
-        if not self.done_offsets:
-            return
-        if self.exactly_once:
-            self._commit_transaction(reason)
-            return
-        # 1. flush: every label/DLQ record is acknowledged by the brokers (acks=all) ...
-        left = self.producer.flush(60)
-        if left:
-            # Still unconfirmed (brokers away): the offsets wait for the next commit.
-            log.warning("%d label/DLQ records unacknowledged after 60 s; commit (%s) waits",
-                        left, reason)
-            return
-        if self.send_failures:
-            # Not delivered (e.g. refused, or the brokers were away past message.timeout.ms):
-            # these offsets must not be committed; read them again instead.
-            log.error(
-                "%d label/DLQ records were not delivered (%s); not committing, "
-                "re-reading from the committed offsets",
-                self.send_failures,
-                self.last_send_failure,
-            )
-            SEND_FAILURES.inc(self.send_failures)
-            self.send_failures = 0
+        outcome = self.checkpoint.commit(reason)
+        if outcome is Outcome.REDO:
             self._rewind(seek=not self.revoking)
-            return
-        # 2. ... and only then the offsets: a crash in between re-labels, never loses.
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.done_offsets.items()]
-        self.done_offsets.clear()
-        try:
-            for committed in self.consumer.commit(offsets=offsets, asynchronous=False) or []:
-                if committed.error is not None:
-                    log.warning("commit (%s) of %s[%d] failed: %s; that work will be redone",
-                                reason, committed.topic, committed.partition, committed.error)
-        except KafkaException as error:
-            # Typically a rebalance took partitions away (the group generation moved on).
-            log.warning("commit (%s) failed: %s; uncommitted work will be redone",
-                        reason, rdkafka_reason(error))
-            return
-        log.debug("committed (%s)", reason)
-
-    def _commit_transaction(self, reason: str) -> None:
-        """Offsets join the open transaction, then its commit makes labels and offsets
-        visible at once - or, on failure, it is aborted and the work redone."""
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.done_offsets.items()]
-        self.done_offsets.clear()
-        try:
-            self._begin()
-            if self.send_failures:
-                raise _Abort(f"{self.send_failures} records refused ({self.last_send_failure})")
-            group = self.txn_group or self.consumer.consumer_group_metadata()
-            self._transactional(
-                lambda: self.producer.send_offsets_to_transaction(offsets, group, TXN_TIMEOUT_S),
-                "send offsets",
-            )
-            self._transactional(
-                lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit"
-            )
-            self.in_txn = False
-        except (KafkaException, _Abort) as error:
-            why = rdkafka_reason(error) if isinstance(error, KafkaException) else str(error)
-            log.warning("transaction (%s) failed: %s; aborted, its work will be redone",
-                        reason, why)
-            if self.send_failures:
-                SEND_FAILURES.inc(self.send_failures)
-            self._abort()
-            self._rewind(seek=not self.revoking)
-            return
-        if not self.pending and not self.batch.items:
-            self.txn_group = None  # nothing polled under it is held any more
-        log.debug("committed transaction (%s)", reason)
-
-    def _transactional(self, call: Callable[[], Any], what: str) -> Any:
-        """A transactional producer call: retried while librdkafka says it may be, fatal
-        errors (this producer was fenced by a newer one with its transactional id) stop the
-        classifier; others raise for the caller to abort."""
-        for attempt in range(3):
-            try:
-                return call()
-            except KafkaException as error:
-                kafka_error = error.args[0] if error.args else None
-                if not isinstance(kafka_error, KafkaError):
-                    raise
-                if kafka_error.fatal():
-                    raise StreamsError(
-                        f"the transactional producer failed ({what}): "
-                        f"{rdkafka_reason(error)}; another classifier with consumer id "
-                        f"{self.config.consumer_id!r} may have replaced this one"
-                    ) from None
-                if not kafka_error.retriable() or attempt == 2:
-                    raise
-                log.warning("transaction %s: %s; retrying", what, rdkafka_reason(error))
-        return None  # not reached
-
-    def _abort(self) -> None:
-        self.send_failures = 0
-        if not self.in_txn:
-            return
-        try:
-            self._transactional(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S), "abort")
-        except KafkaException as error:
-            log.warning("abort failed: %s", rdkafka_reason(error))
-        self.in_txn = False
+            # Refused again and again (a topic deleted or unwritable): back off, then redo.
+            self.redo_delay = min(max(0.1, self.redo_delay * 2), self.config.backoff_max_s)
+            if not self.revoking:
+                time.sleep(self.redo_delay)
+        elif outcome is Outcome.COMMITTED:
+            self.redo_delay = 0.0
+            if not self.pending and not self.batcher.current.items:
+                self.checkpoint.txn_group = None  # nothing polled under it is held any more
 
     def _rewind(self, *, seek: bool = True) -> None:
-        """After an aborted transaction or an undelivered label: drop the work in hand and
-        (when the partitions stay ours) re-read them from their committed offsets."""
-        self.txn_group = None
-        self.send_failures = 0
-        for batch in self.pending:  # results of aborted work would be produced out of a txn
+        """After an aborted transaction or a refused record: drop the work in hand and (when
+        the partitions stay ours) re-read them from their committed offsets."""
+        self.epoch += 1
+        self.checkpoint.forget()
+        for batch in self.pending:  # results of dropped work must not be produced
             batch.response = None
             batch.items.clear()
         self.pending.clear()
-        self.batch = _Batch()
-        self.done_offsets.clear()
-        assignment = self.consumer.assignment()
+        self.batcher.clear()
+        self._resume()
+        assignment = self.owned
         if not seek or not assignment:
             return
         try:
@@ -868,21 +739,12 @@ class StreamClassifier:
             log.warning("seek to the committed offsets failed (%s); re-joining the group",
                         rdkafka_reason(error))
             self.consumer.unsubscribe()
-            self.consumer.subscribe(
-                [self.config.frames_topic],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
+            self._subscribe()
 
     # -- latency aggregates ------------------------------------------------------------------
-    def _maybe_publish_latency(self) -> None:
-        if self.window.elapsed() >= self.config.latency_window_s:
-            self._publish_latency()
-
     def _lag(self) -> int | None:
         """Frames behind the partitions' ends (the ends the last fetches reported)."""
-        assignment = self.consumer.assignment()
+        assignment = self.owned
         if not assignment:
             LAG.set(0)
             return 0
@@ -903,29 +765,24 @@ class StreamClassifier:
         record = self.window.snapshot(self._lag())
         self.window.reset()
         try:
-            self._begin()
+            self.output.begin()
         except KafkaException as error:
             log.warning("latency aggregate not published: %s", rdkafka_reason(error))
             return
-        self._produce(
-            self.config.latency_topic, self.config.consumer_id.encode(), encode_latency(record)
-        )
+        self.output.latency(self.config.consumer_id, record)
         if self.exactly_once:
-            if self.done_offsets:
+            if self.checkpoint.offsets:
                 # Labels of this transaction whose offsets are not committed yet: committing
                 # them alone would make them visible while their frames stay uncommitted, and
-                # the next owner of those partitions (after a rebalance) would label them
-                # again. They commit together with their offsets, or not at all.
+                # the next owner of those partitions would label them again. They commit
+                # together with their offsets, or not at all.
                 self._commit("latency")
             else:
                 try:
-                    self._transactional(
-                        lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit"
-                    )
-                    self.in_txn = False
+                    self.output.commit_transaction()
                 except KafkaException as error:
                     log.warning("latency transaction failed: %s", rdkafka_reason(error))
-                    self._abort()
+                    self.output.abort()
                     self._rewind(seek=not self.revoking)
         if self.sink:
             self.sink.add_latency(record)
@@ -934,9 +791,8 @@ class StreamClassifier:
     def _close(self) -> None:
         self.closing = True
         try:
-            if self.exactly_once and self.in_txn:
-                self._abort()  # uncommitted work is redone by the next owner
-            left = self.producer.flush(30)
+            self.output.abort()  # exactly-once: uncommitted work is redone by the next owner
+            left = self.output.flush(30)
             if left:
                 log.warning("%d records still unacknowledged at close", left)
         finally:
@@ -945,6 +801,5 @@ class StreamClassifier:
                 self.sink.close()
 
 
-class _Abort(Exception):
-    """A transaction that must not be committed."""
-
+class _CallTimeout(Exception):
+    """A Serve call that did not answer within serve_timeout_s."""

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from serving.results import ClassifyResult
+
 
 class SourceRef(BaseModel):
     """Where the frame came from; at-least-once output deduplicates on all four fields."""
@@ -51,7 +53,7 @@ def label_record(
     partition: int,
     offset: int,
     row: int,
-    result: dict[str, Any] | None,
+    result: ClassifyResult | None,
     captured_at_ns: int,
     labeled_at_ns: int,
     timings_ms: dict[str, float],
@@ -63,10 +65,10 @@ def label_record(
         "frame_index": frame_index,
         "source": {"topic": topic, "partition": partition, "offset": offset, "row": row},
         "status": "ok" if result is not None else "dropped_deadline",
-        "class_id": result["class_id"] if result else None,
-        "label": result["label"] if result else None,
-        "score": result["score"] if result else None,
-        "model": {k: result["model"][k] for k in ("name", "version", "sha256")} if result else None,
+        "class_id": result.class_id if result else None,
+        "label": result.label if result else None,
+        "score": result.score if result else None,
+        "model": {k: result.model[k] for k in ("name", "version", "sha256")} if result else None,
         "captured_at_ns": captured_at_ns,
         "labeled_at_ns": labeled_at_ns,
         "timings_ms": timings_ms,

@@ -13,11 +13,13 @@ GRPC_MAX_FRAME_BYTES = 3 * 1024 * 1024
 def serve_classify_fn(
     app_name: str, transport: str = "grpc"
 ) -> tuple[Any, tuple[type[BaseException], ...]]:
-    """(classify(frames) -> response, the errors after which the same call is retried).
+    """(classify(frames) -> response, the errors that mean "Serve has no replica for us now").
 
-    Needs a Ray connection (``ray.init``). Retried: backpressure, a replica or the
-    controller dying mid-request, timeouts - anything that says "not now" rather than
-    "this frame is bad" (bad frames come back as per-frame errors, not exceptions).
+    Needs a Ray connection (``ray.init``). Those errors (backpressure, no replica available)
+    are not the frames' fault: the classifier retries them for as long as
+    ``serve_give_up_s``. Any other failure of a call (the replica raised, died or timed out
+    on the frames) counts against the frames (see ``streams.classifier``); bad frames
+    themselves come back as per-frame ``FrameError`` answers, not exceptions.
 
     ``transport="grpc"`` sends each call straight to a replica's gRPC server (frames and
     results pickled); ``"actor"`` uses Ray actor calls with results by reference.
@@ -27,14 +29,18 @@ def serve_classify_fn(
     batch with more frame data than ``GRPC_MAX_FRAME_BYTES`` goes as an actor call (through
     the object store), whatever the transport.
     """
-    from ray.exceptions import RayError
-    from ray.serve.exceptions import BackPressureError, RayServeException
+    from ray.exceptions import ActorUnavailableError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
 
     return ServeClassify(app_name, transport), (
         BackPressureError,
-        RayServeException,
-        RayError,
-        TimeoutError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+        ActorUnavailableError,
     )
 
 

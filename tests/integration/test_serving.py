@@ -25,6 +25,7 @@ from serving.config import ServeSettings
 from serving.deploy import deploy
 from serving.fashion_mnist import load_fashion_mnist
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.results import ClassifyResult, FrameError
 from serving.runtimes import LiteRTRuntime
 from tests.reliability.conftest import reliability_settings
 
@@ -107,7 +108,8 @@ def test_http_and_handle_labels_equal_direct_litert(
 
     handle = serve.get_app_handle("main")
     results = handle.classify_frames.remote(raw_frames(x)).result(timeout_s=60)
-    assert [r["class_id"] for r in results] == expected
+    assert all(isinstance(r, ClassifyResult) for r in results)
+    assert [r.class_id for r in results] == expected
 
 
 def _jpeg(size: tuple[int, int]) -> bytes:
@@ -198,8 +200,8 @@ def test_bad_frames_in_a_batch_get_per_frame_errors(
         data=b"not a jpeg",
     )
     results = serve.get_app_handle("main").classify_frames.remote(frames).result(timeout_s=60)
-    assert "class_id" in results[0] and "class_id" in results[2]
-    assert results[1]["error"] == "undecodable"
+    assert isinstance(results[0], ClassifyResult) and isinstance(results[2], ClassifyResult)
+    assert results[1] == FrameError("undecodable", results[1].detail)
 
 
 def test_saturation_answers_503_with_retry_after_not_a_hang(

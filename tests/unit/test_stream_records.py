@@ -7,19 +7,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from serving.results import ClassifyResult
 from streams.labels import LabelRecord, encode_label, label_record
 from streams.latency import LatencyRecord, LatencyWindow, encode_latency
 from streams.sinks import ParquetSink
 
-RESULT = {
-    "class_id": 3,
-    "label": "Dress",
-    "score": 0.9,
-    "model": {"name": "m", "version": "1", "sha256": "ab" * 32, "runtime": "litert"},
-}
+RESULT = ClassifyResult(
+    3, "Dress", 0.9, {"name": "m", "version": "1", "sha256": "ab" * 32, "runtime": "litert"}, 0.2
+)
 
 
-def _label(result: dict | None, offset: int = 7) -> dict:
+def _label(result: ClassifyResult | None, offset: int = 7) -> dict:
     return label_record(
         stream_id="cam-1",
         frame_index=offset,
