@@ -118,14 +118,21 @@ def parse_message(
     source: Source,
     limits: ParseLimits,
     deadline_ms: float | None = None,
+    headers_error: str | None = None,
 ) -> list[Item]:
-    """The frames of one message, and a dead letter for each part that is not a frame."""
+    """The frames of one message, and a dead letter for each part that is not a frame.
+
+    ``headers_error``: the client could not read the message's headers (confluent-kafka
+    raises on a header key that is not UTF-8); the message is a ``bad_headers`` dead letter.
+    """
     raw_headers = [(k, v if v is not None else b"") for k, v in headers or []]
     named = {k.lower(): v for k, v in raw_headers}
 
     def dead(reason: str, detail: str, error_class: str = "FrameSchemaError") -> list[Item]:
         return [Item(source, 0, None, reason, detail, error_class, value, raw_headers)]
 
+    if headers_error is not None:
+        return dead("bad_headers", f"the headers cannot be read: {headers_error[:200]}")
     if not value:
         return dead("empty_value", "the message has no value")
     content_type = named.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
