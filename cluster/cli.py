@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster.config_flags import ConfigFlags
 from cluster.settings import FramecastSettings, SettingsError, load_settings
+from jobs.config import TrainConfig
 from serving.exceptions import FramecastError, UserError
 
 console = Console()
@@ -302,58 +304,24 @@ def topics_describe(
 # -- commands built by later issues ---------------------------------------------------------------
 
 
-@app.command()
-def train(
-    model: Annotated[str, typer.Option(
-        help="baseline_cnn | mobilenet_v2 | optimized_cnn | stream_cnn")],
-    dataset: Annotated[str, typer.Option(help="fashion-mnist | folder:PATH | synthetic")],
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")],
-    out: Annotated[Path, typer.Option(help="Artifact directory to write.")],
-    limit: Annotated[int | None, typer.Option(help="Use only N training images.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker.")] = 0.0,
-    prune: Annotated[str, typer.Option(help="none | polynomial | constant | 2:4")] = "none",
-    target_sparsity: Annotated[float, typer.Option(min=0, max=0.99, help="Pruning target.")] = 0.5,
-    quantize: Annotated[str, typer.Option(help="none | int8 | float16 | dynamic")] = "int8",
-    qat: Annotated[bool, typer.Option(
-        "--qat", help="Quantization-aware fine-tune before the int8 export (keeps sparsity).")
-    ] = False,
-    qat_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the --qat fine-tune.")] = 2,
-    alpha: Annotated[float, typer.Option(help="mobilenet_v2 width multiplier.")] = 0.35,
-    weights: Annotated[str, typer.Option(help="mobilenet_v2: none | imagenet | PATH.")] = "none",
-    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 128,
-    learning_rate: Annotated[float, typer.Option(min=0, help="Adam initial learning rate.")] = 2e-3,
-    lr_schedule: Annotated[str, typer.Option(help="cosine | exponential")] = "cosine",
-    patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs).")] = 5,
-    max_failures: Annotated[int, typer.Option(help="Worker-failure restarts.")] = 2,
-    test_limit: Annotated[int | None, typer.Option(help="Evaluate on N test images.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    augment: Annotated[bool, typer.Option(help="Random rotation/zoom/shift/flip.")] = True,
-    from_checkpoint: Annotated[Path | None, typer.Option(
-        help="Export from a checkpoint directory of an earlier run (under "
-             "HOME/train/<run>/checkpoint_*) instead of training; pass that run's options.")
-    ] = None,
-) -> None:
-    """Train on Ray Train, prune, quantize and export an artifact directory."""
-    from pydantic import ValidationError
+# The training flags are TrainConfig's fields (jobs/config.py): each flag's type, choices,
+# default and help come from there, and `submit train` takes the same flags. The fields left
+# out are set by callers (tests, `report paper`), not by people.
+TRAIN_FLAGS = ConfigFlags(
+    TrainConfig, "train", exclude=("fail_after_epoch", "storage_path", "run_name")
+)
 
+
+@app.command()
+@TRAIN_FLAGS.add_options
+def train(**flags: Any) -> None:
+    """Train on Ray Train, prune, quantize and export an artifact directory."""
     from jobs.cli import run_train
 
     try:
-        from jobs.train import TrainConfig
-
-        config = TrainConfig(
-            model=model, dataset=dataset, epochs=epochs, out=str(out), limit=limit,
-            test_limit=test_limit, workers=workers, gpus_per_worker=gpus_per_worker,
-            prune=prune, target_sparsity=target_sparsity, quantize=quantize, qat=qat,
-            qat_epochs=qat_epochs, alpha=alpha, weights=weights, batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_schedule=lr_schedule, patience=patience, max_failures=max_failures, seed=seed,
-            augment=augment, from_checkpoint=str(from_checkpoint) if from_checkpoint else None,
-        )
-    except ValidationError as error:
-        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())
-        fail(f"invalid training options: {reasons}", EXIT_USAGE)
+        config = TRAIN_FLAGS.validate(TRAIN_FLAGS.given(flags))
+    except SettingsError as error:
+        fail(str(error), EXIT_USAGE)
     run_train(config, console, fail)
 
 
@@ -846,15 +814,29 @@ def sweep(
 @submit_app.command(
     "train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )
+@TRAIN_FLAGS.add_options
 def submit_train(
     ctx: typer.Context,
     address: Annotated[str, typer.Option(help="Ray dashboard / Jobs API URL.")],
+    **flags: Any,
 ) -> None:
-    """Submit `framecast train ...` to a Ray cluster through the Jobs API."""
+    """Submit `framecast train ...` to a Ray cluster through the Jobs API.
+
+    Takes train's flags (checked here, before anything is sent) and the submission flags
+    --pip auto|none|FILE, --submission-id ID, --env KEY=VALUE (repeatable),
+    --entrypoint-num-cpus N, --python EXE and --no-follow.
+    """
     from cluster.submit import run_submit_train
 
+    given = TRAIN_FLAGS.given(flags)
     try:
-        code = run_submit_train(_opts(ctx).settings(), address, list(ctx.args), console)
+        TRAIN_FLAGS.validate(given)
+    except SettingsError as error:
+        fail(str(error), EXIT_USAGE)
+    try:
+        code = run_submit_train(
+            _opts(ctx).settings(), address, list(ctx.args), TRAIN_FLAGS.to_args(given), console
+        )
     except FramecastError as error:
         fail(str(error))
     if code:

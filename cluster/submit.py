@@ -67,7 +67,7 @@ JobsClient = Any
 
 @dataclass
 class SubmitOptions:
-    """What `submit train` takes besides the training flags."""
+    """What `submit train` takes besides the training flags, and those flags as arguments."""
 
     address: str
     train_args: list[str]
@@ -118,7 +118,7 @@ def is_local_address(address: str) -> bool:
     return host in LOCAL_HOSTS
 
 
-# -- splitting `submit train` arguments -----------------------------------------------------------
+# -- the submission flags -------------------------------------------------------------------------
 
 _SUBMIT_FLAGS_WITH_VALUE = (
     "--pip",
@@ -130,21 +130,20 @@ _SUBMIT_FLAGS_WITH_VALUE = (
 _SUBMIT_SWITCHES = ("--no-follow",)
 
 
-def split_submit_args(address: str, args: Sequence[str]) -> SubmitOptions:
-    """Separate submission flags from the ``framecast train`` flags that follow them.
+def split_submit_args(
+    address: str, args: Sequence[str], train_args: Sequence[str] = ()
+) -> SubmitOptions:
+    """The submission flags in args, with the (already checked) ``framecast train`` flags.
 
     Submission flags: ``--pip auto|none|FILE``, ``--submission-id ID``, ``--env KEY=VALUE``
-    (repeatable), ``--entrypoint-num-cpus N``, ``--python EXE``, ``--no-follow``. Everything
-    else goes to ``framecast train`` unchanged; ``--`` ends submission flags explicitly.
+    (repeatable), ``--entrypoint-num-cpus N``, ``--python EXE``, ``--no-follow``. The CLI
+    parses train's flags itself (cluster/cli.py), so anything else in args is refused.
     """
-    options = SubmitOptions(address=normalize_address(address), train_args=[])
+    options = SubmitOptions(address=normalize_address(address), train_args=list(train_args))
     items = list(args)
     index = 0
     while index < len(items):
         item = items[index]
-        if item == "--":
-            options.train_args.extend(items[index + 1 :])
-            break
         name, eq, inline = item.partition("=")
         if name in _SUBMIT_SWITCHES and not eq:
             options.follow = False
@@ -161,8 +160,10 @@ def split_submit_args(address: str, args: Sequence[str]) -> SubmitOptions:
                 index += 2
             _apply_submit_flag(options, name, value)
             continue
-        options.train_args.append(item)
-        index += 1
+        raise SubmitOptionError(
+            f"submit train: no such option {item!r} (it takes train's flags and "
+            f"{', '.join((*_SUBMIT_FLAGS_WITH_VALUE, *_SUBMIT_SWITCHES))})"
+        )
     return options
 
 
@@ -212,7 +213,7 @@ def _replace_option(args: Sequence[str], flag: str, value: str) -> list[str]:
 
 
 def prepare_train_args(options: SubmitOptions, cwd: Path | None = None) -> list[str]:
-    """Check the training flags and make ``--out`` unambiguous.
+    """Make the training flags' ``--out`` unambiguous.
 
     On a local head the job runs inside an unpacked copy of the working_dir, so a relative
     ``--out`` is made absolute against *our* directory -- the artifact lands where the user
@@ -491,9 +492,15 @@ def _connect_with(settings: Any, address: str) -> JobsClient:
     return connect(address, auth_token(local_head_token=local))
 
 
-def run_submit_train(settings: Any, address: str, args: Sequence[str], console: Any) -> int:
-    """`framecast submit train`: submit, follow with progress, print the outcome; exit code."""
-    options = split_submit_args(address, args)
+def run_submit_train(
+    settings: Any, address: str, args: Sequence[str], train_args: Sequence[str], console: Any
+) -> int:
+    """`framecast submit train`: submit, follow with progress, print the outcome; exit code.
+
+    args are the submission flags; train_args the training flags, already checked against
+    TrainConfig by the CLI (the job runs ``framecast train`` with them).
+    """
+    options = split_submit_args(address, args, train_args)
     train_args = prepare_train_args(options)
     _quiet_ray_client_logs()
     artifact = _option_value(train_args, "--out")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jobs.train import TrainConfig
+from jobs.config import TrainConfig
 from serving.exceptions import FramecastError, UserError
 
 Fail = Callable[..., NoReturn]

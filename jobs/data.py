@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jobs.exceptions import DatasetError, OptionError
+from jobs.names import validate_dataset_name
 from serving.exceptions import DatasetFormatError, DatasetNotFoundError
 from serving.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -50,20 +51,10 @@ def _validate_limit(limit: int | None) -> None:
         raise OptionError(f"limit must be >= 1 when given, got {limit}")
 
 
-def _validate_dataset_name(name: str) -> None:
-    if name in ("fashion-mnist", "synthetic"):
-        return
-    if name.startswith("folder:") and len(name) > len("folder:"):
-        return
-    raise DatasetError(
-        f"unknown dataset {name!r}; expected one of: fashion-mnist, folder:PATH, synthetic"
-    )
-
-
 def load_dataset(name: str, limit: int | None = None, test_limit: int | None = None,
                  seed: int = 0) -> Dataset:
     """Load a dataset by name; limit caps the training images, test_limit the test images."""
-    _validate_dataset_name(name)
+    validate_dataset_name(name)
     _validate_limit(limit)
     _validate_limit(test_limit)
     if name == "fashion-mnist":

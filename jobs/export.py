@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from jobs.data import normalize
-from jobs.names import QUANTIZE_MODES, validate_quantize
+from jobs.names import QUANTIZE_MODES, validate_choice
 from jobs.tf_env import keras, tf
-
-__all__ = ["QUANTIZE_MODES", "validate_quantize"]
 
 SERVING_SIGNATURE = "serving_default"
 INPUT_NAME = "images"
@@ -49,7 +47,7 @@ def _concrete_function(model: keras.Model) -> tf.types.experimental.ConcreteFunc
 def convert_tflite(model: keras.Model, mode: str,
                    calibration_images: np.ndarray | None = None) -> bytes:
     """Convert to a LiteRT flatbuffer; int8 needs uint8 calibration images (NHWC)."""
-    validate_quantize(mode)
+    validate_choice("quantization", mode, QUANTIZE_MODES)
     if mode == "none":
         raise ValueError("quantization 'none' writes no LiteRT model")
     function = _concrete_function(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.exceptions import OptionError
-from jobs.names import MODEL_NAMES
+from jobs.names import MODEL_NAMES, validate_choice
 from jobs.tf_env import keras
 
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -30,8 +30,7 @@ class ModelSpec:
 
 
 def _validate_model_spec(spec: ModelSpec) -> None:
-    if spec.name not in MODEL_NAMES:
-        raise OptionError(f"unknown model {spec.name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+    validate_choice("model", spec.name, MODEL_NAMES)
     if spec.name != "mobilenet_v2":
         if spec.weights != "none":
             raise OptionError(f"--weights is only for mobilenet_v2, not {spec.name}")

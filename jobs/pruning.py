@@ -12,10 +12,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 from jobs.exceptions import OptionError
-from jobs.names import PRUNE_SCHEDULES, validate_prune_options
+from jobs.names import validate_prune_options
 from jobs.tf_env import keras
-
-__all__ = ["PRUNE_SCHEDULES", "validate_prune_options"]
 
 M_BY_N = (2, 4)
 SPARSITY_TOLERANCE = 0.02
@@ -44,15 +42,19 @@ class PruningPlan:
         return 0.5 if self.schedule == "2:4" else self.target_sparsity
 
 
-def plan_pruning(schedule: str, target_sparsity: float, steps_per_epoch: int,
+def plan_pruning(schedule: str, target_sparsity: float | None, steps_per_epoch: int,
                  epochs: int) -> PruningPlan:
-    """Prune from 1/5 to 3/4 of training (constant and 2:4: from 1/5), then fine-tune."""
+    """Prune from 1/5 to 3/4 of training (constant and 2:4: from 1/5), then fine-tune.
+
+    target_sparsity is for polynomial and constant; none and 2:4 ignore it.
+    """
     validate_prune_options(schedule, target_sparsity)
     total = max(1, steps_per_epoch * epochs)
     begin = int(total * 0.2)
     end = max(begin + 1, int(total * 0.75))
     frequency = max(1, min(100, (end - begin) // 10))
-    return PruningPlan(schedule, target_sparsity, begin, end, frequency)
+    target = 0.0 if target_sparsity is None else target_sparsity
+    return PruningPlan(schedule, target, begin, end, frequency)
 
 
 def _m_by_n_applicable(layer: Any) -> bool:

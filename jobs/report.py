@@ -10,7 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
-from jobs.train import TrainConfig, train_artifact
+from jobs.config import TrainConfig
+from jobs.train import train_artifact
 from serving.artifacts import write_json
 
 # The paper's claimed figures (ImageNet, GPU): accuracy %, precision, recall, F1, ms/image,

@@ -49,11 +49,9 @@ class SweepOptions:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
-        from jobs.names import MODEL_NAMES
+        from jobs.names import MODEL_NAMES, validate_choice
 
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; expected one of: "
-                             f"{', '.join(MODEL_NAMES)}")
+        validate_choice("model", self.model, MODEL_NAMES)
         bad = [s for s in self.sparsities if s not in SWEEP_SPARSITIES]
         if bad or not self.sparsities:
             raise ValueError(f"--sparsities: {', '.join(bad) or 'empty'}; expected a subset of "

@@ -20,10 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from jobs.config import TrainConfig  # the run's settings; here for the callers of train_artifact
 from jobs.exceptions import OptionError, TrainingError
-from jobs.names import MODEL_NAMES, validate_prune_options, validate_quantize
 from serving.artifacts import MANIFEST_NAME
 
 CHECKPOINT_STATE = "state"
@@ -32,70 +30,9 @@ CALIBRATION_SAMPLES = 500
 ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 
 
-class TrainConfig(BaseModel):
-    """Everything one training run needs; sent to every Ray Train worker as JSON."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str
-    dataset: str
-    epochs: int = Field(ge=1)
-    out: str
-    limit: int | None = Field(default=None, ge=1)
-    test_limit: int | None = Field(default=None, ge=1)
-    workers: int = Field(default=1, ge=1)
-    gpus_per_worker: float = Field(default=0.0, ge=0.0)
-    cpus_per_worker: float | None = Field(default=None, gt=0.0)
-    prune: str = "none"
-    target_sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
-    quantize: str = "int8"
-    qat: bool = False
-    qat_epochs: int = Field(default=2, ge=1, description="Quantization-aware fine-tune epochs.")
-    alpha: float = 0.35
-    weights: str = "none"
-    batch_size: int = Field(default=128, ge=1, description="Global batch (all workers).")
-    learning_rate: float = Field(default=2e-3, gt=0.0)
-    lr_schedule: str = "cosine"
-    val_fraction: float = 0.1
-    patience: int = Field(default=5, ge=1)
-    augment: bool = True
-    seed: int = 0
-    max_failures: int = Field(default=2, ge=-1)
-    fail_after_epoch: int | None = Field(
-        default=None, description="Testing: raise in every worker after reporting this epoch, "
-                                  "once (not after a resume).")
-    from_checkpoint: str | None = Field(
-        default=None, description="Export from this Ray Train checkpoint directory of an "
-                                  "earlier run (stopped or interrupted) instead of training.")
-    storage_path: str | None = None
-    run_name: str | None = None
-
-    @model_validator(mode="after")
-    def _validate_choices(self) -> TrainConfig:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; expected one of: "
-                             f"{', '.join(MODEL_NAMES)}")
-        if self.lr_schedule not in ("cosine", "exponential"):
-            raise ValueError(f"lr_schedule must be cosine or exponential, got {self.lr_schedule}")
-        if self.qat and self.quantize != "int8":
-            raise ValueError("--qat needs --quantize int8")
-        if self.batch_size < self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be >= workers ({self.workers})")
-        return self
-
-
 def validate_config(config: TrainConfig) -> None:
-    """Check the options that need the data/model modules (cheap: no TensorFlow import)."""
-    from jobs.data import _validate_dataset_name
-
-    _validate_dataset_name(config.dataset)
-    validate_prune_options(config.prune, config.target_sparsity)
-    validate_quantize(config.quantize)
-    if config.qat and config.model == "mobilenet_v2":
-        raise OptionError("--qat works for baseline_cnn and optimized_cnn; tfmot cannot quantize "
-                         "mobilenet_v2's Resizing/Rescaling layers (use post-training int8)")
-    if config.model != "mobilenet_v2" and config.weights != "none":
-        raise OptionError(f"--weights is only for mobilenet_v2, not {config.model}")
+    """Check what TrainConfig cannot see from its fields alone: the files it names, on this
+    machine (cheap: no TensorFlow import)."""
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
         raise OptionError(f"--weights {config.weights}: no such weights file")
     if config.from_checkpoint is not None:

@@ -194,31 +194,19 @@ def _assert_train_flags_exist(args: list[str]) -> None:
 # -- submission helpers --------------------------------------------------------------------------
 
 
-def test_split_submit_args_separates_submission_flags_from_train_flags():
+def test_split_submit_args_reads_the_submission_flags_beside_the_train_flags():
+    # The CLI parses train's flags (TrainConfig's fields) itself and passes them on as is.
     options = submit.split_submit_args(
         "127.0.0.1:8265",
-        [
-            "--model",
-            "optimized_cnn",
-            "--pip=none",
-            "--env",
-            "A=1",
-            "--no-follow",
-            "--submission-id",
-            "run-1",
-            "--epochs",
-            "2",
-            "--",
-            "--pip",
-            "x",
-        ],
+        ["--pip=none", "--env", "A=1", "--no-follow", "--submission-id", "run-1"],
+        ["--model", "optimized_cnn", "--epochs", "2"],
     )
     assert options.address == "http://127.0.0.1:8265"
     assert options.pip == "none"
     assert options.env == {"A": "1"}
     assert options.follow is False
     assert options.submission_id == "run-1"
-    assert options.train_args == ["--model", "optimized_cnn", "--epochs", "2", "--pip", "x"]
+    assert options.train_args == ["--model", "optimized_cnn", "--epochs", "2"]
 
 
 @pytest.mark.parametrize(
@@ -227,6 +215,7 @@ def test_split_submit_args_separates_submission_flags_from_train_flags():
         (["--env", "novalue"], "KEY=VALUE"),
         (["--pip"], "needs a value"),
         (["--entrypoint-num-cpus", "many"], "not a number"),
+        (["--epoch", "2"], "no such option '--epoch'"),
     ],
 )
 def test_split_submit_args_rejects_bad_flags(args: list[str], message: str):

@@ -1,4 +1,8 @@
-"""`framecast train/evaluate` refuse bad flags and missing data with clear errors, fast."""
+"""`framecast train/evaluate` refuse bad flags and missing data with clear errors, fast.
+
+The flags are TrainConfig's fields (jobs/config.py); a refused one is named as the field
+(``train.prune: ...``) and exits 2. tests/unit/test_train_config.py checks the mapping itself.
+"""
 
 from __future__ import annotations
 
@@ -23,14 +27,24 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--model", "resnet"], "unknown model 'resnet'"),
-        (["--prune", "cubic"], "unknown prune schedule 'cubic'"),
-        (["--quantize", "int4"], "unknown quantization 'int4'"),
-        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-        (["--qat", "--quantize", "float16"], "--qat needs --quantize int8"),
-        (["--qat", "--qat-epochs", "0"], "--qat-epochs"),
+        (["--model", "resnet"], "train.model: Input should be 'baseline_cnn', 'mobilenet_v2', "
+                                "'optimized_cnn' or 'stream_cnn' (got 'resnet')"),
+        (["--prune", "cubic"], "train.prune: Input should be 'none', 'polynomial', 'constant' "
+                               "or '2:4' (got 'cubic')"),
+        (["--quantize", "int4"], "train.quantize: Input should be 'none', 'int8', 'float16' or "
+                                 "'dynamic'"),
+        (["--dataset", "imagenet"], "train.dataset: unknown dataset 'imagenet'"),
+        (["--epochs", "two"], "train.epochs: Input should be a valid integer"),
+        (["--qat", "--quantize", "float16"], "train.qat: --qat needs --quantize int8"),
+        (["--qat", "--qat-epochs", "0"], "train.qat_epochs: Input should be greater than 0"),
         (["--qat", "--model", "mobilenet_v2"], "tfmot cannot quantize mobilenet_v2"),
-        (["--prune", "constant", "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),
+        (["--prune", "constant", "--target-sparsity", "0"],
+         "train.target_sparsity: --target-sparsity must be in (0, 1)"),
+        (["--target-sparsity", "0.5"],
+         "train.target_sparsity: only for --prune polynomial or constant, not --prune none"),
+        (["--workers", "4", "--batch-size", "2"],
+         "train.batch_size: batch_size (2) must be >= workers (4)"),
+        (["--weights", "imagenet"], "train.weights: --weights is only for mobilenet_v2"),
     ],
 )
 def test_train_rejects_bad_flags(flags: list[str], message: str, tmp_path: Path) -> None:
@@ -47,6 +61,26 @@ def test_train_rejects_bad_flags(flags: list[str], message: str, tmp_path: Path)
     done = _run(*args, *flags)
     assert done.returncode == 2, done.stderr
     assert message in " ".join(done.stderr.split())
+
+
+def test_submit_train_checks_the_training_flags_before_it_contacts_a_cluster(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens on port 1: exit 2 and the field named mean the flags were refused first.
+    done = _run("submit", "train", "--address", "http://127.0.0.1:1", "--model", "optimized_cnn",
+                "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "out"),
+                "--prune", "cubic")
+    assert done.returncode == 2, done.stderr
+    assert "train.prune: Input should be" in done.stderr
+    assert "cannot reach" not in done.stderr
+
+
+def test_train_help_lists_the_choices_from_the_model() -> None:
+    done = _run("train", "--help")
+    assert done.returncode == 0, done.stderr
+    for choices in ("[baseline_cnn|mobilenet_v2|optimized_cnn|stream_cnn]",
+                    "[none|polynomial|constant|2:4]", "[none|int8|float16|dynamic]"):
+        assert choices in done.stdout, choices  # COLUMNS=200: one line each
 
 
 def test_train_missing_folder_dataset_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,154 @@
+"""``TrainConfig``: every setting of one training run, once (no TensorFlow import).
+
+The ``framecast train`` flags are generated from these fields (cluster/config_flags.py), so
+a field's type, default, choices and description here are the flag's; ``submit train``
+validates its training flags with the same model before it sends anything to a cluster. The
+checks that need the filesystem (the dataset folder, weights file, checkpoint, ``out``)
+happen where the run starts, in :func:`jobs.train.validate_config`.
+"""
+
+from __future__ import annotations
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+)
+
+from jobs.names import (
+    DEFAULT_TARGET_SPARSITY,
+    TARGETED_SCHEDULES,
+    LrSchedule,
+    ModelName,
+    PruneSchedule,
+    QuantizeMode,
+    validate_dataset_name,
+    validate_target_sparsity,
+)
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; sent to every Ray Train worker as JSON.
+
+    Cross-field rules live in the validator of the later field (pydantic validates fields in
+    order), so each error names the field the user should change.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # -- what to train, on what, and where the artifact goes
+    model: ModelName = Field(description="Model architecture to train.")
+    dataset: str = Field(description="fashion-mnist | folder:PATH | synthetic.")
+    epochs: PositiveInt = Field(description="Training epochs (early stopping may end sooner).")
+    out: str = Field(description="Artifact directory to write.")
+    limit: PositiveInt | None = Field(
+        default=None, description="Use only N training images (default: all).")
+    test_limit: PositiveInt | None = Field(
+        default=None, description="Evaluate on N test images (default: all).")
+    # -- Ray Train resources
+    workers: PositiveInt = Field(default=1, description="Ray Train workers.")
+    gpus_per_worker: NonNegativeFloat = Field(default=0.0, description="GPUs per worker.")
+    cpus_per_worker: PositiveFloat | None = Field(
+        default=None, description="CPUs per worker (default: the CPUs free at start, split "
+                                  "evenly among the workers).")
+    batch_size: PositiveInt = Field(
+        default=128, description="Global batch size (all workers together); >= workers.")
+    # -- optimization
+    prune: PruneSchedule = Field(
+        default="none", description="Magnitude-pruning schedule (tfmot).")
+    target_sparsity: float | None = Field(
+        default=None, validate_default=True,
+        description=f"Final fraction of zero weights, in (0, 1), for --prune "
+                    f"{' or '.join(TARGETED_SCHEDULES)} (default {DEFAULT_TARGET_SPARSITY} "
+                    f"with them; refused with none and 2:4).")
+    quantize: QuantizeMode = Field(
+        default="int8", description="LiteRT export (none: the float SavedModel only).")
+    qat: bool = Field(
+        default=False, description="Quantization-aware fine-tune before the int8 export "
+                                   "(keeps sparsity); needs --quantize int8.")
+    qat_epochs: PositiveInt = Field(default=2, description="Epochs of the --qat fine-tune.")
+    alpha: PositiveFloat = Field(default=0.35, description="mobilenet_v2 width multiplier.")
+    weights: str = Field(default="none", description="mobilenet_v2: none | imagenet | PATH.")
+    # -- the optimizer and the loop
+    learning_rate: PositiveFloat = Field(default=2e-3, description="Adam initial learning rate.")
+    lr_schedule: LrSchedule = Field(default="cosine", description="Learning-rate decay.")
+    val_fraction: float = Field(
+        default=0.1, gt=0.0, lt=0.5,
+        description="Fraction of the training images held out for validation.")
+    patience: PositiveInt = Field(
+        default=5, description="Early-stopping patience in epochs (counted once pruning has "
+                               "reached its target).")
+    augment: bool = Field(default=True, description="Random rotation/zoom/shift/flip.")
+    seed: int = Field(default=0, description="Random seed.")
+    max_failures: int = Field(
+        default=2, ge=-1, description="Worker-group restarts after a failure (-1: no limit).")
+    from_checkpoint: str | None = Field(
+        default=None, description="Export from a checkpoint directory of an earlier run (under "
+                                  "HOME/train/<run>/checkpoint_*) instead of training; pass "
+                                  "that run's options.")
+    # -- set by callers, not by flags (cluster/cli.py leaves them off the command line)
+    fail_after_epoch: PositiveInt | None = Field(
+        default=None, description="Testing: raise in every worker after reporting this epoch, "
+                                  "once (not after a resume).")
+    storage_path: str | None = Field(
+        default=None, description="Ray Train storage (default: HOME/train).")
+    run_name: str | None = Field(
+        default=None, description="Ray Train run name (default: <model>-<UTC time>).")
+
+    @field_validator("dataset")
+    @classmethod
+    def _validate_dataset(cls, dataset: str) -> str:
+        validate_dataset_name(dataset)
+        return dataset
+
+    @field_validator("batch_size")
+    @classmethod
+    def _validate_batch_size(cls, batch_size: int, info: ValidationInfo) -> int:
+        workers = info.data.get("workers")
+        if workers is not None and batch_size < workers:
+            raise ValueError(f"batch_size ({batch_size}) must be >= workers ({workers})")
+        return batch_size
+
+    @field_validator("target_sparsity")
+    @classmethod
+    def _validate_target_sparsity(cls, target: float | None,
+                                  info: ValidationInfo) -> float | None:
+        schedule = info.data.get("prune")
+        if schedule is None:  # prune itself was refused; that error says it all
+            return target
+        if schedule not in TARGETED_SCHEDULES:
+            if target is not None:
+                raise ValueError(f"only for --prune {' or '.join(TARGETED_SCHEDULES)}, not "
+                                 f"--prune {schedule}"
+                                 + (" (2:4 always prunes half the weights)"
+                                    if schedule == "2:4" else ""))
+            return None
+        target = DEFAULT_TARGET_SPARSITY if target is None else target
+        validate_target_sparsity(schedule, target)
+        return target
+
+    @field_validator("qat")
+    @classmethod
+    def _validate_qat(cls, qat: bool, info: ValidationInfo) -> bool:
+        if not qat:
+            return qat
+        if info.data.get("quantize", "int8") != "int8":
+            raise ValueError("--qat needs --quantize int8")
+        if info.data.get("model") == "mobilenet_v2":
+            raise ValueError("--qat works for baseline_cnn and optimized_cnn; tfmot cannot "
+                             "quantize mobilenet_v2's Resizing/Rescaling layers (use "
+                             "post-training int8)")
+        return qat
+
+    @field_validator("weights")
+    @classmethod
+    def _validate_weights(cls, weights: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if weights != "none" and model is not None and model != "mobilenet_v2":
+            raise ValueError(f"--weights is only for mobilenet_v2, not {model}")
+        return weights
