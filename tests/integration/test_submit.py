@@ -8,6 +8,7 @@ Then status/logs of that job, a job stopped through `submit stop`, and a job tha
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,29 +141,61 @@ def test_stop_ends_a_running_job(ray_head: RayHeadInfo, head_env: dict[str, str]
     assert submit.status_name(client.get_job_status(job_id)) == "STOPPED"
 
 
-def test_a_failing_training_job_is_reported_as_failed(
-    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
-):
-    result = run_cli(
+def _submit_train(
+    address: str, home: Path, env: dict[str, str] | None, *flags: str, dataset: str = "synthetic"
+) -> subprocess.CompletedProcess[str]:
+    return run_cli(
         "submit",
         "train",
         "--address",
-        ray_head.dashboard_url,
+        address,
         "--model",
-        "no_such_model",
+        "optimized_cnn",
         "--dataset",
-        "synthetic",
+        dataset,
         "--epochs",
         "1",
+        *flags,
+        home=home,
+        env=env,
+        timeout=180,
+    )
+
+
+def test_bad_training_flags_are_refused_before_anything_is_submitted(
+    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
+):
+    result = _submit_train(
+        ray_head.dashboard_url,
+        tmp_path,
+        head_env,
         "--out",
         str(tmp_path / "never"),
-        home=tmp_path,
-        env=head_env,
-        timeout=180,
+        "--quantize",
+        "int4",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "train.quantize: Input should be" in result.stderr
+    assert "submitted" not in result.stdout
+    assert not (tmp_path / "submit" / "jobs.json").exists()
+
+
+def test_a_failing_training_job_is_reported_as_failed(
+    ray_head: RayHeadInfo, head_env: dict[str, str], tmp_path: Path
+):
+    # A folder dataset is checked where the job runs (it may be on the cluster's volume).
+    missing = tmp_path / "no_such_folder"
+    result = _submit_train(
+        ray_head.dashboard_url,
+        tmp_path,
+        head_env,
+        "--out",
+        str(tmp_path / "never"),
+        dataset=f"folder:{missing}",
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout
-    assert "no_such_model" in result.stdout
+    assert "does not exist" in result.stdout
     assert not (tmp_path / "never").exists()
 
 
@@ -179,15 +212,6 @@ def test_unknown_job_and_bad_address_are_plain_errors(
     )
     assert result.returncode == 1
     assert "raysubmit_nope" in result.stderr
-    result = run_cli(
-        "submit",
-        "train",
-        "--address",
-        "ray://127.0.0.1:10001",
-        "--out",
-        "/tmp/x",
-        home=tmp_path,
-        timeout=60,
-    )
+    result = _submit_train("ray://127.0.0.1:10001", tmp_path, None, "--out", "/tmp/x")
     assert result.returncode == 1
     assert "dashboard" in result.stderr
