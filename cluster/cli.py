@@ -101,8 +101,6 @@ def main_callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """framecast: real-time video-frame classification on Kafka and Ray."""
-    # kafka-python reports every reconnect and slow poll at WARNING; the CLI says what matters.
-    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.ERROR)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -268,7 +266,7 @@ def topics_list(ctx: typer.Context) -> None:
     """List the user topics of the cluster."""
     try:
         with _with_admin(ctx) as admin:
-            names = sorted(t for t in admin.list_topics() if not t.startswith("__"))
+            names = sorted(admin.topic_names())
     except FramecastError as error:
         fail(str(error))
     for name in names:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -36,17 +37,13 @@ class _LabelReader:
     """Reads this run's labels topic and keeps the live statistics."""
 
     def __init__(self, settings: FramecastSettings, bootstrap: str, topic: str) -> None:
-        from kafka import KafkaConsumer
+        from streams.client import group_free_consumer, topic_reader
 
-        self.consumer = KafkaConsumer(
-            topic,
-            **settings.kafka.client_config(bootstrap),
-            group_id=None,
-            auto_offset_reset="earliest",
-            consumer_timeout_ms=200,
-        )
+        log = logging.getLogger(f"{__name__}.labels")
+        self.consumer = topic_reader(settings.kafka, bootstrap, topic, log)
         # The frames topic's end offsets: frames in, as the broker has them (main thread only).
-        self.offsets = KafkaConsumer(**settings.kafka.client_config(bootstrap), group_id=None)
+        self.offsets = group_free_consumer(settings.kafka, bootstrap, log)
+        self.timeout_s = settings.kafka.request_timeout_ms / 1000
         self.latencies: list[float] = []
         self.labelled_at_ns: list[int] = []
         self.labelled = 0
@@ -60,8 +57,11 @@ class _LabelReader:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            for message in self.consumer:
-                record = json.loads(message.value)
+            for message in self.consumer.consume(num_messages=500, timeout=0.2):
+                value = message.value()
+                if message.error() is not None or value is None:
+                    continue  # librdkafka retries by itself and logs what it could not do
+                record = json.loads(value)
                 self.last_ns = record["labeled_at_ns"]
                 self.first_ns = self.first_ns or self.last_ns
                 if record["status"] != "ok":
@@ -77,11 +77,15 @@ class _LabelReader:
 
     def frames_in(self, frames_topic: str) -> int:
         """Frames the broker holds in ``frames_topic`` (one frame a message in the demo)."""
-        from kafka import TopicPartition
+        from confluent_kafka import TopicPartition
 
-        partitions = self.offsets.partitions_for_topic(frames_topic) or set()
-        ends = self.offsets.end_offsets([TopicPartition(frames_topic, p) for p in partitions])
-        return int(sum(ends.values()))
+        topic = self.offsets.list_topics(frames_topic, timeout=self.timeout_s).topics[frames_topic]
+        return sum(
+            self.offsets.get_watermark_offsets(
+                TopicPartition(frames_topic, partition), timeout=self.timeout_s
+            )[1]
+            for partition in topic.partitions
+        )
 
     def close(self) -> None:
         self.stop.set()

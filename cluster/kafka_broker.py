@@ -328,20 +328,22 @@ class EmbeddedKafka:
         """Protocol of the listeners: PLAINTEXT, or SASL_SSL with ``security``."""
         return "SASL_SSL" if self.security else "PLAINTEXT"
 
-    def client_config(self) -> dict[str, Any]:
-        """kafka-python settings of the broker's own user (readiness checks, inter-broker).
-
-        Empty for a PLAINTEXT broker. Holds the inter-broker password: never log it.
-        """
-        if self.security is None:
-            return {}
-        return {
-            "security_protocol": "SASL_SSL",
-            "sasl_mechanism": INTER_BROKER_MECHANISM,
-            "sasl_plain_username": INTER_BROKER_USER,
-            "sasl_plain_password": self._inter_broker_password(),
-            "ssl_cafile": str(self.security.ca_file),
-        }
+    def rdkafka_config(self) -> dict[str, Any]:
+        """librdkafka properties of the broker's own (super) user: readiness checks, its
+        users and ACLs. Holds the inter-broker password: never log it."""
+        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if self.security is not None:
+            config.update(
+                {
+                    "security.protocol": "sasl_ssl",
+                    "sasl.mechanism": INTER_BROKER_MECHANISM,
+                    "sasl.username": INTER_BROKER_USER,
+                    "sasl.password": self._inter_broker_password(),
+                    "ssl.ca.location": str(self.security.ca_file),
+                    "ssl.endpoint.identification.algorithm": "https",
+                }
+            )
+        return config
 
     # -- life cycle -----------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> BrokerInfo:
@@ -363,8 +365,7 @@ class EmbeddedKafka:
         # out producer ids: ~1 s here, during which every idempotent producer (frames,
         # labels) holds its records. Ready means ready for them too.
         if not producer_ids_available(
-            self.bootstrap_servers, min(30.0, max(1.0, deadline - time.monotonic())),
-            **self.client_config(),
+            self.rdkafka_config(), min(30.0, max(1.0, deadline - time.monotonic()))
         ):
             log.warning("the broker at %s hands out no producer ids yet", self.bootstrap_servers)
         return info
@@ -538,13 +539,6 @@ class EmbeddedKafka:
             props["allow.everyone.if.no.acl.found"] = "false"
         return props
 
-    def rdkafka_admin_config(self) -> dict[str, Any]:
-        """librdkafka properties of the broker's own (super) user. Holds its password."""
-        from streams.config import rdkafka_properties
-
-        return rdkafka_properties({"bootstrap_servers": self.bootstrap_servers,
-                                   **self.client_config()})
-
     def _apply_security(self, security: BrokerSecurity, timeout: float) -> None:
         """Upsert the SCRAM users and the ACLs, then wait until every user can log in."""
         from confluent_kafka import KafkaException
@@ -562,7 +556,7 @@ class EmbeddedKafka:
         )
 
         admin_config: dict[str, Any] = {
-            **self.rdkafka_admin_config(),
+            **self.rdkafka_config(),
             "logger": logging.getLogger(f"{__name__}.admin"),
         }
         admin = AdminClient(admin_config)
@@ -691,9 +685,7 @@ class EmbeddedKafka:
                     f"the Kafka broker exited with code {proc.returncode} while starting; "
                     f"last lines of {self.log_file}:\n{log_tail(self.log_file)}"
                 )
-            if port_answers(self.port) and broker_answers_metadata(
-                self.bootstrap_servers, **self.client_config()
-            ):
+            if port_answers(self.port) and broker_answers_metadata(self.rdkafka_config()):
                 return
             time.sleep(0.5)
         terminate([psutil.Process(proc.pid)], 10)
@@ -784,27 +776,24 @@ class EmbeddedKafkaCluster:
     def under_replicated(self) -> list[str]:
         """``topic[partition]`` of every partition whose in-sync replicas are fewer than its
         replicas (internal topics included); ``["unreachable"]`` when no node answers."""
-        from kafka import KafkaAdminClient
-        from kafka.errors import KafkaError
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
 
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": _quiet("metadata"),
+        }
+        admin = AdminClient(config)
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap_servers.split(","), request_timeout_ms=5000
-            )
-        except (KafkaError, OSError):
+            topics = admin.list_topics(timeout=5).topics
+        except KafkaException:
             return ["unreachable"]
-        try:
-            lagging = []
-            for topic in admin.describe_topics():
-                for partition in topic["partitions"]:
-                    if len(partition["isr_nodes"]) < len(partition["replica_nodes"]):
-                        lagging.append(f"{topic['name']}[{partition['partition_index']}]")
-            return lagging
-        except (KafkaError, OSError):
-            return ["unreachable"]
-        finally:
-            with contextlib.suppress(KafkaError, OSError):
-                admin.close()
+        return [
+            f"{name}[{partition.id}]"
+            for name, topic in sorted(topics.items())
+            for partition in sorted(topic.partitions.values(), key=lambda p: p.id)
+            if len(partition.isrs) < len(partition.replicas)
+        ]
 
     def wait_in_sync(self, timeout: float = 120.0) -> None:
         """Wait until every partition is fully replicated again (after a node restarts).
@@ -840,33 +829,27 @@ class EmbeddedKafkaCluster:
             log.warning("Kafka cluster nodes %s did not stop within %ss: killed", killed, timeout)
 
 
-def broker_answers_metadata(
-    bootstrap_servers: str, timeout_ms: int = 5000, **client_config: Any
-) -> bool:
-    """True when a Kafka metadata request to bootstrap_servers succeeds."""
-    from kafka import KafkaAdminClient  # imported lazily: the CLI starts faster
-    from kafka.errors import KafkaError
+def _quiet(purpose: str) -> logging.Logger:
+    """A logger that drops librdkafka's lines while we poll a broker that may not answer
+    yet: its refusals and retries until then are expected."""
+    logger = logging.getLogger(f"{__name__}.{purpose}")
+    logger.setLevel(logging.CRITICAL)
+    return logger
 
-    # kafka-python logs every failed connection attempt; while we poll, that is noise.
-    kafka_logger = logging.getLogger("kafka")
-    previous = kafka_logger.level
-    kafka_logger.setLevel(logging.CRITICAL)
-    admin = None
+
+def broker_answers_metadata(config: dict[str, Any], timeout_s: float = 5.0) -> bool:
+    """True when a Kafka metadata request succeeds within ``timeout_s``, for a client of
+    these librdkafka properties (``bootstrap.servers`` and the security settings)."""
+    from confluent_kafka import KafkaException  # imported lazily: the CLI starts faster
+    from confluent_kafka.admin import AdminClient
+
+    probe: dict[str, Any] = {**config, "logger": _quiet("ready")}
+    admin = AdminClient(probe)
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers.split(","),
-            request_timeout_ms=timeout_ms,
-            **client_config,
-        )
-        admin.describe_cluster()
-        return True
-    except (KafkaError, OSError):  # unreachable or not ready yet
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException:  # unreachable, not ready yet, or refusing these credentials
         return False
-    finally:
-        if admin is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                admin.close()
-        kafka_logger.setLevel(previous)
+    return True
 
 
 def _can_log_in(broker: EmbeddedKafka, user: str, password: str) -> bool:
@@ -875,13 +858,12 @@ def _can_log_in(broker: EmbeddedKafka, user: str, password: str) -> bool:
     from confluent_kafka.admin import AdminClient
 
     config: dict[str, Any] = {
-        **broker.rdkafka_admin_config(),
+        **broker.rdkafka_config(),
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": user,
         "sasl.password": password,
-        "logger": logging.getLogger(f"{__name__}.login"),
+        "logger": _quiet("login"),  # refusals until the credentials are known
     }
-    logging.getLogger(f"{__name__}.login").setLevel(logging.CRITICAL)  # refusals until ready
     try:
         AdminClient(config).list_topics(timeout=5)
     except KafkaException:
@@ -889,26 +871,23 @@ def _can_log_in(broker: EmbeddedKafka, user: str, password: str) -> bool:
     return True
 
 
-def producer_ids_available(bootstrap_servers: str, timeout_s: float, **client_config: Any) -> bool:
-    """True once an idempotent producer gets its producer id (within ``timeout_s``)."""
+def producer_ids_available(config: dict[str, Any], timeout_s: float) -> bool:
+    """True once an idempotent producer of these librdkafka properties gets its producer id
+    (within ``timeout_s``)."""
     from confluent_kafka import Producer
-
-    from streams.config import rdkafka_properties
 
     state: dict[str, Any] = {}
 
     def on_stats(raw: str) -> None:
         state["idempotence"] = json.loads(raw).get("eos", {}).get("idemp_state")
 
-    quiet = logging.getLogger(f"{__name__}.probe")  # its retries while the broker loads
-    quiet.setLevel(logging.CRITICAL)
     producer = Producer(
         {
-            **rdkafka_properties({"bootstrap_servers": bootstrap_servers, **client_config}),
+            **config,
             "enable.idempotence": True,
             "statistics.interval.ms": 100,
             "stats_cb": on_stats,
-            "logger": quiet,
+            "logger": _quiet("probe"),  # its retries while the broker loads
         }
     )
     deadline = time.monotonic() + timeout_s

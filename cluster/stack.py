@@ -223,10 +223,10 @@ def _kafka_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
         "topics": [],
     }
     if probe and out["running"]:
-        config = settings.kafka.client_config(bootstrap)
-        config.pop("bootstrap_servers")
-        timeout_ms = min(config.pop("request_timeout_ms"), 5000)
-        out["healthy"] = broker_answers_metadata(bootstrap, timeout_ms, **config)
+        timeout_s = min(settings.kafka.request_timeout_ms, 5000) / 1000
+        out["healthy"] = broker_answers_metadata(
+            settings.kafka.rdkafka_config(bootstrap), timeout_s
+        )
         if out["healthy"]:
             try:
                 with admin_client(settings.kafka, bootstrap) as admin:

@@ -15,13 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 REDACTED = "**********"
-# kafka-python loggers that print a client's whole configuration (passwords included) at
-# DEBUG, which `framecast -v` shows.
-_CONFIG_LOGGERS = ("kafka.admin.client",)
 
 
 class _RedactSecrets(logging.Filter):
-    """Replaces every secret handed to a Kafka client with asterisks in log records."""
+    """Replaces every secret handed to a Kafka client with asterisks in log records.
+
+    librdkafka masks its sensitive properties itself; this also covers what it quotes from
+    elsewhere (a broker's message, an error string), on the loggers it is handed.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,8 +39,15 @@ class _RedactSecrets(logging.Filter):
 
 
 _REDACT = _RedactSecrets()
-for _name in _CONFIG_LOGGERS:
-    logging.getLogger(_name).addFilter(_REDACT)
+
+
+def redact_secrets(logger: logging.Logger) -> logging.Logger:
+    """``logger`` with every Kafka secret framecast has handed out masked in its records
+    (for the loggers given to librdkafka clients)."""
+    logger.addFilter(_REDACT)  # once: Filterer.addFilter skips a filter it holds
+    return logger
+
+
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
@@ -108,66 +116,41 @@ class KafkaSettings(BaseSettings):
         """True when no external cluster is configured."""
         return self.bootstrap_servers is None
 
-    def client_config(self, bootstrap_servers: str | None = None) -> dict[str, Any]:
-        """kafka-python keyword arguments for producers, consumers and admin clients."""
+    def rdkafka_config(self, bootstrap_servers: str | None = None) -> dict[str, Any]:
+        """librdkafka properties of this connection, for every confluent-kafka client
+        (producers, consumers, admin). Holds the secrets in clear: never log it."""
         servers = bootstrap_servers or self.bootstrap_servers
         if servers is None:
             servers = f"127.0.0.1:{self.embedded_port}"
         config: dict[str, Any] = {
-            "bootstrap_servers": servers.split(","),
-            "client_id": self.client_id,
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": self.request_timeout_ms,
+            "bootstrap.servers": servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.lower(),
+            "socket.timeout.ms": self.request_timeout_ms,
         }
         if self.security_protocol.startswith("SASL_"):
             assert self.sasl_password is not None  # noqa: S101 - guaranteed by the validator
-            config["sasl_mechanism"] = self.sasl_mechanism
-            config["sasl_plain_username"] = self.sasl_username
-            config["sasl_plain_password"] = self.sasl_password.get_secret_value()
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            config["ssl_check_hostname"] = self.ssl_check_hostname
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                value = getattr(self, name)
-                if value is not None:
-                    config[name] = str(value)
+            config["ssl.endpoint.identification.algorithm"] = (
+                "https" if self.ssl_check_hostname else "none"
+            )
+            files = {
+                "ssl.ca.location": self.ssl_cafile,
+                "ssl.certificate.location": self.ssl_certfile,
+                "ssl.key.location": self.ssl_keyfile,
+            }
+            config.update({key: str(path) for key, path in files.items() if path is not None})
             if self.ssl_password is not None:
-                config["ssl_password"] = self.ssl_password.get_secret_value()
+                config["ssl.key.password"] = self.ssl_password.get_secret_value()
         _REDACT.secrets.update(
             secret.get_secret_value()
             for secret in (self.sasl_password, self.ssl_password)
             if secret is not None and secret.get_secret_value()
         )
         return config
-
-    def rdkafka_config(self, bootstrap_servers: str | None = None) -> dict[str, Any]:
-        """The same connection as librdkafka properties (confluent-kafka clients)."""
-        return rdkafka_properties(self.client_config(bootstrap_servers))
-
-
-def rdkafka_properties(config: dict[str, Any]) -> dict[str, Any]:
-    """kafka-python connection settings (``client_config``'s keys) as librdkafka properties."""
-    servers = config["bootstrap_servers"]
-    properties: dict[str, Any] = {
-        "bootstrap.servers": servers if isinstance(servers, str) else ",".join(servers),
-        "security.protocol": config.get("security_protocol", "PLAINTEXT").lower(),
-    }
-    renamed = {
-        "client_id": "client.id",
-        "request_timeout_ms": "socket.timeout.ms",
-        "sasl_mechanism": "sasl.mechanism",
-        "sasl_plain_username": "sasl.username",
-        "sasl_plain_password": "sasl.password",
-        "ssl_cafile": "ssl.ca.location",
-        "ssl_certfile": "ssl.certificate.location",
-        "ssl_keyfile": "ssl.key.location",
-        "ssl_password": "ssl.key.password",
-    }
-    properties.update({renamed[k]: v for k, v in config.items() if k in renamed})
-    if "ssl_check_hostname" in config:
-        properties["ssl.endpoint.identification.algorithm"] = (
-            "https" if config["ssl_check_hostname"] else "none"
-        )
-    return properties
 
 
 class TopicSettings(BaseSettings):

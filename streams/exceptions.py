@@ -7,6 +7,7 @@ configuration is at fault, not framecast::
     FramecastError
     └── StreamsError
         ├── KafkaConnectionError    the cluster cannot be reached or refuses our credentials
+        ├── KafkaAdminError         the cluster refused an admin request (``code``: its error)
         ├── TopicSpecError*         a declarative topic spec is invalid or cannot be applied
         ├── SourceError*            a frame source cannot be opened or read (dataset, video)
         └── ProducerError           frames could not be produced (undelivered messages)
@@ -25,6 +26,15 @@ class StreamsError(FramecastError):
 
 class KafkaConnectionError(StreamsError):
     """The Kafka cluster could not be reached, or it refused the connection."""
+
+
+class KafkaAdminError(StreamsError):
+    """The cluster refused an admin request; ``code`` is Kafka's error name
+    (``TOPIC_AUTHORIZATION_FAILED``, ``UNKNOWN_TOPIC_OR_PART``, ...)."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TopicSpecError(StreamsError, UserError):

@@ -132,7 +132,7 @@ def ensure_frames_topic(
     """Create the frames topic with the spec's defaults when it is missing; True if created."""
     spec = default_topic_specs(topic_settings)[0].model_copy(update={"name": topic})
     with admin_client(settings, bootstrap) as admin:
-        if topic in admin.list_topics():
+        if topic in admin.topic_names(internal=True):
             return False
         apply_topic_specs(admin, [spec])
     return True

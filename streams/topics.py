@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from streams.client import KafkaAdmin
 from streams.config import TopicSettings
-from streams.exceptions import TopicSpecError
+from streams.exceptions import KafkaAdminError, TopicSpecError
 
 _TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
 
@@ -101,61 +99,37 @@ def load_topic_specs(path: Path) -> list[TopicSpec]:
     return specs
 
 
-def describe_topics(
-    admin: KafkaAdminClient, names: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Partitions, replication and modified configs of the named (or all user) topics."""
-    existing = sorted(t for t in admin.list_topics() if not t.startswith("__"))
+def describe_topics(admin: KafkaAdmin, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Partitions, replication and the configs set on the named (or all user) topics."""
+    existing = sorted(admin.topic_names())
     wanted = existing if names is None else names
     missing = sorted(set(wanted) - set(existing))
     if missing:
         raise TopicSpecError(f"no such topic(s): {', '.join(missing)}")
     if not wanted:
         return []
-    metadata = {t["name"]: t for t in admin.describe_topics(wanted)}
-    configs = _topic_configs(admin, wanted)
-    result = []
-    for name in wanted:
-        partitions = metadata[name]["partitions"]
-        result.append(
-            {
-                "name": name,
-                "partitions": len(partitions),
-                "replication_factor": len(partitions[0]["replica_nodes"]) if partitions else 0,
-                "config": configs.get(name, {}),
-            }
-        )
-    return result
+    partitions = admin.describe_partitions(wanted)
+    configs = admin.topic_configs(wanted)
+    return [
+        {
+            "name": name,
+            "partitions": len(partitions[name]),
+            "replication_factor": len(partitions[name][0].replicas) if partitions[name] else 0,
+            "config": configs.get(name, {}),
+        }
+        for name in wanted
+    ]
 
 
-def _topic_configs(admin: KafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
-    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
-    response = admin.describe_configs(resources)  # only non-default ("modified") values
-    return {
-        name: {key: entry["value"] for key, entry in entries.items()}
-        for name, entries in response.get("topic", {}).items()
-    }
-
-
-def apply_topic_specs(admin: KafkaAdminClient, specs: list[TopicSpec]) -> list[TopicChange]:
+def apply_topic_specs(admin: KafkaAdmin, specs: list[TopicSpec]) -> list[TopicChange]:
     """Make the cluster match specs (create, grow, reconfigure); returns what changed."""
-    existing = set(admin.list_topics())
+    existing = admin.topic_names(internal=True)
     changes: list[TopicChange] = []
     to_create = [spec for spec in specs if spec.name not in existing]
     if to_create:
         try:
-            admin.create_topics(
-                {
-                    spec.name: {
-                        "num_partitions": spec.partitions,
-                        "replication_factor": spec.replication_factor,
-                        "configs": spec.config,
-                    }
-                    for spec in to_create
-                },
-            )
-            admin.wait_for_topics([spec.name for spec in to_create], timeout_ms=30_000)
-        except KafkaError as error:
+            admin.create_topics(to_create)
+        except KafkaAdminError as error:
             raise TopicSpecError(
                 f"creating topics {[s.name for s in to_create]} failed: {error}"
             ) from None
@@ -179,7 +153,7 @@ def apply_topic_specs(admin: KafkaAdminClient, specs: list[TopicSpec]) -> list[T
     return sorted(changes, key=lambda change: order[change.name])
 
 
-def _reconcile(admin: KafkaAdminClient, spec: TopicSpec, current: dict[str, Any]) -> TopicChange:
+def _reconcile(admin: KafkaAdmin, spec: TopicSpec, current: dict[str, Any]) -> TopicChange:
     details: list[str] = []
     if spec.partitions < current["partitions"]:
         raise TopicSpecError(
@@ -193,22 +167,22 @@ def _reconcile(admin: KafkaAdminClient, spec: TopicSpec, current: dict[str, Any]
         )
     try:
         if spec.partitions > current["partitions"]:
-            admin.create_partitions({spec.name: spec.partitions})
+            admin.add_partitions(spec.name, spec.partitions)
             details.append(f"partitions {current['partitions']} -> {spec.partitions}")
         diff = {k: v for k, v in spec.config.items() if current["config"].get(k) != v}
         if diff:
-            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=diff)])
+            admin.alter_topic_configs(spec.name, diff)
             details += [f"{k}={v}" for k, v in sorted(diff.items())]
-    except KafkaError as error:
+    except KafkaAdminError as error:
         raise TopicSpecError(f"updating topic {spec.name} failed: {error}") from None
     return TopicChange(
         name=spec.name, action="updated" if details else "unchanged", details=details
     )
 
 
-def ensure_topics(admin: KafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+def ensure_topics(admin: KafkaAdmin, specs: list[TopicSpec]) -> list[str]:
     """Create the topics of specs that do not exist yet; existing ones are left as they are."""
-    existing = set(admin.list_topics())
+    existing = admin.topic_names(internal=True)
     missing = [spec for spec in specs if spec.name not in existing]
     if missing:
         apply_topic_specs(admin, missing)

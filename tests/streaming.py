@@ -30,6 +30,7 @@ from streams.config import KafkaSettings
 from streams.labels import LabelRecord
 from streams.serve_client import serve_classify_fn
 from streams.topics import TopicSpec, ensure_topics
+from tests.kafka_python import kafka_python_config
 
 IMAGES, LABELS = load_fashion_mnist("test", limit=64)
 
@@ -69,20 +70,12 @@ def topics(
 
 def set_max_message_bytes(kafka_settings: KafkaSettings, topic: str, max_bytes: int) -> None:
     """Change a topic's max.message.bytes on the broker (takes effect for the next write)."""
-    from kafka.admin import ConfigResource, ConfigResourceType
-
     with admin_client(kafka_settings) as admin:
-        admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(max_bytes)}
-                )
-            ]
-        )
+        admin.alter_topic_configs(topic, {"max.message.bytes": str(max_bytes)})
 
 
 def producer(kafka_settings: KafkaSettings, **extra: Any) -> KafkaProducer:
-    return KafkaProducer(**kafka_settings.client_config(), acks="all", **extra)
+    return KafkaProducer(**kafka_python_config(kafka_settings), acks="all", **extra)
 
 
 def frame(stream: int, index: int, captured_at_ns: int | None = None) -> FrameRecord:
@@ -225,7 +218,7 @@ def read_topic(
     """Every record of topic (waits for `expected`, then a little longer for extras)."""
     consumer = KafkaConsumer(
         topic,
-        **kafka_settings.client_config(),
+        **kafka_python_config(kafka_settings),
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -254,8 +247,8 @@ def wait_for_start(process: subprocess.Popen[bytes], log: Path, timeout_s: float
 def committed_offsets(kafka_settings: KafkaSettings, group: str) -> int:
     """The sum of the offsets ``group`` has committed, over all its partitions."""
     with admin_client(kafka_settings) as admin:
-        offsets = admin.list_group_offsets(group)[group]
-    return sum(max(0, meta.offset) for meta in offsets.values())
+        offsets = admin.committed_offsets(group)
+    return sum(max(0, offset) for offset in offsets.values())
 
 
 def labels_of(records: list[Any]) -> list[LabelRecord]:
@@ -268,7 +261,7 @@ class LabelProbe:
     def __init__(self, kafka_settings: KafkaSettings, topic: str) -> None:
         self.consumer = KafkaConsumer(
             topic,
-            **kafka_settings.client_config(),
+            **kafka_python_config(kafka_settings),
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,

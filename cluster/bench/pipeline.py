@@ -6,6 +6,7 @@ same run.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -115,10 +116,11 @@ def _naive_baseline(
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
     import tf_keras as keras
-    from kafka import KafkaConsumer, KafkaProducer
+    from confluent_kafka import Consumer, Producer
 
     from serving.frames import decode_frames
     from serving.results import ClassifyResult
+    from streams.client import rdkafka_callbacks
     from streams.labels import encode_label, label_record
 
     loaded = tf.saved_model.load(str(artifact / "saved_model"))  # kept: it owns the variables
@@ -132,54 +134,61 @@ def _naive_baseline(
 
     model = SavedModelAsKeras()
     model.saved_model = loaded
-    client = settings.kafka.client_config(bootstrap)
-    consumer = KafkaConsumer(
-        names["frames"],
-        **client,
-        group_id=f"naive-{names['frames']}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=True,
+    client = {
+        **settings.kafka.rdkafka_config(bootstrap),
+        **rdkafka_callbacks(logging.getLogger(f"{__name__}.naive")),
+    }
+    consumer = Consumer(
+        {
+            **client,
+            "group.id": f"naive-{names['frames']}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+        }
     )
-    producer = KafkaProducer(**client, acks="all")
+    consumer.subscribe([names["frames"]])
+    producer = Producer({**client, "acks": "all"})
     model.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0)  # build before the clock
     while not consumer.assignment():
-        consumer.poll(timeout_ms=200)
+        consumer.poll(0.2)  # no frames yet: the cameras start once this is set
     ready.set()
     done = 0
     deadline = time.monotonic() + 600
     while done < total and time.monotonic() < deadline:
-        for tp_messages in consumer.poll(timeout_ms=500).values():
-            for message in tp_messages:
-                for row, frame in enumerate(decode_frames(message.value)):
-                    pixels = np.frombuffer(frame.data, np.uint8).reshape(1, 28, 28, 1) / 255.0
-                    probs = model.predict(pixels.astype(np.float32), verbose=0)[0]
-                    class_id = int(np.argmax(probs))
-                    labeled = time.time_ns()
-                    record = label_record(
-                        stream_id=frame.stream_id,
-                        frame_index=frame.frame_index,
-                        topic=message.topic,
-                        partition=message.partition,
-                        offset=message.offset,
-                        row=row,
-                        result=ClassifyResult(
-                            class_id,
-                            str(class_id),
-                            float(probs[class_id]),
-                            {"name": "naive", "version": "keras-float", "sha256": None},
-                            0.0,
-                        ),
-                        captured_at_ns=frame.captured_at_ns,
-                        labeled_at_ns=labeled,
-                        timings_ms={"end_to_end": (labeled - frame.captured_at_ns) / 1e6},
-                        ground_truth=frame.label,
-                    )
-                    producer.send(
-                        names["labels"], key=frame.stream_id.encode(), value=encode_label(record)
-                    )
-                    done += 1
-    producer.flush()
-    producer.close()
+        for message in consumer.consume(num_messages=100, timeout=0.5):
+            value = message.value()
+            if message.error() is not None or value is None:
+                continue
+            for row, frame in enumerate(decode_frames(value)):
+                pixels = np.frombuffer(frame.data, np.uint8).reshape(1, 28, 28, 1) / 255.0
+                probs = model.predict(pixels.astype(np.float32), verbose=0)[0]
+                class_id = int(np.argmax(probs))
+                labeled = time.time_ns()
+                record = label_record(
+                    stream_id=frame.stream_id,
+                    frame_index=frame.frame_index,
+                    topic=names["frames"],
+                    partition=message.partition() or 0,
+                    offset=message.offset() or 0,
+                    row=row,
+                    result=ClassifyResult(
+                        class_id,
+                        str(class_id),
+                        float(probs[class_id]),
+                        {"name": "naive", "version": "keras-float", "sha256": None},
+                        0.0,
+                    ),
+                    captured_at_ns=frame.captured_at_ns,
+                    labeled_at_ns=labeled,
+                    timings_ms={"end_to_end": (labeled - frame.captured_at_ns) / 1e6},
+                    ground_truth=frame.label,
+                )
+                producer.produce(
+                    names["labels"], key=frame.stream_id.encode(), value=encode_label(record)
+                )
+                producer.poll(0)
+                done += 1
+    producer.flush(30)
     consumer.close()
     return {"labelled": done}
 

@@ -4,6 +4,7 @@ and their summary (sustained frames/s, end-to-end percentiles, where the time go
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -50,20 +51,19 @@ def read_labels(
     settings: FramecastSettings, bootstrap: str, topic: str, expected: int, timeout_s: float
 ) -> list[dict[str, Any]]:
     """The labels on topic from the start, until `expected` of them or `timeout_s`."""
-    from kafka import KafkaConsumer
+    from streams.client import topic_reader
 
-    consumer = KafkaConsumer(
-        topic,
-        **settings.kafka.client_config(bootstrap),
-        group_id=None,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1000,
-    )
+    consumer = topic_reader(settings.kafka, bootstrap, topic, logging.getLogger(__name__))
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
-    while len(out) < expected and time.monotonic() < deadline:
-        out += [json.loads(m.value) for m in consumer]
-    consumer.close()
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=1000, timeout=1.0):
+                value = message.value()
+                if message.error() is None and value is not None:
+                    out.append(json.loads(value))
+    finally:
+        consumer.close()
     return out
 
 

@@ -36,19 +36,15 @@ APP = "bench-scaling"
 
 def _group_members(settings: FramecastSettings, bootstrap: str, group: str) -> int:
     """Members of a consumer group once it is Stable (0 while it is still rebalancing)."""
-    from kafka.errors import KafkaError
-
     from streams.client import admin_client
+    from streams.exceptions import StreamsError
 
     try:
         with admin_client(settings.kafka, bootstrap) as admin:
-            described = admin.describe_groups([group])
-    except KafkaError:  # no coordinator yet: the group (or __consumer_offsets) is being made
+            group_info = admin.describe_group(group)
+    except StreamsError:  # no coordinator yet: the group (or __consumer_offsets) is being made
         return 0
-    info = described.get(group, {}) if isinstance(described, dict) else {}
-    state = str(info.get("group_state", info.get("state", ""))).lower()
-    members = info.get("members") or []
-    return len(members) if "stable" in state else 0
+    return len(group_info.members) if group_info.stable else 0
 
 
 def _classifier_argv(

@@ -15,6 +15,7 @@ from streams.client import admin_client
 from streams.config import KafkaSettings
 from streams.exceptions import KafkaConnectionError, TopicSpecError
 from streams.topics import TopicSpec, apply_topic_specs, describe_topics, load_topic_specs
+from tests.kafka_python import kafka_python_config
 
 
 def _topic() -> str:
@@ -24,7 +25,7 @@ def _topic() -> str:
 def produce(settings: KafkaSettings, topic: str, n: int) -> list[tuple[bytes, bytes]]:
     """Send n keyed records with a header and wait for every ack."""
     sent = [(f"cam-{i % 3}".encode(), f"frame-{i}".encode()) for i in range(n)]
-    producer = KafkaProducer(**settings.client_config(), acks="all", enable_idempotence=True)
+    producer = KafkaProducer(**kafka_python_config(settings), acks="all", enable_idempotence=True)
     for key, value in sent:
         producer.send(topic, key=key, value=value, headers=[("content-type", b"text/plain")])
     producer.flush()
@@ -36,7 +37,7 @@ def consume_all(settings: KafkaSettings, topic: str, n: int, group: str | None =
     """Read n records from the beginning of topic (fails the test if they do not come)."""
     consumer = KafkaConsumer(
         topic,
-        **settings.client_config(),
+        **kafka_python_config(settings),
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,

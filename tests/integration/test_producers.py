@@ -21,6 +21,7 @@ from streams.frames import ARROW_CONTENT_TYPE, FrameRecord, decode_frames
 from streams.producers import ProducerError, produce_frames
 from streams.topics import describe_topics
 from tests.conftest import run_cli
+from tests.kafka_python import kafka_python_config
 from tests.unit.test_producers import write_video
 
 LIMITS = DecodeLimits()
@@ -33,7 +34,7 @@ def _topic() -> str:
 def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
     """Every record of topic, partition by partition in offset order (end offsets checked)."""
     consumer = KafkaConsumer(
-        **settings.client_config(), enable_auto_commit=False, consumer_timeout_ms=10_000
+        **kafka_python_config(settings), enable_auto_commit=False, consumer_timeout_ms=10_000
     )
     partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
     consumer.assign(partitions)

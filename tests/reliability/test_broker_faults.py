@@ -102,8 +102,8 @@ def test_one_of_three_brokers_killed_mid_stream_loses_nothing(
     def kill_a_leader(probe: LabelProbe, feeder: Feeder) -> int:
         # Kill the node that leads partition 0 of the frames topic (and likely more).
         with admin_client(settings) as admin:
-            partition = admin.describe_topics([config.frames_topic])[0]["partitions"][0]
-        leader = int(partition["leader_id"])
+            partition = admin.describe_partitions([config.frames_topic])[config.frames_topic][0]
+        leader = partition.leader
         _crash(cluster.node(leader))
         return leader
 

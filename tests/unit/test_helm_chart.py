@@ -836,19 +836,19 @@ def test_the_classifier_env_is_understood_by_framecast_settings(
             value = str(ca)  # the mounted Secret file
         monkeypatch.setenv(env["name"], value)
     settings = load_settings()
-    kafka = settings.kafka.client_config()
-    assert kafka["bootstrap_servers"] == ["b-1:9096", "b-2:9096"]
-    assert kafka["client_id"] == "framecast-stream-abc12"
+    kafka = settings.kafka.rdkafka_config()
+    assert kafka["bootstrap.servers"] == "b-1:9096,b-2:9096"
+    assert kafka["client.id"] == "framecast-stream-abc12"
     assert settings.ray.address == "ray://framecast-head-svc:10001"
     assert settings.serve.app_name == "framecast"
     if variant == "values-sasl.yaml":
-        assert kafka["security_protocol"] == "SASL_SSL"
-        assert kafka["sasl_mechanism"] == "SCRAM-SHA-512"
-        assert kafka["sasl_plain_username"] == "fc"
-        assert kafka["sasl_plain_password"] == "pw"
-        assert kafka["ssl_cafile"] == str(ca)
+        assert kafka["security.protocol"] == "sasl_ssl"
+        assert kafka["sasl.mechanism"] == "SCRAM-SHA-512"
+        assert kafka["sasl.username"] == "fc"
+        assert kafka["sasl.password"] == "pw"
+        assert kafka["ssl.ca.location"] == str(ca)
     else:
-        assert kafka["security_protocol"] == "PLAINTEXT"
+        assert kafka["security.protocol"] == "plaintext"
 
 
 def test_the_default_probe_passes_against_the_classifiers_metrics_endpoint(

@@ -52,7 +52,7 @@ def test_env_vars_select_existing_clusters(monkeypatch: pytest.MonkeyPatch) -> N
     assert not settings.kafka.uses_embedded_broker
     assert settings.ray.address == "ray://head:10001"
     assert settings.serve.max_replicas == 6
-    assert settings.kafka.client_config()["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+    assert settings.kafka.rdkafka_config()["bootstrap.servers"] == "k1:9092,k2:9092"
 
 
 def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,13 +77,13 @@ def test_secrets_are_redacted_in_repr_str_and_dump() -> None:
     assert SECRET not in str(settings.redacted())
     assert settings.redacted()["kafka"]["sasl_password"] == "**********"
     # ... but the Kafka client does get the real value.
-    assert settings.kafka.client_config()["sasl_plain_password"] == SECRET
+    assert settings.kafka.rdkafka_config()["sasl.password"] == SECRET
 
 
-def test_client_config_for_plaintext_has_no_security_extras() -> None:
-    config = KafkaSettings(bootstrap_servers="h:1").client_config()
-    assert config["security_protocol"] == "PLAINTEXT"
-    assert not any(key.startswith(("sasl_", "ssl_")) for key in config)
+def test_rdkafka_config_for_plaintext_has_no_security_extras() -> None:
+    config = KafkaSettings(bootstrap_servers="h:1").rdkafka_config()
+    assert config["security.protocol"] == "plaintext"
+    assert not any(key.startswith(("sasl.", "ssl.")) for key in config)
 
 
 def test_cli_rejects_bad_config_at_start_up_naming_the_field(tmp_path: Path) -> None:
