@@ -31,6 +31,7 @@ import collections
 import contextlib
 import gc
 import logging
+import operator
 import os
 import socket
 import time
@@ -90,6 +91,12 @@ DROPPED = FRAMES.labels(outcome="dropped_deadline")
 DEAD = FRAMES.labels(outcome="dlq")
 LAG = Gauge("framecast_stream_lag", "Consumer lag over the assigned partitions.")
 RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
+# Message.headers() through a C-level call: confluent-kafka 2.16 returns a list *with an
+# exception set* for a header key that is not UTF-8. A hot call site of the method is
+# specialized by the interpreter and skips the check that turns this into an error, which
+# then surfaced at a later, unrelated call (a SystemError that stopped the loop);
+# methodcaller's call makes the check, so the error is raised here.
+_read_headers = operator.methodcaller("headers")
 
 
 class ClassifierConfig(BaseModel):
@@ -499,12 +506,19 @@ class StreamClassifier:
         source = Source(
             topic, partition, offset, message.key(), now, kafka_timestamp_ns(kind, timestamp_ms)
         )
+        headers: Any = None
+        headers_error: str | None = None
+        try:
+            headers = _read_headers(message)
+        except (SystemError, ValueError) as error:  # confluent-kafka: a key that is not UTF-8
+            headers_error = f"{type(error).__name__}: {error.__cause__ or error}"
         items = parse_message(
             message.value(),
-            cast(list[tuple[str, bytes | None]] | None, message.headers()),
+            cast(list[tuple[str, bytes | None]] | None, headers),
             source,
             self.limits,
             self.config.deadline_ms,
+            headers_error,
         )
         if self.output.learned:
             for item in items:
