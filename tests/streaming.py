@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+from confluent_kafka import Producer
 from kafka import KafkaConsumer, KafkaProducer
 
 from cluster.processes import wait_until
 from serving.fashion_mnist import load_fashion_mnist
-from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.frames import ARROW_CONTENT_TYPE, FRAME_SCHEMA, FrameRecord, encode_frames
 from streams.classifier import ClassifierConfig, StreamClassifier
 from streams.client import admin_client
 from streams.config import KafkaSettings
@@ -419,3 +421,144 @@ def stream_through_fault(
         read_topic(kafka_settings, config.labels_topic, len(expected), committed_only)
     )
     return FaultRun(expected, totals, labels, tally(expected, labels), outcome)
+
+
+# -- hostile producers (issue 17) ----------------------------------------------------------------
+
+
+class RawProducer:
+    """A plain confluent-kafka producer that sends each message at once (acks=all) and
+    returns its offset: bad messages land at known offsets between numbered good ones."""
+
+    def __init__(self, kafka_settings: KafkaSettings, topic: str) -> None:
+        self.topic = topic
+        self.producer = Producer(
+            {
+                **kafka_settings.rdkafka_config(),
+                "acks": "all",
+                "message.max.bytes": 32 * 1024 * 1024,
+            }
+        )
+
+    def send(
+        self,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        key: bytes | None = None,
+        timestamp_ms: int = 0,
+    ) -> int:
+        """Produce one message and wait for it; its offset (raises if it was refused)."""
+        outcome: list[Any] = []
+        self.producer.produce(
+            self.topic,
+            value=value,
+            key=key,
+            headers=headers,
+            timestamp=timestamp_ms,
+            on_delivery=lambda error, message: outcome.append(error or message.offset()),
+        )
+        self.producer.flush(60)
+        assert outcome, "no delivery report within 60 s"
+        if not isinstance(outcome[0], int):
+            raise AssertionError(f"the broker refused the message: {outcome[0]}")
+        return outcome[0]
+
+    def good(self, stream: int, index: int, **frame_args: Any) -> int:
+        """Frame ``index`` of ``cam-<stream>`` as a one-row Arrow message; its offset."""
+        f = frame(stream, index, **frame_args)
+        arrow = [("content-type", ARROW_CONTENT_TYPE.encode())]
+        return self.send(encode_frames([f]), arrow, f.stream_id.encode())
+
+
+class RawHeaderKey(str):
+    """A header key whose bytes are not UTF-8. confluent-kafka cannot send one (it sends
+    ``str(bytes)``); kafka-python encodes each key with ``key.encode("utf-8")``, which this
+    answers with the raw bytes."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawHeaderKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+def _string_column(values: list[str | bytes | None]) -> pa.Array:
+    """A string array over raw bytes (UTF-8 or not), null where None."""
+    offsets, data, valid = [0], b"", []
+    for v in values:
+        data += v.encode() if isinstance(v, str) else (v or b"")
+        offsets.append(len(data))
+        valid.append(v is not None)
+    mask = None if all(valid) else pa.array(valid, pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(
+        pa.string(),
+        len(values),
+        [mask, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(data)],
+        null_count=valid.count(False),
+    )
+
+
+def arrow_message(
+    rows: list[dict[str, Any]], compression: str | None = None, batch_rows: int | None = None
+) -> bytes:
+    """An Arrow IPC stream in the frame schema from rows as dicts, values unchecked: strings
+    may be bytes that are not UTF-8, and any column may hold nulls (None)."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    step = batch_rows or max(1, len(rows))
+    with pa.ipc.new_stream(sink, FRAME_SCHEMA, options=options) as writer:
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            columns = [
+                _string_column([r[f.name] for r in chunk])
+                if f.type == pa.string()
+                else pa.array([r[f.name] for r in chunk], f.type)
+                for f in FRAME_SCHEMA
+            ]
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=FRAME_SCHEMA))
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def frame_row(stream: int | str | bytes, index: int, **values: Any) -> dict[str, Any]:
+    """A good frame's row (as :func:`frame` makes it) of stream ``cam-<stream>`` (or that
+    name, if a string or bytes) with ``values`` replaced."""
+    name = f"cam-{stream}" if isinstance(stream, int) else stream
+    f = frame(0, index)
+    row = dict(zip(FRAME_SCHEMA.names, f.row(), strict=True))
+    row["stream_id"] = name
+    row.update(values)
+    return row
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A DLQ record's source, reason and value."""
+
+    offset: int
+    row: int
+    reason: str
+    value: bytes
+    headers: dict[str, bytes]
+
+
+def dead_letters(
+    kafka_settings: KafkaSettings, topic: str, expected: int, committed_only: bool = False
+) -> list[DeadLetter]:
+    """Every record of a DLQ topic, as DeadLetters."""
+    out = []
+    for record in read_topic(kafka_settings, topic, expected, committed_only):
+        headers = dict(record.headers)
+        out.append(
+            DeadLetter(
+                int(headers["source.offset"]),
+                int(headers["source.row"]),
+                headers["error.reason"].decode(),
+                record.value or b"",
+                headers,
+            )
+        )
+    return out

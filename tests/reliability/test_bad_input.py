@@ -219,11 +219,13 @@ def test_bombs_and_oversized_frames_are_refused_before_decoding_with_bounded_mem
             {"value": _raw_frame(50000, 50000, b"\x00" * 784), "headers": ARROW},
             "too_many_pixels",
         ),
-        # Decoded in the classifier itself: 96 MiB from a few kB, refused from its metadata.
+        # Decoded in the classifier itself: 96 MiB from a few kB, refused from its metadata
+        # (over max_message_decoded_bytes, 64 MiB) before anything is inflated.
         "ZSTD Arrow bomb (96 MiB)": (
             {"value": arrow_bomb(96 * 2**20), "headers": ARROW},
-            "bad_arrow",
+            "too_large",
         ),
+        # Over the classifier's max_frame_bytes (8 MiB): refused before any Serve call.
         "9 MiB JPEG (over the frame limit)": (
             _bare(b"\xff\xd8" + os.urandom(9 * 2**20), b"image/jpeg"),
             "too_large",
