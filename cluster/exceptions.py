@@ -13,7 +13,8 @@ configuration is at fault, not framecast::
         ├── RayHeadError          the local Ray head did not start or stop
         ├── SubmitError           a Ray job could not be submitted, found or followed
         │   └── SubmitOptionError*   a `submit` option, address or token is missing or unusable
-        └── ToolError             a chart-check tool could not be built, or a check failed
+        ├── ToolError             a chart-check tool could not be built, or a check failed
+        └── DashboardError        the dashboard's web server did not start (its port, its host)
 
 The ``framecast`` CLI prints any ``FramecastError`` (from any package) as ``error: ...`` and
 exits non-zero; every other exception is a bug and keeps its traceback.
@@ -56,3 +57,7 @@ class SubmitOptionError(SubmitError, UserError):
 
 class ToolError(ClusterError):
     """A tool of the chart checks could not be built, or a check failed."""
+
+
+class DashboardError(ClusterError):
+    """The dashboard's web server did not start."""
