@@ -23,7 +23,6 @@ from streams.classifier import StreamClassifier
 from streams.config import KafkaSettings
 from streams.latency import LatencyRecord
 from streams.serve_client import serve_classify_fn
-from tests.kafka_python import kafka_python_config
 from tests.streaming import (
     IMAGES,
     LABELS,
@@ -195,7 +194,7 @@ def test_exactly_once_labels_become_visible_only_with_their_offsets(
             read_topic(kafka_settings, config.labels_topic, 40, committed_only=True)
         )
         probe = KafkaConsumer(
-            **kafka_python_config(kafka_settings),
+            **kafka_settings.client_config(),
             group_id=config.group,
             isolation_level="read_committed",  # offset fetches wait for open transactions
         )
@@ -322,27 +321,69 @@ def test_two_classifiers_in_one_group_share_the_partitions(
     assert sum(o["labelled"] for o in outcomes) == len(labels)
 
 
-def test_labels_the_brokers_refuse_are_never_committed_as_done(
+def test_labels_a_topic_can_never_take_go_to_the_dlq_and_are_committed(
     kafka_settings: KafkaSettings, stream_app: str
 ) -> None:
-    def labels_limit(max_bytes: int) -> None:
-        set_max_message_bytes(kafka_settings, config.labels_topic, max_bytes)
-
-    config = topics(kafka_settings, partitions=1).model_copy(update={"max_frames": 20})
-    labels_limit(64)  # every label record (~600 bytes) is refused: MESSAGE_TOO_LARGE
+    """A labels topic that refuses every label (max.message.bytes below one): a refusal
+    that can never succeed is not retried forever (issue 17). Each frame goes to the DLQ as
+    ``label_refused`` and its offset is committed; nothing is lost, nothing re-read."""
+    config = topics(kafka_settings, partitions=1)
+    set_max_message_bytes(kafka_settings, config.labels_topic, 64)  # a label is ~460 bytes
     send_arrow_frames(kafka_settings, config.frames_topic, streams=2, per_stream=10)
-    run_classifier(kafka_settings, config, stream_app)
-    # The frames were classified, but their labels never reached Kafka: no offset committed.
-    probe = KafkaConsumer(**kafka_settings.client_config(), group_id=config.group)
-    assert probe.committed(TopicPartition(config.frames_topic, 0)) in (None, 0)
-    probe.close()
-    labels_limit(1024 * 1024)
+    first = run_classifier(kafka_settings, config, stream_app)  # returns: no endless rewind
+    # (its totals also count the 20 labels of the first pass, the ones refused)
+    assert first["dlq"] == 20
+    assert read_topic(kafka_settings, config.labels_topic, 0, settle_s=1) == []
+    dlq = read_topic(kafka_settings, config.dlq_topic, 20)
+    assert sorted(int(dict(r.headers)["source.offset"]) for r in dlq) == list(range(20))
+    assert {dict(r.headers)["error.reason"] for r in dlq} == {b"label_refused"}
+    assert committed_offsets(kafka_settings, config.group) == 20
+    # Done means done: a topic that takes labels again does not make them re-read.
+    set_max_message_bytes(kafka_settings, config.labels_topic, 1024 * 1024)
     second = run_classifier(kafka_settings, config, stream_app)
-    assert second["labelled"] == 20  # read again from the start, nothing skipped
+    assert second["labelled"] == 0 and second["dlq"] == 0
+
+
+def test_labels_the_brokers_refuse_for_now_are_never_committed_as_done(
+    kafka_settings: KafkaSettings, stream_app: str
+) -> None:
+    """A labels topic that is missing (deleted; the broker does not auto-create topics):
+    a transient refusal. Nothing is committed past the unlabelled frames while it is away;
+    once it exists again every frame is labelled and committed."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    config = topics(kafka_settings, partitions=1).model_copy(update={"idle_exit_s": None})
+    admin = AdminClient(kafka_settings.rdkafka_config())
+    admin.delete_topics([config.labels_topic])[config.labels_topic].result(30)
+    send_arrow_frames(kafka_settings, config.frames_topic, streams=2, per_stream=10)
+    member = BackgroundClassifier(classifier(kafka_settings, config, stream_app))
+    member.start()
+    try:
+        held = []
+        for _ in range(6):  # the topic stays away for ~6 s of the classifier's work
+            time.sleep(1)
+            held.append(committed_offsets(kafka_settings, config.group))
+        deadline = time.monotonic() + 60
+        while True:  # the deletion may still be under way
+            try:
+                admin.create_topics([NewTopic(config.labels_topic, 1, 1)])[
+                    config.labels_topic
+                ].result(30)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert wait_until(lambda: committed_offsets(kafka_settings, config.group) == 20, 180)
+    finally:
+        member.member.stop()
+    totals = member.finish()
+    assert held == [0] * len(held), held
     labels = labels_of(read_topic(kafka_settings, config.labels_topic, 20))
     assert {(lab.stream_id, lab.frame_index) for lab in labels} == {
         (f"cam-{s}", i) for s in range(2) for i in range(10)
     }
+    assert totals["dlq"] == 0
 
 
 def test_a_backlog_is_cut_into_serve_calls_of_at_most_max_batch_frames(
