@@ -438,20 +438,25 @@ def topic_reader(
     for readers of a whole topic, such as the demo and the benchmarks. It reads committed
     records only (librdkafka's read_committed)."""
     consumer = group_free_consumer(settings, bootstrap_servers, logger)
-    try:
-        found = consumer.list_topics(topic, timeout=settings.request_timeout_ms / 1000).topics
-    except KafkaException as error:
-        consumer.close()
-        raise KafkaConnectionError(
-            f"cannot read topic {topic!r}: {rdkafka_reason(error)}"
-        ) from None
-    metadata = found.get(topic)
-    if metadata is None or metadata.error is not None:
-        consumer.close()
-        raise KafkaAdminError(
-            f"cannot read topic {topic!r}: "
-            f"{metadata.error.str() if metadata is not None else 'no such topic'}",
-            code=metadata.error.name() if metadata is not None else "UNKNOWN_TOPIC_OR_PART",
-        )
+    timeout_s = settings.request_timeout_ms / 1000
+    deadline = time.monotonic() + timeout_s
+    while True:  # a topic just created may be unknown to a broker for a moment
+        try:
+            metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        except KafkaException as error:
+            consumer.close()
+            raise KafkaConnectionError(
+                f"cannot read topic {topic!r}: {rdkafka_reason(error)}"
+            ) from None
+        if metadata is not None and metadata.error is None and metadata.partitions:
+            break
+        if time.monotonic() > deadline:
+            consumer.close()
+            raise KafkaAdminError(
+                f"cannot read topic {topic!r} after {timeout_s:g}s: "
+                f"{metadata.error.str() if metadata and metadata.error else 'no such topic'}",
+                code="UNKNOWN_TOPIC_OR_PART",
+            )
+        time.sleep(0.2)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
     return consumer
