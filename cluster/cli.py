@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -527,14 +528,16 @@ def stream_run(
     labels: Annotated[str | None, typer.Option(help="Labels topic.")] = None,
     latency: Annotated[str | None, typer.Option(help="Latency topic.")] = None,
     dlq: Annotated[str | None, typer.Option(help="Dead-letter topic.")] = None,
-    group: Annotated[str, typer.Option(help="Consumer group.")] = "framecast",
-    guarantee: Annotated[str, typer.Option(help="at-least-once | exactly-once")] = "at-least-once",
+    group: Annotated[str | None, typer.Option(help="Consumer group.")] = None,
+    guarantee: Annotated[
+        str | None, typer.Option(help="at-least-once | exactly-once")
+    ] = None,
     deadline_ms: Annotated[int | None, typer.Option(help="Drop frames older than this.")] = None,
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
     app_name: Annotated[str | None, typer.Option(help="Serve application to call.")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="Frames per Serve call.")] = 256,
-    max_wait_ms: Annotated[int, typer.Option(min=0, help="Micro-batch wait (ms).")] = 10,
-    in_flight: Annotated[int, typer.Option(min=1, help="Serve calls outstanding.")] = 2,
+    max_batch: Annotated[int | None, typer.Option(help="Frames per Serve call.")] = None,
+    max_wait_ms: Annotated[int | None, typer.Option(help="Micro-batch wait (ms).")] = None,
+    in_flight: Annotated[int | None, typer.Option(help="Serve calls outstanding.")] = None,
     idle_exit_s: Annotated[float | None, typer.Option(
         help="Exit after this many seconds without input.")] = None,
     consumer_id: Annotated[str | None, typer.Option(help="Name of this consumer.")] = None,
@@ -544,56 +547,41 @@ def stream_run(
         help="Address the metrics endpoint binds (0.0.0.0 in a pod).")] = "127.0.0.1",
     parquet: Annotated[Path | None, typer.Option(help="Also write labels to Parquet here.")] = None,
 ) -> None:
-    """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames)."""
+    """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames).
+
+    Every classifier setting is in the `stream` section of the settings (FRAMECAST_STREAM_*,
+    shown by `status --json`); these flags override it.
+    """
     import signal
 
-    from pydantic import ValidationError
-
     from cluster import stack
-    from cluster.settings import describe_validation_error
-    from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
-    from streams.client import admin_client
-    from streams.serve_client import serve_classify_fn
-    from streams.topics import default_topic_specs, ensure_topics
+    from streams.runner import StreamRun
 
-    settings = _opts(ctx).settings()
-    topics = settings.topics
-    try:
-        config = ClassifierConfig(
-            frames_topic=frames or topics.frames, labels_topic=labels or topics.labels,
-            latency_topic=latency or topics.latency, dlq_topic=dlq or topics.dlq, group=group,
-            guarantee=guarantee, deadline_ms=deadline_ms, max_frames=max_frames,
-            max_batch_frames=max_batch, max_batch_wait_ms=max_wait_ms, max_in_flight=in_flight,
-            idle_exit_s=idle_exit_s, parquet_dir=parquet,
-            dlq_max_value_bytes=dlq_value_limit(topics.max_message_bytes),
-            **({"consumer_id": consumer_id} if consumer_id else {}),
-        )
-    except ValidationError as error:
-        fail(f"invalid option:\n{describe_validation_error(error)}", EXIT_USAGE)
-    bootstrap = stack.kafka_bootstrap(settings)
-    names = {config.frames_topic, config.labels_topic, config.latency_topic, config.dlq_topic}
-    specs = [s.model_copy(update={"name": n}) for n in names
-             for s in default_topic_specs(topics)[:1]]
+    flags = {
+        "frames_topic": frames, "labels_topic": labels, "latency_topic": latency,
+        "dlq_topic": dlq, "group": group, "guarantee": guarantee, "deadline_ms": deadline_ms,
+        "max_frames": max_frames, "max_batch_frames": max_batch,
+        "max_batch_wait_ms": max_wait_ms, "max_in_flight": in_flight,
+        "idle_exit_s": idle_exit_s, "consumer_id": consumer_id, "parquet_dir": parquet,
+    }
+    settings = _opts(ctx).settings(
+        stream=flags, serve={"app_name": app_name} if app_name else {}
+    )
+    config = settings.stream
     if metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=metrics_host)
     try:
-        with admin_client(settings.kafka, bootstrap) as admin:
-            ensure_topics(admin, specs)
-        with stack.ray_connection(settings):
-            classify, retriable = serve_classify_fn(
-                app_name or settings.serve.app_name, settings.serve.handle_transport
-            )
-            classifier = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
+        bootstrap = stack.kafka_bootstrap(settings)
+        with stack.ray_connection(settings), StreamRun(
+            settings.kafka, bootstrap, settings.topics, config, settings.serve
+        ) as run:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: classifier.stop())
+                signal.signal(sig, lambda *_: run.stop())
             err_console.print(f"stream classifier {config.consumer_id}: {config.frames_topic} -> "
                               f"{config.labels_topic} ({config.guarantee})", highlight=False)
-            try:
-                totals = classifier.run()
-            finally:
-                classify.close()
+            totals = run.run()
     except FramecastError as error:
         fail(str(error))
     sys.stdout.write(json.dumps(totals) + "\n")
@@ -701,40 +689,39 @@ def bench(
     parts = [p for p in ("serve", "pipeline", "scaling")
              if what == p or (what == "all" and (p != "scaling" or not quick))]
     if parts:
-        was_up = {"kafka": stack.embedded_kafka(settings).info() is not None,
-                  "ray": stack.local_ray_head(settings).info() is not None}
         try:
-            with console.status("starting the embedded stack..."):
-                stack.up(settings, kafka=parts != ["serve"])
-            for part in parts:
-                clock = time.perf_counter()
-                if what == "all":  # a process each: no Serve handle outlives its Ray session
-                    results[part] = _bench_part_in_child(ctx, part, quick, out_dir, artifact)
-                    written[part] = [out_dir / f"bench-{part}.{ext}"
-                                     for ext in ("json", "md", "png")]
-                elif part == "scaling":
-                    from cluster.bench.scaling import bench_scaling
+            with contextlib.ExitStack() as session:
+                with console.status("starting the embedded stack..."):
+                    session.enter_context(stack.session(settings, kafka=parts != ["serve"]))
+                for part in parts:
+                    clock = time.perf_counter()
+                    if what == "all":  # a process each: no Serve handle outlives its Ray session
+                        results[part] = _bench_part_in_child(ctx, part, quick, out_dir, artifact)
+                        written[part] = [out_dir / f"bench-{part}.{ext}"
+                                         for ext in ("json", "md", "png")]
+                    elif part == "scaling":
+                        from cluster.bench.scaling import bench_scaling
 
-                    console.rule(f"framecast bench scaling{' (quick)' if quick else ''}")
-                    results[part] = bench_scaling(
-                        settings, artifact or SHIPPED_MODEL, console, quick=quick,
-                        replicas=counts["replicas"], classifiers=counts["classifiers"])
-                    written[part] = report.write_scaling_outputs(out_dir, results[part], command)
-                else:
-                    from cluster.bench.pipeline import bench_pipeline
-                    from cluster.bench.serve import bench_serve
+                        console.rule(f"framecast bench scaling{' (quick)' if quick else ''}")
+                        results[part] = bench_scaling(
+                            settings, artifact or SHIPPED_MODEL, console, quick=quick,
+                            replicas=counts["replicas"], classifiers=counts["classifiers"])
+                        written[part] = report.write_scaling_outputs(
+                            out_dir, results[part], command)
+                    else:
+                        from cluster.bench.pipeline import bench_pipeline
+                        from cluster.bench.serve import bench_serve
 
-                    console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
-                    run = bench_serve if part == "serve" else bench_pipeline
-                    results[part] = run(settings, artifact or SHIPPED_MODEL, console, quick=quick)
-                    write = (report.write_serve_outputs if part == "serve"
-                             else report.write_pipeline_outputs)
-                    written[part] = write(out_dir, results[part])
-                seconds[part] = time.perf_counter() - clock
+                        console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
+                        run = bench_serve if part == "serve" else bench_pipeline
+                        results[part] = run(
+                            settings, artifact or SHIPPED_MODEL, console, quick=quick)
+                        write = (report.write_serve_outputs if part == "serve"
+                                 else report.write_pipeline_outputs)
+                        written[part] = write(out_dir, results[part])
+                    seconds[part] = time.perf_counter() - clock
         except FramecastError as error:
             fail(str(error))
-        finally:
-            stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
     if what == "all":
         from jobs.machine import describe
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -137,31 +138,19 @@ def run_demo(
     """Run the demo; returns the report (also written under HOME/reports/demo/)."""
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
-    from streams.classifier import ClassifierConfig, StreamClassifier, dlq_value_limit
     from streams.client import admin_client
     from streams.exceptions import StreamsError
-    from streams.serve_client import serve_classify_fn
-    from streams.topics import TopicSpec, ensure_topics
+    from streams.runner import StreamRun
+    from streams.topics import run_topics, topic_names
 
     artifact = artifact or SHIPPED_MODEL
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    names = {kind: f"demo.{run_id}.{kind}" for kind in ("frames", "labels", "latency", "dlq")}
+    topics = run_topics(settings.topics, "demo", partitions=max(2, min(cameras, 8)))
+    names = topic_names(topics)
     per_camera = max(1, int(fps * seconds))
     total = per_camera * cameras
-    was_up = {
-        "kafka": stack.embedded_kafka(settings).info() is not None,
-        "ray": stack.local_ray_head(settings).info() is not None,
-    }
     t0 = time.monotonic()
     console.rule("[bold]framecast demo")
-    with console.status("starting the embedded stack (Kafka broker + Ray head)..."):
-        for event in stack.up(settings):
-            took = f" in {event.seconds:.1f}s" if event.action == "started" else ""
-            console.print(
-                f"  [green]{event.component}[/] {event.action}{took}: {event.detail}",
-                highlight=False,
-            )
-    bootstrap = stack.kafka_bootstrap(settings)
     report: dict[str, Any] = {
         "run_id": run_id,
         "cameras": cameras,
@@ -169,27 +158,35 @@ def run_demo(
         "frames_planned": total,
         "artifact": str(artifact),
     }
-    deployed = False
-    cameras_process: CameraProcess | None = None
-    try:
-        with admin_client(settings.kafka, bootstrap) as admin:
-            partitions = max(2, min(cameras, 8))
-            ensure_topics(
-                admin,
-                [
-                    TopicSpec(name=names["frames"], partitions=partitions),
-                    TopicSpec(name=names["labels"], partitions=partitions),
-                    TopicSpec(name=names["latency"]),
-                    TopicSpec(name=names["dlq"]),
-                ],
-            )
+
+    def started(event: stack.StackEvent) -> None:
+        took = f" in {event.seconds:.1f}s" if event.action == "started" else ""
+        console.print(
+            f"  [green]{event.component}[/] {event.action}{took}: {event.detail}",
+            highlight=False,
+        )
+
+    def delete_topics() -> None:
+        # A clean-up must never hide why the run ended (the topics may not exist yet).
+        try:
+            with admin_client(settings.kafka, stack.kafka_bootstrap(settings)) as admin:
+                admin.delete_topics(list(names.values()))
+        except Exception as error:
+            console.print(f"  [yellow]topics not deleted[/]: {str(error)[:200]}",
+                          highlight=False)
+
+    # Undone in reverse: the cameras stop, the topics go, the stack is as it was before.
+    with contextlib.ExitStack() as cleanup:
+        with console.status("starting the embedded stack (Kafka broker + Ray head)..."):
+            cleanup.enter_context(stack.session(settings, keep=keep_running, on_event=started))
+        cleanup.callback(delete_topics)
+        bootstrap = stack.kafka_bootstrap(settings)
         with stack.ray_connection(settings):
             with console.status(f"deploying {artifact.name} on Ray Serve..."):
                 serve_settings = settings.serve.model_copy(update={"num_cpus": 0.5})
                 result = deploy(
                     artifact, serve_settings, address=None, namespace=settings.ray.namespace
                 )
-                deployed = True
             model = result["model"]
             console.print(
                 f"  [green]serve[/] {model['name']} {model['version']} "
@@ -197,71 +194,50 @@ def run_demo(
                 highlight=False,
             )
             report["model"] = model
-
-            classify, retriable = serve_classify_fn(
-                settings.serve.app_name, settings.serve.handle_transport
+            config = settings.stream.model_copy(
+                update={
+                    "group": f"demo-{run_id}",
+                    "deadline_ms": deadline_ms,
+                    "max_batch_wait_ms": 5,
+                    "latency_window_s": 2.0,
+                }
             )
-            classify([]).result(timeout_s=60)  # first handle call from the main thread
-            config = ClassifierConfig(
-                frames_topic=names["frames"],
-                labels_topic=names["labels"],
-                latency_topic=names["latency"],
-                dlq_topic=names["dlq"],
-                group=f"demo-{run_id}",
-                deadline_ms=deadline_ms,
-                dlq_max_value_bytes=dlq_value_limit(settings.topics.max_message_bytes),
-                max_batch_wait_ms=5,
-                latency_window_s=2.0,
-            )
-            classifier = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
-            outcome: dict[str, Any] = {}
-            worker = threading.Thread(
-                target=lambda: outcome.update(classifier.run()), name="demo-classifier", daemon=True
-            )
-            reader = _LabelReader(settings, bootstrap, names["labels"])
-            worker.start()
-            reader.thread.start()
-            with console.status("the classifier joins its consumer group..."):
-                joined_by = time.monotonic() + 120
-                while not classifier.assignment() and time.monotonic() < joined_by:
-                    if not worker.is_alive():
-                        raise StreamsError(f"the classifier stopped: {outcome}")
-                    time.sleep(0.1)
-            # The cameras are a process of their own, as cameras are: see cluster/cameras.py.
-            cameras_process = CameraProcess(
-                settings, bootstrap, names["frames"], source="synthetic", cameras=cameras,
-                fps=fps, per_camera=per_camera, encoding="png",
-            ).start()
-            deadline = time.monotonic() + seconds + 120
-            with Live(console=console, refresh_per_second=4) as live:
-                while time.monotonic() < deadline:
-                    filming = cameras_process.running()
-                    sent = reader.frames_in(names["frames"])
-                    stats = reader.stats()
-                    live.update(_live_table(sent, total, stats, classifier.totals["dlq"]))
-                    done = stats["labelled"] + stats["dropped_deadline"] + classifier.totals["dlq"]
-                    if not filming and done >= sent:
-                        break
-                    time.sleep(0.25)
-            produced = cameras_process.wait(timeout_s=60)
-            classifier.stop()
-            worker.join(timeout=60)
-            classify.close()
+            with StreamRun(settings.kafka, bootstrap, topics, config, settings.serve) as run:
+                reader = _LabelReader(settings, bootstrap, names["labels"])
+                run.start()
+                reader.thread.start()
+                with console.status("the classifier joins its consumer group..."):
+                    if not run.wait_assigned(timeout_s=120):
+                        raise StreamsError("the classifier did not join its group in 120 s")
+                # The cameras are a process of their own, as cameras are (cluster/cameras.py).
+                cameras_process = CameraProcess(
+                    settings, bootstrap, names["frames"], source="synthetic", cameras=cameras,
+                    fps=fps, per_camera=per_camera, encoding="png",
+                ).start()
+                cleanup.callback(cameras_process.stop)
+                totals = run.member.totals
+                deadline = time.monotonic() + seconds + 120
+                with Live(console=console, refresh_per_second=4) as live:
+                    while time.monotonic() < deadline:
+                        filming = cameras_process.running()
+                        sent = reader.frames_in(names["frames"])
+                        stats = reader.stats()
+                        live.update(_live_table(sent, total, stats, totals["dlq"]))
+                        done = stats["labelled"] + stats["dropped_deadline"] + totals["dlq"]
+                        if not filming and done >= sent:
+                            break
+                        time.sleep(0.25)
+                produced = cameras_process.wait(timeout_s=60)
+                run.stop()
+                run.finish(timeout_s=60)
             time.sleep(0.5)
             reader.close()
             stats = reader.stats()
-            report.update(_summarize(reader, produced, classifier.totals, stats))
-            if deployed and not keep_running:
+            report.update(_summarize(reader, produced, totals, stats))
+            if not keep_running:
                 serve_shutdown(
                     settings.serve.app_name, address=None, namespace=settings.ray.namespace
                 )
-    finally:
-        if cameras_process is not None:
-            cameras_process.stop()
-        with admin_client(settings.kafka, bootstrap) as admin:
-            admin.delete_topics(list(names.values()))
-        if not keep_running:
-            stack.down(settings, kafka=not was_up["kafka"], ray=not was_up["ray"])
     report["seconds"] = round(time.monotonic() - t0, 1)
     out_dir = settings.home / "reports" / "demo"
     _write_report(out_dir, report, reader.latencies)

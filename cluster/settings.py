@@ -9,12 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, PositiveInt, ValidationError
+from pydantic import (
+    AliasChoices,
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.exceptions import SettingsError
 from serving.config import ServeSettings
-from streams.config import KafkaSettings, TopicSettings
+from streams.config import ClassifierConfig, KafkaSettings, TopicSettings
 
 
 class RaySettings(BaseSettings):
@@ -47,6 +55,41 @@ class RaySettings(BaseSettings):
         return self.address is None
 
 
+class DashboardSettings(BaseSettings):
+    """The live web view, ``framecast dashboard`` (``FRAMECAST_DASHBOARD_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMECAST_DASHBOARD_", extra="forbid")
+
+    host: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="Address the page binds: 127.0.0.1 is this machine only.",
+    )
+    port: int = Field(default=8080, ge=1, le=65535, description="Port of the page.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Access token (>= 16 characters): Authorization: Bearer, or ?token= once "
+        "(then an HttpOnly cookie). Unset: no token, which is safe on 127.0.0.1 only.",
+    )
+    group: str = Field(
+        default="framecast-dashboard", min_length=1,
+        description="The dashboard's own consumer group; it never joins or commits, so it "
+        "takes nothing from the classifier's group.",
+    )
+    update_ms: int = Field(
+        default=500, ge=100, le=10_000, description="How often the page is updated (SSE)."
+    )
+    history_s: int = Field(
+        default=300, ge=10, le=3600, description="Seconds of throughput and latency charted."
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("the token must be at least 16 characters")
+        return token
+
+
 class FramecastSettings(BaseSettings):
     """Every setting of the system, in one place."""
 
@@ -66,6 +109,14 @@ class FramecastSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    stream: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+
+    @model_validator(mode="after")
+    def _stream_follows_topics(self) -> FramecastSettings:
+        # The classifier's topics are the ``topics`` section's unless set for it alone.
+        self.stream = self.stream.follow_topics(self.topics)
+        return self
 
     @property
     def kafka_libs_dir(self) -> Path:
@@ -98,6 +149,8 @@ def load_settings(**overrides: Any) -> FramecastSettings:
         "topics": TopicSettings,
         "ray": RaySettings,
         "serve": ServeSettings,
+        "stream": ClassifierConfig,
+        "dashboard": DashboardSettings,
     }
     unknown = set(overrides) - set(sections) - set(FramecastSettings.model_fields)
     if unknown:

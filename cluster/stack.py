@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +191,34 @@ def down(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True) -
             )
         )
     return events
+
+
+@contextlib.contextmanager
+def session(
+    settings: FramecastSettings,
+    *,
+    kafka: bool = True,
+    ray: bool = True,
+    keep: bool = False,
+    on_event: Callable[[StackEvent], None] | None = None,
+) -> Iterator[list[StackEvent]]:
+    """The stack up for the length of a ``with`` block, then as it was before: what this
+    session started is stopped again (unless ``keep``); what was running stays running.
+    Yields the start-up events."""
+    was_up = {
+        "kafka": embedded_kafka(settings).info() is not None,
+        "ray": local_ray_head(settings).info() is not None,
+    }
+    started = {"kafka": kafka and not was_up["kafka"], "ray": ray and not was_up["ray"]}
+    try:
+        events = up(settings, kafka=kafka, ray=ray)
+        for event in events:
+            if on_event is not None:
+                on_event(event)
+        yield events
+    finally:
+        if not keep:
+            down(settings, kafka=started["kafka"], ray=started["ray"])
 
 
 def status(settings: FramecastSettings, *, probe: bool = True) -> dict[str, Any]:

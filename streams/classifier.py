@@ -32,12 +32,9 @@ import contextlib
 import gc
 import logging
 import operator
-import os
-import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -49,17 +46,16 @@ from confluent_kafka import (
     TopicPartition,
 )
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from serving.frames import FrameRecord, warm_up
 from serving.results import ClassifyResult, FrameAnswer, FrameError
 from streams.batching import Batch, Batcher
 from streams.checkpoint import SEND_FAILURES, Checkpoint, Outcome
 from streams.client import rdkafka_callbacks, rdkafka_reason
-from streams.config import KafkaSettings, TopicSettings
+from streams.config import ClassifierConfig, Guarantee, KafkaSettings, dlq_value_limit
 from streams.exceptions import KafkaConnectionError, StreamsError
 from streams.latency import LatencyWindow
-from streams.output import Output, dlq_value_limit
+from streams.output import Output
 from streams.parsing import ParseLimits, Source, kafka_timestamp_ns, parse_message
 from streams.sinks import ParquetSink
 
@@ -74,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Guarantee = Literal["at-least-once", "exactly-once"]
 MAX_POLL_MESSAGES = 2000
 
 FRAMES = Counter(
@@ -97,100 +92,6 @@ RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried."
 # then surfaced at a later, unrelated call (a SystemError that stopped the loop);
 # methodcaller's call makes the check, so the error is raised here.
 _read_headers = operator.methodcaller("headers")
-
-
-class ClassifierConfig(BaseModel):
-    """How the stream classifier consumes, batches, calls Serve and commits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    frames_topic: str = Field(default="frames", min_length=1, description="Input frames topic.")
-    labels_topic: str = Field(default="labels", min_length=1, description="Labels topic.")
-    latency_topic: str = Field(default="latency", min_length=1, description="Aggregates topic.")
-    dlq_topic: str = Field(default="frames.dlq", min_length=1, description="Dead-letter topic.")
-    group: str = Field(default="framecast", min_length=1, description="Consumer group id.")
-    guarantee: Guarantee = Field(default="at-least-once", description="Processing guarantee.")
-    deadline_ms: PositiveInt | None = Field(
-        default=None, description="Frames older than this (capture to consume) are dropped."
-    )
-    max_frames: PositiveInt | None = Field(default=None, description="Stop after N frames.")
-    consumer_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="Name in the latency aggregates and transactional id.",
-    )
-    max_batch_frames: PositiveInt = Field(default=256, description="Frames per Serve call.")
-    max_batch_bytes: PositiveInt = Field(
-        default=16 * 1024 * 1024, description="Frame data per Serve call (bytes)."
-    )
-    max_message_frames: PositiveInt = Field(
-        default=4096, description="Rows one Arrow message may hold (more: the DLQ)."
-    )
-    max_message_decoded_bytes: PositiveInt = Field(
-        default=64 * 1024 * 1024,
-        description="Bytes one Arrow message may inflate to, checked before it is inflated.",
-    )
-    max_frame_bytes: PositiveInt = Field(
-        default=8 * 1024 * 1024,
-        description="Data of one frame (more: the DLQ, without a Serve call; the replicas' "
-        "own limit is max_frame_bytes of their config).",
-    )
-    max_stream_id_bytes: PositiveInt = Field(
-        default=256, description="Longest stream id (it is copied into every label)."
-    )
-    max_clock_skew_ms: PositiveFloat = Field(
-        default=5_000.0,
-        description="How far captured_at_ns may be ahead of Kafka's timestamp before it is "
-        "not trusted: latency and deadline are then measured from Kafka's timestamp (the "
-        "label gets timings_ms.clock_skew).",
-    )
-    max_capture_delay_s: PositiveFloat = Field(
-        default=3_600.0,
-        description="How far captured_at_ns may be behind Kafka's timestamp (a camera "
-        "holding frames) before it is not trusted, as for max_clock_skew_ms.",
-    )
-    max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
-    max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
-    commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
-    fetch_wait_ms: NonNegativeInt = Field(
-        default=10,
-        description="Longest a fetch waits at the broker for data (fetch.wait.max.ms); the "
-        "client fetches in the background, and a broker answers as soon as any data arrives.",
-    )
-    label_linger_ms: NonNegativeInt = Field(
-        default=10,
-        description="Producer linger for labels: fewer, larger produce requests (a commit "
-        "flushes at once, so this bounds delivery delay only between commits).",
-    )
-    latency_window_s: PositiveFloat = Field(default=5.0, description="Aggregate period.")
-    serve_timeout_s: PositiveFloat = Field(
-        default=60.0, description="One Serve call's limit; past it the call is cancelled."
-    )
-    serve_max_attempts: PositiveInt = Field(
-        default=3,
-        description="Failed calls of the same frames (a replica raised, died or timed out on "
-        "them) before the batch is split to isolate a bad frame; a frame alone that fails "
-        "this often goes to the DLQ (replica_error).",
-    )
-    serve_give_up_s: PositiveFloat | None = Field(
-        default=600.0,
-        description="How long Serve may have no replica for us (unavailable, backpressure) "
-        "before the classifier stops with an error, committing nothing past its frames "
-        "(None: wait forever).",
-    )
-    backoff_max_s: PositiveFloat = Field(default=5.0, description="Longest retry backoff.")
-    idle_exit_s: PositiveFloat | None = Field(
-        default=None, description="Stop after this long without input (tests, batch jobs)."
-    )
-    parquet_dir: Path | None = Field(default=None, description="Also write Parquet files here.")
-    topic_wait_s: PositiveFloat = Field(
-        default=60.0, description="How long start-up waits for the frames topic to exist."
-    )
-    dlq_max_value_bytes: PositiveInt = Field(
-        default=dlq_value_limit(TopicSettings.model_fields["max_message_bytes"].default),
-        description="Largest original value copied into a DLQ record. A larger one is left "
-        "out (header error.value_omitted = its size; source.* still point at it): a DLQ "
-        "record its topic refuses would block every commit behind it.",
-    )
 
 
 ClassifyFn = Callable[[list[FrameRecord]], Any]
@@ -240,6 +141,11 @@ class StreamClassifier:
             "message.max.bytes": 16 * 1024 * 1024,
             # The same partition per key as the Java client and kafka-python (murmur2).
             "partitioner": "murmur2_random",
+            # A labels topic deleted and created again is seen within 10 s (the default, 5
+            # minutes, kept labels queued for a topic that existed again long before), and a
+            # record that cannot be delivered fails within 60 s: the work is then redone.
+            "topic.metadata.refresh.interval.ms": 10_000,
+            "message.timeout.ms": 60_000,
             # Only failures call back: a Python call per label would cost more than the send.
             "on_delivery": self._delivered,
             "delivery.report.only.error": True,
@@ -285,6 +191,7 @@ class StreamClassifier:
         self.redo_delay = 0.0
         self.owned: list[TopicPartition] = []  # for other threads: see assignment()
         self.totals = collections.Counter[str](labelled=0, dlq=0, dropped_deadline=0)
+        self.uncommitted = collections.Counter[str]()  # of the totals, since the last commit
         warm_up()  # the first frames are not late for pyarrow's first-use imports
         try:
             self._await_topic_metadata(config.frames_topic, config.topic_wait_s)
@@ -674,7 +581,8 @@ class StreamClassifier:
         answers = iter(self._answers(batch))
         done_ns = time.time_ns()
         self.output.begin()
-        totals, window = self.totals, self.window
+        window = self.window
+        counts = collections.Counter[str]()
         labelled = dropped = dead = 0
         for item in batch.items:
             answer: FrameAnswer | None = next(answers) if item.classifiable else None
@@ -698,8 +606,8 @@ class StreamClassifier:
             labelled += 1
             frame = cast(FrameRecord, item.frame)
             if frame.label is not None:
-                totals["with_ground_truth"] += 1
-                totals["correct"] += int(result.class_id == frame.label)
+                counts["with_ground_truth"] += 1
+                counts["correct"] += int(result.class_id == frame.label)
             end_to_end = record["timings_ms"]["end_to_end"]
             window.latencies_ms.append(end_to_end)
             END_TO_END.observe(end_to_end)
@@ -709,8 +617,11 @@ class StreamClassifier:
             ("dlq", dead, DEAD),
         ):
             if count:
-                totals[key] += count
+                counts[key] += count
                 counter.inc(count)
+        # Counted as done now, taken back if this work is redone (see _rewind).
+        self.totals.update(counts)
+        self.uncommitted.update(counts)
         window.dropped += dropped
         window.dlq += dead
         self.checkpoint.done(batch.offsets)
@@ -726,6 +637,7 @@ class StreamClassifier:
                 time.sleep(self.redo_delay)
         elif outcome is Outcome.COMMITTED:
             self.redo_delay = 0.0
+            self.uncommitted.clear()
             if not self.pending and not self.batcher.current.items:
                 self.checkpoint.txn_group = None  # nothing polled under it is held any more
 
@@ -734,6 +646,8 @@ class StreamClassifier:
         the partitions stay ours) re-read them from their committed offsets."""
         self.epoch += 1
         self.checkpoint.forget()
+        self.totals.subtract(self.uncommitted)  # that work is redone (or by the next owner)
+        self.uncommitted.clear()
         for batch in self.pending:  # results of dropped work must not be produced
             batch.response = None
             batch.items.clear()

@@ -1,16 +1,28 @@
-"""Typed Kafka connection and topic settings (pydantic-settings).
+"""Typed settings of streams (pydantic-settings): the Kafka connection, the topics, and the
+stream classifier.
 
-Every field can be set by a ``FRAMECAST_KAFKA_*`` / ``FRAMECAST_TOPICS_*`` environment
-variable or by a CLI flag; secrets are ``SecretStr`` and never appear in reprs or logs.
+Every field can be set by a ``FRAMECAST_KAFKA_*`` / ``FRAMECAST_TOPICS_*`` /
+``FRAMECAST_STREAM_*`` environment variable or by a CLI flag; secrets are ``SecretStr`` and
+never appear in reprs or logs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -174,3 +186,141 @@ class TopicSettings(BaseSettings):
     max_message_bytes: PositiveInt = Field(
         default=8 * 1024 * 1024, description="max.message.bytes of the frames and DLQ topics."
     )
+
+
+# The DLQ topic takes what the frames topic takes (TopicSettings.max_message_bytes); a DLQ
+# record adds headers to the original value, so values are copied up to that less 64 KiB.
+DLQ_HEADROOM_BYTES = 64 * 1024
+
+
+def dlq_value_limit(max_message_bytes: int) -> int:
+    """The largest value a DLQ record copies, for a DLQ topic of this max.message.bytes."""
+    return max(1, max_message_bytes - DLQ_HEADROOM_BYTES)
+
+
+Guarantee = Literal["at-least-once", "exactly-once"]
+_TOPIC_DEFAULTS = {name: field.default for name, field in TopicSettings.model_fields.items()}
+
+
+class ClassifierConfig(BaseSettings):
+    """How the stream classifier consumes, batches, calls Serve and commits (the ``stream``
+    section of the settings; ``FRAMECAST_STREAM_*``).
+
+    Topic names and ``dlq_max_value_bytes`` not set here follow the ``topics`` section
+    (``FramecastSettings`` fills them in); standalone, they take its defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FRAMECAST_STREAM_", extra="forbid")
+
+    frames_topic: str = Field(
+        default=_TOPIC_DEFAULTS["frames"], min_length=1, description="Input frames topic."
+    )
+    labels_topic: str = Field(
+        default=_TOPIC_DEFAULTS["labels"], min_length=1, description="Labels topic."
+    )
+    latency_topic: str = Field(
+        default=_TOPIC_DEFAULTS["latency"], min_length=1, description="Aggregates topic."
+    )
+    dlq_topic: str = Field(
+        default=_TOPIC_DEFAULTS["dlq"], min_length=1, description="Dead-letter topic."
+    )
+    group: str = Field(default="framecast", min_length=1, description="Consumer group id.")
+    guarantee: Guarantee = Field(default="at-least-once", description="Processing guarantee.")
+    deadline_ms: PositiveInt | None = Field(
+        default=None, description="Frames older than this (capture to consume) are dropped."
+    )
+    max_frames: PositiveInt | None = Field(default=None, description="Stop after N frames.")
+    consumer_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name in the latency aggregates and transactional id.",
+    )
+    max_batch_frames: PositiveInt = Field(default=256, description="Frames per Serve call.")
+    max_batch_bytes: PositiveInt = Field(
+        default=16 * 1024 * 1024, description="Frame data per Serve call (bytes)."
+    )
+    max_message_frames: PositiveInt = Field(
+        default=4096, description="Rows one Arrow message may hold (more: the DLQ)."
+    )
+    max_message_decoded_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024,
+        description="Bytes one Arrow message may inflate to, checked before it is inflated.",
+    )
+    max_frame_bytes: PositiveInt = Field(
+        default=8 * 1024 * 1024,
+        description="Data of one frame (more: the DLQ, without a Serve call; the replicas' "
+        "own limit is max_frame_bytes of their config).",
+    )
+    max_stream_id_bytes: PositiveInt = Field(
+        default=256, description="Longest stream id (it is copied into every label)."
+    )
+    max_clock_skew_ms: PositiveFloat = Field(
+        default=5_000.0,
+        description="How far captured_at_ns may be ahead of Kafka's timestamp before it is "
+        "not trusted: latency and deadline are then measured from Kafka's timestamp (the "
+        "label gets timings_ms.clock_skew).",
+    )
+    max_capture_delay_s: PositiveFloat = Field(
+        default=3_600.0,
+        description="How far captured_at_ns may be behind Kafka's timestamp (a camera "
+        "holding frames) before it is not trusted, as for max_clock_skew_ms.",
+    )
+    max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
+    max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
+    commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
+    fetch_wait_ms: NonNegativeInt = Field(
+        default=10,
+        description="Longest a fetch waits at the broker for data (fetch.wait.max.ms); the "
+        "client fetches in the background, and a broker answers as soon as any data arrives.",
+    )
+    label_linger_ms: NonNegativeInt = Field(
+        default=10,
+        description="Producer linger for labels: fewer, larger produce requests (a commit "
+        "flushes at once, so this bounds delivery delay only between commits).",
+    )
+    latency_window_s: PositiveFloat = Field(default=5.0, description="Aggregate period.")
+    serve_timeout_s: PositiveFloat = Field(
+        default=60.0, description="One Serve call's limit; past it the call is cancelled."
+    )
+    serve_max_attempts: PositiveInt = Field(
+        default=3,
+        description="Failed calls of the same frames (a replica raised, died or timed out on "
+        "them) before the batch is split to isolate a bad frame; a frame alone that fails "
+        "this often goes to the DLQ (replica_error).",
+    )
+    serve_give_up_s: PositiveFloat | None = Field(
+        default=600.0,
+        description="How long Serve may have no replica for us (unavailable, backpressure) "
+        "before the classifier stops with an error, committing nothing past its frames "
+        "(None: wait forever).",
+    )
+    backoff_max_s: PositiveFloat = Field(default=5.0, description="Longest retry backoff.")
+    idle_exit_s: PositiveFloat | None = Field(
+        default=None, description="Stop after this long without input (tests, batch jobs)."
+    )
+    parquet_dir: Path | None = Field(default=None, description="Also write Parquet files here.")
+    topic_wait_s: PositiveFloat = Field(
+        default=60.0, description="How long start-up waits for the frames topic to exist."
+    )
+    dlq_max_value_bytes: PositiveInt = Field(
+        default=dlq_value_limit(_TOPIC_DEFAULTS["max_message_bytes"]),
+        description="Largest original value copied into a DLQ record. A larger one is left "
+        "out (header error.value_omitted = its size; source.* still point at it): a DLQ "
+        "record its topic refuses would block every commit behind it.",
+    )
+
+
+    def follow_topics(self, topics: TopicSettings) -> ClassifierConfig:
+        """This config with the topic names and the DLQ value limit that ``topics`` gives,
+        where they were not set here."""
+        given = self.model_fields_set
+        update: dict[str, Any] = {
+            f"{kind}_topic": getattr(topics, kind)
+            for kind in ("frames", "labels", "latency", "dlq")
+            if f"{kind}_topic" not in given
+        }
+        if "dlq_max_value_bytes" not in given:
+            update["dlq_max_value_bytes"] = dlq_value_limit(topics.max_message_bytes)
+        followed = self.model_copy(update=update)
+        # Still "not set here": a later follow_topics (a run on topics of its own) follows too.
+        object.__setattr__(followed, "__pydantic_fields_set__", set(given))
+        return followed

@@ -31,19 +31,11 @@ from streams.parsing import Item
 log = logging.getLogger(__name__)
 
 TXN_TIMEOUT_S = 60.0  # one transactional call (send offsets, commit, abort)
-# A DLQ record adds headers to the original value; values are copied up to the DLQ topic's
-# max.message.bytes less this.
-DLQ_HEADROOM_BYTES = 64 * 1024
 # Errors that say "this record, as it is, can never be written to this topic".
 # (librdkafka's own check against message.max.bytes raises MSG_SIZE_TOO_LARGE too)
 _RECORD_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
 _LEARNED_MAX = 100_000  # sources remembered as needing another route (oldest forgotten)
 SourceKey = tuple[str, int, int, int]  # topic, partition, offset, row
-
-
-def dlq_value_limit(max_message_bytes: int) -> int:
-    """The largest value a DLQ record copies, for a DLQ topic of this max.message.bytes."""
-    return max(1, max_message_bytes - DLQ_HEADROOM_BYTES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ sets the listed configs; it never deletes a topic or shrinks one (Kafka cannot).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,22 @@ def default_topic_specs(settings: TopicSettings) -> list[TopicSpec]:
         ),
         TopicSpec(name=settings.dlq, config=big, **common),
     ]
+
+
+def run_topics(base: TopicSettings, prefix: str, partitions: int | None = None) -> TopicSettings:
+    """Topic settings for one run on topics of its own (``PREFIX.TAG.frames``, ...): the
+    demo's and the benchmarks' runs, which delete them afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    kinds = ("frames", "labels", "latency", "dlq")
+    update: dict[str, Any] = {kind: f"{prefix}.{tag}.{kind}" for kind in kinds}
+    if partitions is not None:
+        update["partitions"] = partitions
+    return base.model_copy(update=update)
+
+
+def topic_names(topics: TopicSettings) -> dict[str, str]:
+    """{kind: name} of the four topics."""
+    return {kind: getattr(topics, kind) for kind in ("frames", "labels", "latency", "dlq")}
 
 
 def load_topic_specs(path: Path) -> list[TopicSpec]:

@@ -6,6 +6,7 @@ same run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from cluster.bench.runs import drop_topics, fresh_topics, label_summary, read_la
 from cluster.cameras import produce_in_subprocess
 from cluster.settings import FramecastSettings
 from jobs.machine import describe
+from streams.topics import topic_names
 
 
 def _pipeline_run(
@@ -40,33 +42,32 @@ def _pipeline_run(
     """One measured run on fresh topics: the stream classifier (`classifier="framecast"`) or
     the naive baseline (`"naive"`, which loads `artifact` itself), cameras in a process of
     their own."""
-    from streams.classifier import ClassifierConfig, StreamClassifier
-    from streams.serve_client import serve_classify_fn
+    from streams.runner import StreamRun
 
-    names = fresh_topics(settings, bootstrap, partitions=4)
+    topics = fresh_topics(settings, bootstrap, partitions=4)
+    names = topic_names(topics)
     total = cameras * per_camera
-    try:
-        outcome: dict[str, Any] = {}
+    outcome: dict[str, Any] = {}
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(drop_topics, settings, bootstrap, names)
         if classifier == "framecast":
-            classify, retriable = serve_classify_fn(
-                settings.serve.app_name, settings.serve.handle_transport
+            config = settings.stream.model_copy(
+                update={
+                    "group": f"bench-{names['frames']}",
+                    "max_batch_wait_ms": max_wait_ms,
+                    "max_in_flight": in_flight,
+                    "max_batch_frames": 512,
+                    "idle_exit_s": 60.0,  # a safety net: max_frames ends the run
+                    "max_frames": total,
+                }
             )
-            config = ClassifierConfig(
-                frames_topic=names["frames"],
-                labels_topic=names["labels"],
-                latency_topic=names["latency"],
-                dlq_topic=names["dlq"],
-                group=f"bench-{names['frames']}",
-                max_batch_wait_ms=max_wait_ms,
-                max_in_flight=in_flight,
-                max_batch_frames=512,
-                idle_exit_s=60.0,  # a safety net: max_frames ends the run
-                max_frames=total,
+            run = cleanup.enter_context(
+                StreamRun(settings.kafka, bootstrap, topics, config, settings.serve,
+                          create_topics=False)
             )
-            classify([]).result(timeout_s=60)  # warm the handle before the clock starts
-            runner = StreamClassifier(settings.kafka, bootstrap, config, classify, retriable)
-            worker = threading.Thread(target=lambda: outcome.update(runner.run()), daemon=True)
-            assigned = lambda: bool(runner.assignment())  # noqa: E731
+            run.start()
+            run.wait_assigned(timeout_s=120)  # measure the pipeline, not its start-up
+            finish = lambda: outcome.update(run.finish(timeout_s=600))  # noqa: E731
         else:
             if artifact is None:
                 raise ValueError("the naive baseline needs the artifact it loads")
@@ -76,24 +77,17 @@ def _pipeline_run(
                     _naive_baseline(settings, bootstrap, names, total, ready, artifact)),
                 daemon=True,
             )
-            assigned = ready.is_set
-        worker.start()
-        # Measure the pipeline, not its start-up: produce once the consumer owns partitions.
-        deadline = time.monotonic() + 120
-        while not assigned() and time.monotonic() < deadline:
-            time.sleep(0.1)
+            worker.start()
+            ready.wait(timeout=120)
+            finish = lambda: worker.join(timeout=600)  # noqa: E731
         # The cameras are another process, as they would be: the producer does not share
         # this process's interpreter lock with the classifier.
         produced = produce_in_subprocess(
             settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
             per_camera=per_camera, batch=batch, linger_ms=linger_ms,
         )
-        worker.join(timeout=600)
-        if classifier == "framecast":
-            classify.close()
+        finish()
         labels = read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
-    finally:
-        drop_topics(settings, bootstrap, names)
     return {
         "classifier": classifier,
         "cameras": cameras,

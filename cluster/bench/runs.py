@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import numpy as np
 
 from cluster.settings import FramecastSettings
+from streams.config import TopicSettings
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -19,24 +19,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
-def fresh_topics(settings: FramecastSettings, bootstrap: str, partitions: int) -> dict[str, str]:
-    """Four new topics for one run (frames, labels, latency, DLQ): {kind: name}."""
+def fresh_topics(settings: FramecastSettings, bootstrap: str, partitions: int) -> TopicSettings:
+    """Four new topics for one run (frames, labels, latency, DLQ), created."""
     from streams.client import admin_client
-    from streams.topics import TopicSpec, ensure_topics
+    from streams.topics import default_topic_specs, ensure_topics, run_topics
 
-    tag = uuid.uuid4().hex[:8]
-    names = {k: f"bench.{tag}.{k}" for k in ("frames", "labels", "latency", "dlq")}
+    topics = run_topics(settings.topics, "bench", partitions)
     with admin_client(settings.kafka, bootstrap) as admin:
-        ensure_topics(
-            admin,
-            [
-                TopicSpec(name=names["frames"], partitions=partitions),
-                TopicSpec(name=names["labels"], partitions=partitions),
-                TopicSpec(name=names["latency"]),
-                TopicSpec(name=names["dlq"]),
-            ],
-        )
-    return names
+        ensure_topics(admin, default_topic_specs(topics))
+    return topics
 
 
 def drop_topics(settings: FramecastSettings, bootstrap: str, names: dict[str, str]) -> None:

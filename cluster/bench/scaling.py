@@ -29,6 +29,7 @@ from cluster.bench.runs import drop_topics, fresh_topics, label_summary, read_la
 from cluster.cameras import produce_in_subprocess
 from cluster.settings import FramecastSettings
 from jobs.machine import describe
+from streams.topics import topic_names
 
 PARTITIONS = 4  # enough partitions for every classifier count measured here
 APP = "bench-scaling"
@@ -72,7 +73,7 @@ def _run(
     log_dir: Path,
 ) -> dict[str, Any]:
     """One measured run: P classifier processes, one producer, fresh topics."""
-    names = fresh_topics(settings, bootstrap, partitions=PARTITIONS)
+    names = topic_names(fresh_topics(settings, bootstrap, partitions=PARTITIONS))
     group = f"scaling-{names['frames']}"
     total = cameras * per_camera
     processes: list[tuple[subprocess.Popen[bytes], Path]] = []

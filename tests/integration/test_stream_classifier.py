@@ -23,6 +23,7 @@ from streams.classifier import StreamClassifier
 from streams.config import KafkaSettings
 from streams.latency import LatencyRecord
 from streams.serve_client import serve_classify_fn
+from tests.kafka_python import kafka_python_config
 from tests.streaming import (
     IMAGES,
     LABELS,
@@ -194,7 +195,7 @@ def test_exactly_once_labels_become_visible_only_with_their_offsets(
             read_topic(kafka_settings, config.labels_topic, 40, committed_only=True)
         )
         probe = KafkaConsumer(
-            **kafka_settings.client_config(),
+            **kafka_python_config(kafka_settings),
             group_id=config.group,
             isolation_level="read_committed",  # offset fetches wait for open transactions
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,46 @@ def test_cli_rejects_bad_config_at_start_up_naming_the_field(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr
     assert "max_replicas (2) must be >= min_replicas (4)" in result.stderr
+
+
+def test_the_classifier_settings_are_a_section_of_the_one_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FRAMECAST_STREAM_MAX_IN_FLIGHT", "5")
+    monkeypatch.setenv("FRAMECAST_TOPICS_FRAMES", "cams")
+    settings = load_settings(stream={"group": "g1"}, topics={"max_message_bytes": 2 * 2**20})
+    assert settings.stream.max_in_flight == 5 and settings.stream.group == "g1"
+    # Topic names and the DLQ value limit follow the topics section unless set for it.
+    assert settings.stream.frames_topic == "cams"
+    assert settings.stream.dlq_max_value_bytes == 2 * 2**20 - 64 * 1024
+    assert settings.redacted()["stream"]["max_in_flight"] == 5
+    own = load_settings(stream={"frames_topic": "mine"})
+    assert own.stream.frames_topic == "mine"
+
+
+def test_a_bad_classifier_setting_fails_at_start_up_naming_the_field(tmp_path: Path) -> None:
+    result = run_cli(
+        "status", "--json", home=tmp_path, env={"FRAMECAST_STREAM_GUARANTEE": "at-most-once"}
+    )
+    assert result.returncode == 2
+    assert "stream.guarantee: Input should be 'at-least-once' or 'exactly-once'" in result.stderr
+
+
+def test_status_json_prints_the_classifier_settings(tmp_path: Path) -> None:
+    result = run_cli(
+        "status", "--json", home=tmp_path, env={"FRAMECAST_STREAM_MAX_BATCH_FRAMES": "64"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["stream"]["max_batch_frames"] == 64
+
+
+def test_a_run_on_topics_of_its_own_takes_their_names_unless_set_for_the_classifier() -> None:
+    from streams.topics import run_topics
+
+    settings = load_settings()
+    own = run_topics(settings.topics, "demo", partitions=2)
+    config = settings.stream.model_copy(update={"group": "g"}).follow_topics(own)
+    assert (config.frames_topic, config.labels_topic) == (own.frames, own.labels)
+    assert config.group == "g"
+    pinned = load_settings(stream={"frames_topic": "mine"}).stream.follow_topics(own)
+    assert (pinned.frames_topic, pinned.dlq_topic) == ("mine", own.dlq)
