@@ -8,7 +8,7 @@ KAFKA_LIBS := .framecast/kafka/libs
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: setup prereqs dataset demo test lint soak clean help chart-check
+.PHONY: setup prereqs dataset browser demo test lint soak clean help chart-check
 
 help:
 	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
@@ -16,7 +16,7 @@ help:
 	@echo "make test   - setup + the whole test suite"
 	@echo "make lint   - ruff + mypy"
 
-setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset
+setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset browser
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null || { echo "missing: $(PYTHON) (Python 3.11)"; exit 1; }
@@ -42,6 +42,16 @@ dataset:
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) ; \
 	else echo "note: Fashion-MNIST not found; install dataset-fashion-mnist or set FRAMECAST_DATA_DIR"; fi
+
+# Debian's chromium: the dashboard's browser test (Playwright drives it; it never downloads
+# a browser) and the demo's screenshot of the dashboard.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; \
+	else echo "note: /usr/bin/chromium not found; the dashboard's browser test is skipped (apt-get install chromium)"; fi
 
 demo: setup
 	$(BIN)/framecast demo

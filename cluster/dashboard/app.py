@@ -39,6 +39,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -291,7 +292,7 @@ def create_app(
         return Response(snapshots.build(), media_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
-    def frame(request: Request) -> Response:
+    async def frame(request: Request) -> Response:
         stream_id = request.query_params.get("id", "")
         with state.lock:
             picture: Picture | None = state.picture(stream_id)
@@ -299,7 +300,12 @@ def create_app(
             return PlainTextResponse("no frame of this camera yet", status_code=404)
         cached = rendered.get(stream_id)
         if cached is None or cached[0] != picture.seq:
-            image = render_picture(picture.frame)
+            frame = picture.frame
+            # Small frames are encoded here (~0.1 ms); a large raw one in a worker thread.
+            small = frame.encoding != "raw" or frame.height * frame.width <= 256 * 256
+            image = render_picture(frame) if small else await run_in_threadpool(
+                render_picture, frame
+            )
             if image is None:
                 return PlainTextResponse("this frame is not an image", status_code=415)
             cached = rendered[stream_id] = (picture.seq, *image)

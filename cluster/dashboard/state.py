@@ -202,7 +202,7 @@ class DashboardState:
         window_s: int = 60,
         dead_letters_kept: int = 20,
         max_cameras: int = 4096,
-        frame_interval_s: float = 0.5,
+        frame_interval_s: float = 1.0,
     ) -> None:
         self.lock = threading.Lock()
         self.history_s = history_s

@@ -39,6 +39,7 @@ from tests.streaming import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 CAMERAS = 64
+FPS = float(os.environ.get("FRAMECAST_DASHBOARD_TEST_FPS", "2"))  # per camera, for 20 s
 PAGE = 16  # tiles a page of the dashboard shows (static/app.js PAGE_SIZE)
 TOKEN = "dashboard-test-token-0123456789"
 ARTIFACT_DOC = os.environ.get("FRAMECAST_DASHBOARD_SCREENSHOT")  # also copy the PNG here
@@ -145,7 +146,8 @@ def test_the_page_follows_a_live_stream_of_64_cameras(
     config = topics(kafka_settings).model_copy(update={"idle_exit_s": None})
     dashboard = DashboardProcess(kafka_settings, config, tmp_path)
     member = BackgroundClassifier(classifier(kafka_settings, config, stream_app))
-    feeder = Feeder(kafka_settings, config.frames_topic, streams=CAMERAS, per_stream=40, fps=2.0)
+    feeder = Feeder(kafka_settings, config.frames_topic, streams=CAMERAS,
+                    per_stream=int(20 * FPS), fps=FPS)
     probe = LabelProbe(kafka_settings, config.labels_topic)
     errors: list[str] = []
     try:

@@ -881,3 +881,60 @@ def test_the_default_probe_passes_against_the_classifiers_metrics_endpoint(
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# -- the Grafana dashboard ------------------------------------------------------------------------
+
+
+def _code_literals(*roots: Path) -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for r in roots for p in r.rglob("*.py"))
+
+
+def test_grafana_dashboard_renders_for_the_sidecar_and_uses_only_metrics_of_the_code(
+    built_tools: k8s.Tools, rendered: dict[str, Path], tmp_path: Path
+):
+    """metrics.grafanaDashboard.enabled renders a ConfigMap with the sidecar's label (valid for
+    kubeconform) whose JSON parses, and whose every metric is one framecast (streams/,
+    serving/) or Ray Serve exports: ``framecast_stream_*`` by prometheus_client, ``ray_<name>``
+    for a Ray metric (histograms as ``_bucket``, Ray counters with ``_total``)."""
+    import importlib.util
+    import json
+    import re
+
+    assert not _kind(_docs(rendered, "values.yaml"), "ConfigMap"), "off by default"
+    on = tmp_path / "grafana.yaml"
+    on.write_text(k8s.helm_template(
+        built_tools, sets=["metrics.grafanaDashboard.enabled=true",
+                           "metrics.grafanaDashboard.annotations.grafana_folder=framecast"]
+    ), encoding="utf-8")
+    assert k8s.kubeconform(built_tools, [on])["summary"]["invalid"] == 0
+    maps = _kind(k8s.documents(on.read_text(encoding="utf-8")), "ConfigMap")
+    assert len(maps) == 1
+    assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert maps[0]["metadata"]["annotations"] == {"grafana_folder": "framecast"}
+    dashboard = json.loads(maps[0]["data"]["framecast.json"])
+    assert dashboard["uid"] == "framecast"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    names = set()
+    for expr in exprs:
+        names |= set(re.findall(r"\b((?:framecast|ray)_[a-z0-9_]+)\b", expr))
+    assert any(n.startswith("framecast_stream_") for n in names)
+    assert any(n.startswith("ray_framecast_") for n in names)
+    assert "ray_serve_deployment_replica_healthy" in names  # the replica count
+
+    repo = CHART.parents[1]
+    ours = _code_literals(repo / "streams", repo / "serving")
+    spec = importlib.util.find_spec("ray")
+    assert spec is not None and spec.submodule_search_locations
+    ray_serve = _code_literals(Path(next(iter(spec.submodule_search_locations))) / "serve")
+
+    def defined(name: str) -> bool:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if base.startswith("ray_serve_"):
+            bare = base.removeprefix("ray_")
+            return any(f'"{n}"' in ray_serve for n in (bare, bare.removesuffix("_total")))
+        return f'"{base.removeprefix("ray_")}"' in ours
+
+    missing = sorted(n for n in names if not defined(n))
+    assert missing == [], f"the dashboard uses metrics no code exports: {missing}"
