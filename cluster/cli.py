@@ -895,6 +895,61 @@ def demo(
         fail(f"{report['unaccounted']} frames were neither labelled, dropped nor dead-lettered")
 
 
+@app.command()
+def dashboard(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Port of the page (dashboard.port).")] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Address to bind (dashboard.host; default 127.0.0.1: this machine only).")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="The dashboard's own consumer group (dashboard.group).")] = None,
+    frames: Annotated[str | None, typer.Option(help="Frames topic.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Labels topic.")] = None,
+    latency: Annotated[str | None, typer.Option(help="Latency topic.")] = None,
+    dlq: Annotated[str | None, typer.Option(help="Dead-letter topic.")] = None,
+    classifier_group: Annotated[str | None, typer.Option(
+        help="The classifier group whose lag is shown (default: stream.group).")] = None,
+    serve_url: Annotated[str | None, typer.Option(
+        help="The Serve app's URL (e.g. http://127.0.0.1:8000/stream): shows its /healthz.")
+    ] = None,
+    from_beginning: Annotated[bool, typer.Option(
+        "--from-beginning", help="Read the topics from their first record, not the end.")] = False,
+) -> None:
+    """A live web page of the streams: cameras with their labels, throughput, latency, lag,
+    dead letters and the model. The token, if any, comes from FRAMECAST_DASHBOARD_TOKEN."""
+    from cluster import stack
+    from cluster.dashboard import FeedTopics, open_dashboard
+    from streams.client import admin_client
+
+    settings = _opts(ctx).settings(
+        dashboard={"port": port, "host": host, "group": group},
+        topics={"frames": frames, "labels": labels, "latency": latency, "dlq": dlq},
+    )
+    names = settings.topics
+    try:
+        bootstrap = stack.kafka_bootstrap(settings)
+        with admin_client(settings.kafka, bootstrap):
+            pass  # an unreachable cluster or refused credentials fail here, not in the page
+        board = open_dashboard(
+            settings, bootstrap, FeedTopics(names.frames, names.labels, names.latency, names.dlq),
+            classifier_group=classifier_group, from_beginning=from_beginning,
+            serve_url=serve_url,
+        )
+        token = settings.dashboard.token is not None
+        err_console.print(
+            f"dashboard: {board.url} ({names.labels}, {names.latency}, {names.dlq}, "
+            f"{names.frames}; lag of group {classifier_group or settings.stream.group})"
+            + ("; token required (FRAMECAST_DASHBOARD_TOKEN)" if token else ""),
+            highlight=False, soft_wrap=True,
+        )
+        if not token and settings.dashboard.host not in ("127.0.0.1", "localhost", "::1"):
+            err_console.print("[yellow]warning:[/] bound beyond this machine without a token "
+                              "(set FRAMECAST_DASHBOARD_TOKEN)", highlight=False)
+        board.serve()
+    except FramecastError as error:
+        fail(str(error))
+
+
 def main() -> None:
     """Entry point of the `framecast` console script."""
     app()
