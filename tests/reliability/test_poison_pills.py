@@ -354,12 +354,6 @@ def _recreate(kafka_settings: KafkaSettings, topic: str, delete: bool) -> None:
             time.sleep(0.5)
 
 
-@pytest.mark.xfail(
-    reason="seen 2026-12-01: after the labels topic was re-created, no label of the 20 frames "
-    "sent meanwhile arrived within 180 s (librdkafka seems to hold them until "
-    "message.timeout.ms, 300 s); under investigation",
-    strict=False,
-)
 @pytest.mark.timeout(420)
 def test_a_labels_topic_deleted_mid_stream_holds_the_commits_and_loses_no_frame(
     kafka_settings: KafkaSettings, reliability_app: str, figures: Record
