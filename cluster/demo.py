@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -29,6 +29,9 @@ from rich.table import Table
 from cluster import stack
 from cluster.cameras import CameraProcess
 from cluster.settings import FramecastSettings
+
+if TYPE_CHECKING:
+    from cluster.dashboard.process import DashboardProcess
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_optimized"
 WINDOW_S = 10.0  # the report's latency-over-time windows
@@ -206,6 +209,8 @@ def run_demo(
                 reader = _LabelReader(settings, bootstrap, names["labels"])
                 run.start()
                 reader.thread.start()
+                board = _dashboard(settings, bootstrap, names, config.group, console)
+                cleanup.callback(board.stop)
                 with console.status("the classifier joins its consumer group..."):
                     if not run.wait_assigned(timeout_s=120):
                         raise StreamsError("the classifier did not join its group in 120 s")
@@ -230,6 +235,11 @@ def run_demo(
                 produced = cameras_process.wait(timeout_s=60)
                 run.stop()
                 run.finish(timeout_s=60)
+                # The page as it was at the end, while the stack is still up.
+                shot = settings.home / "reports" / "demo" / "dashboard.png"
+                why_not = board.screenshot(shot)
+                report["dashboard"] = {"url": board.url, "screenshot": None if why_not else
+                                       shot.name, "note": why_not}
             time.sleep(0.5)
             reader.close()
             stats = reader.stats()
@@ -243,6 +253,25 @@ def run_demo(
     _write_report(out_dir, report, reader.latencies)
     _print_summary(console, report, out_dir)
     return report
+
+
+def _dashboard(
+    settings: FramecastSettings, bootstrap: str, names: dict[str, str], group: str,
+    console: Console,
+) -> DashboardProcess:
+    """`framecast dashboard` of this run's topics, in a process of its own (it prints why
+    not, and the demo goes on without it, if it cannot start)."""
+    from cluster.dashboard.process import DashboardProcess
+
+    serve = settings.serve
+    board = DashboardProcess(settings, bootstrap, names, classifier_group=group,
+                             serve_url=serve.http_url + serve.route_prefix.rstrip("/")).start()
+    if board.error is None:
+        console.print(f"  [green]dashboard[/] {board.url} (live while the demo runs)",
+                      highlight=False)
+    else:
+        console.print(f"  [yellow]dashboard not started[/]: {board.error}", highlight=False)
+    return board
 
 
 def _summarize(
@@ -338,7 +367,10 @@ def _write_report(out_dir: Path, report: dict[str, Any], latencies: list[float])
         f"| label throughput | {report.get('label_fps')} frames/s |\n"
         f"| total time | {report.get('seconds')} s |\n\n"
         "![latency histogram](latency_histogram.png)\n\n"
-        f"## Latency over the run ({WINDOW_S:g} s windows, by label time)\n\n"
+        + ("The dashboard (`framecast dashboard`) at the end of the run:\n\n"
+           "![dashboard](dashboard.png)\n\n"
+           if (report.get("dashboard") or {}).get("screenshot") else "")
+        + f"## Latency over the run ({WINDOW_S:g} s windows, by label time)\n\n"
         "| from (s) | frames | p50 (ms) | p99 (ms) |\n|---|---|---|---|\n"
         + "".join(
             f"| {w['from_s']:g} | {w['frames']} | {w['p50']} | {w['p99']} |\n" for w in windows

@@ -377,10 +377,14 @@ class DashboardState:
         chosen = [self.seconds[s] for s in range(now_s - seconds, now_s) if s in self.seconds]
         histogram = sum((b.histogram for b in chosen), np.zeros(_BINS, dtype=np.int64))
         frames = sum(b.labelled for b in chosen)
+        # A rate over the seconds since the first label, when that is less than the window
+        # (the page was just opened on a stream that just started).
+        first = min(self.seconds, default=now_s)
+        span = max(1, min(seconds, now_s - first))
         return {
             "seconds": seconds,
             "frames": frames,
-            "fps": round(frames / seconds, 2),
+            "fps": round(frames / span, 2),
             "dropped": sum(b.dropped for b in chosen),
             "p50_ms": percentile(histogram, 50),
             "p99_ms": percentile(histogram, 99),
@@ -390,7 +394,10 @@ class DashboardState:
         """Per-second charts over ``history_s``: total throughput and p50/p99 from the
         labels, and each consumer's fps/p99/lag from its aggregates at their seconds."""
         now_s = now_ns // 1_000_000_000
-        grid = list(range(now_s - self.history_s, now_s))
+        # From a little before the first label when that is within the history, so that a
+        # stream that just started fills the chart rather than a sliver at its right end.
+        first = min(self.seconds, default=now_s) - 10
+        grid = list(range(max(now_s - self.history_s, min(first, now_s - 60)), now_s))
         fps: list[int | None] = []
         p50: list[float | None] = []
         p99: list[float | None] = []

@@ -254,3 +254,15 @@ def test_raw_frames_are_rendered_as_images_and_images_pass_through() -> None:
     assert render_picture(jpeg) == (jpeg.data, "image/jpeg")
     assert render_picture(FrameRecord("cam-1", 0, T0, "raw", 28, 28, 1, b"short", None)) is None
     assert render_picture(FrameRecord("cam-1", 0, T0, "png", 0, 0, 0, b"<svg>", None)) is None
+
+
+def test_a_stream_that_just_started_fills_the_charts_and_its_rate_is_not_diluted() -> None:
+    state = DashboardState(history_s=300, window_s=60)
+    for second in range(10):
+        for k in range(8):
+            state.add_label(label(f"cam-{k}", second, T0 + second * S + k))
+    now = T0 + 10 * S
+    series = state.series(now)
+    assert len(series["t"]) == 60  # not 300 seconds, 290 of them empty
+    assert series["t"][0] <= T0 // S - 10
+    assert state.window(now, 60)["fps"] == 8.0  # 80 labels over the 10 s there were

@@ -128,9 +128,10 @@ function drawTables(s) {
     cell(row, fmt(c.dlq_total, 0), "num");
     cell(row, ago(c.at_ms, s.now_ms), c.stale ? "stale" : "");
   });
-  $("lag-group").textContent = s.lag.group ? `(group ${s.lag.group})` : "";
+  const topic = s.lag.partitions.length ? s.lag.partitions[0].topic : "";
+  $("lag-group").textContent = s.lag.group ? `group ${s.lag.group} on ${topic}` : "";
   fillTable("lag", s.lag.partitions, (row, p) => {
-    cell(row, `${p.topic}[${p.partition}]`);
+    cell(row, String(p.partition));
     cell(row, p.committed === null ? "none" : fmt(p.committed, 0), "num");
     cell(row, fmt(p.end, 0), "num");
     cell(row, p.lag === null ? "-" : fmt(p.lag, 0), "num");
@@ -249,7 +250,7 @@ function drawTiles(s) {
     entry.meta.textContent = `#${cam.frame_index ?? "-"} · ` +
       `${cam.score === null ? "" : (100 * cam.score).toFixed(0) + " % · "}` +
       `${cam.e2e_ms === null ? "-" : fmt(cam.e2e_ms) + " ms"} · ${fmt(cam.labelled, 0)} fr` +
-      (cam.accuracy === null ? "" : ` · acc ${(100 * cam.accuracy).toFixed(0)} %`);
+      (cam.accuracy === null ? "" : ` · acc ${(100 * cam.accuracy).toFixed(0)}%`);
     loadPicture(entry, cam);
     paint(entry);
   });
