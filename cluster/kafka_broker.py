@@ -362,8 +362,9 @@ class EmbeddedKafka:
                 self.stop()  # never leave a broker whose users or ACLs are not what was asked
                 raise
         # A broker that just (re)started loads its transaction coordinator before it hands
-        # out producer ids: ~1 s here, during which every idempotent producer (frames,
-        # labels) holds its records. Ready means ready for them too.
+        # out producer ids (a second or so: docs/BENCHMARKS.md), during which every
+        # idempotent producer (frames, labels) holds its records. Ready means ready for
+        # them too.
         if not producer_ids_available(
             self.rdkafka_config(), min(30.0, max(1.0, deadline - time.monotonic()))
         ):

@@ -120,12 +120,11 @@ def _flat_head(inputs: Any, x: Any, num_classes: int, name: str) -> keras.Model:
 def stream_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """The stream CNN: a 2x2 stride-2 "patchify" stem (16 at 14x14), 32 at 14x14, pool,
     64 at 7x7, flatten: ~1.85 M MACs (a tenth), for streams of thousands of frames per second
-    on a few cores, where the int8 optimized_cnn (~0.5 ms per image per core) would need
-    every core for inference alone.
+    on a few cores, where the int8 optimized_cnn would need every core for inference alone.
 
-    The stem replaces a 3x3 conv of 16 at full resolution and a pool: in XNNPACK int8 (batch
-    512, one thread, random weights) the network with those took 106 us per image, with the
-    stem 62.
+    The stem replaces a 3x3 conv of 16 at full resolution and a pool, which in XNNPACK int8
+    took nearly twice the time per image (docs/BENCHMARKS.md, "Figures behind choices in the
+    code").
     """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")

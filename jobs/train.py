@@ -65,8 +65,8 @@ def _lr_schedule(config: TrainConfig, total_steps: int) -> Any:
 def _strategy(tf: Any, world: int) -> Any:
     """MultiWorkerMirroredStrategy across workers (Ray Train sets ``TF_CONFIG``); one worker
     uses MirroredStrategy over its GPUs, or none: with one worker MultiWorkerMirroredStrategy
-    only adds collective all-reduces of every gradient, measured at +38-57 % per step on 2
-    CPU cores (optimized_cnn, 224 -> 351 ms per 128-image step: ``python -m jobs.step_timing``)."""
+    only adds collective all-reduces of every gradient, which made each step much slower on
+    2 CPU cores (``python -m jobs.step_timing``; the figures are in docs/training.md)."""
     if world > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
@@ -218,10 +218,10 @@ def _ray_init(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # oneDNN kernels, which TensorFlow leaves off on CPUs like this project's (AMD EPYC,
-    # AVX2): training steps run 1.2-1.7x faster with them (jobs.step_timing,
-    # docs/training.md). For the job's workers only, not the driver: at batch 1 on one thread
-    # (evaluate, serving) they made the float SavedModel slower. It must be in the workers'
+    # oneDNN kernels, which TensorFlow leaves off on CPUs like this project's (AMD EPYC):
+    # training steps run faster with them (jobs.step_timing; figures in docs/training.md).
+    # For the job's workers only, not the driver: at batch 1 on one thread (evaluate,
+    # serving) they made the float SavedModel slower. It must be in the workers'
     # environment at start: Ray Train imports TensorFlow before the training loop runs.
     runtime_env = {"env_vars": {ONEDNN_ENV: os.environ.get(ONEDNN_ENV, "1")}}
     address = os.environ.get("RAY_ADDRESS")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from serving.exceptions import FrameSchemaError
+from serving.exceptions import FrameSchemaError as FrameSchemaError  # re-exported
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 # What one message may decode to. Arrow IPC may compress its buffers (LZ4/ZSTD): 8 kB on the
@@ -79,8 +79,8 @@ class FrameRecord:
         )
 
     def __reduce__(self) -> tuple[type[FrameRecord], tuple[object, ...]]:
-        # Plain positional pickling: ~3x faster than a slots dataclass's default (thousands
-        # of frames per second cross to Serve replicas this way).
+        # Plain positional pickling: several times faster than a slots dataclass's default
+        # (docs/BENCHMARKS.md), and thousands of frames a second cross to replicas this way.
         return (FrameRecord, self.row())
 
 
@@ -96,13 +96,13 @@ def encode_frames(frames: Sequence[FrameRecord]) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, FRAME_SCHEMA) as writer:
         writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def warm_up() -> None:
     """Encode and decode one frame, so that the first real one does not pay for what pyarrow
-    loads on first use (~0.3 s here: a camera's first frame was that late, and the cameras
-    then caught up in a burst)."""
+    loads on first use (a camera's first frame was that late, and the cameras then caught up
+    in a burst; docs/BENCHMARKS.md)."""
     frame = FrameRecord("warm-up", 0, 0, "raw", 1, 1, 1, b"\x00", None)
     decode_frames(encode_frames([frame]))
 
@@ -280,7 +280,7 @@ def _row_ipc(batch: pa.RecordBatch, r: int) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, FRAME_SCHEMA) as writer:
         writer.write_batch(batch.slice(r, 1))
-    return sink.getvalue().to_pybytes()
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def decode_frames(payload: bytes, max_decoded_bytes: int = MAX_DECODED_BYTES) -> list[FrameRecord]:

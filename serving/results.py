@@ -6,7 +6,8 @@ others of its batch their labels. The HTTP API writes the same objects as JSON (
 response: ``{class_id, label, score, topk, model, inference_ms}``, or ``{error, detail}``).
 
 Both pickle as plain tuples (``__reduce__``): thousands of results a second cross from the
-replicas to the stream classifier, and a slots dataclass's default pickling costs ~3x more.
+replicas to the stream classifier, and a slots dataclass's default pickling costs several
+times more (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ def serve_classify_fn(
     themselves come back as per-frame ``FrameError`` answers, not exceptions.
 
     ``transport="grpc"`` sends each call straight to a replica's gRPC server (frames and
-    results pickled); ``"actor"`` uses Ray actor calls with results by reference.
-    Measured on 2 cores (2 frames a call): 4.0 vs 8.4 ms of CPU per call, caller and replica
-    together - at hundreds of calls a second that is most of a core. A replica's gRPC server
+    results pickled); ``"actor"`` uses Ray actor calls with results by reference, which
+    cost about twice the CPU per call (docs/BENCHMARKS.md, "Figures behind choices in the
+    code") - at hundreds of calls a second that is most of a core. A replica's gRPC server
     takes messages of up to 4 MiB (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``), so a
     batch with more frame data than ``GRPC_MAX_FRAME_BYTES`` goes as an actor call (through
     the object store), whatever the transport.
@@ -73,4 +73,5 @@ class ServeClassify:
 
     def close(self) -> None:
         """Stop the handle's router (it is shared by both transports)."""
-        self._handle.shutdown()
+        handle: Any = self._handle  # shutdown() has no annotations
+        handle.shutdown()

@@ -205,8 +205,8 @@ def bench_pipeline(
         deploy(artifact, serve_settings, address=None, namespace=settings.ray.namespace)
         settings = settings.model_copy(update={"serve": serve_settings})
         # Not measured: the broker's JVM compiles its hot paths in the first seconds of load
-        # (on a freshly started stack the first 20 s run had p99 225 ms, the next ones 52, 43
-        # and 26 ms), and Serve's router, the replica and the clients warm up too.
+        # (a freshly started stack's first run has a p99 several times the later runs':
+        # docs/BENCHMARKS.md), and Serve's router, the replica and the clients warm up too.
         warm_cameras, warm_fps = loads[-1]
         warmup = _pipeline_run(
             settings, bootstrap, cameras=warm_cameras, fps=warm_fps,
