@@ -307,7 +307,7 @@ def topics_describe(
 # default and help come from there, and `submit train` takes the same flags. The fields left
 # out are set by callers (tests, `report paper`), not by people.
 TRAIN_FLAGS = ConfigFlags(
-    TrainConfig, "train", exclude=("fail_after_epoch", "storage_path", "run_name")
+    TrainConfig, "train", exclude=("storage_path", "run_name")
 )
 
 

@@ -92,9 +92,6 @@ class TrainConfig(BaseModel):
                                   "HOME/train/<run>/checkpoint_*) instead of training; pass "
                                   "that run's options.")
     # -- set by callers, not by flags (cluster/cli.py leaves them off the command line)
-    fail_after_epoch: PositiveInt | None = Field(
-        default=None, description="Testing: raise in every worker after reporting this epoch, "
-                                  "once (not after a resume).")
     storage_path: str | None = Field(
         default=None, description="Ray Train storage (default: HOME/train).")
     run_name: str | None = Field(

@@ -105,6 +105,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
 
     config = TrainConfig.model_validate(raw_config["config"])
     progress_actor = raw_config.get("progress")
+    fail_after_epoch: int | None = raw_config.get("fail_after_epoch")
     from jobs.tf_env import keras, tf
 
     tf.get_logger().setLevel("ERROR")
@@ -199,8 +200,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             shutil.rmtree(directory, ignore_errors=True)
             if stop:
                 self.model.stop_training = True
-            if (config.fail_after_epoch is not None and not resumed
-                    and epoch + 1 == config.fail_after_epoch):
+            if (fail_after_epoch is not None and not resumed
+                    and epoch + 1 == fail_after_epoch):
                 raise RuntimeError(f"injected worker failure after epoch {epoch + 1} "
                                    f"(rank {rank} of {world})")
 
@@ -255,8 +256,13 @@ def _progress_actor_class() -> Any:
 
 
 def run_ray_training(config: TrainConfig,
-                     on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    """Run the TensorflowTrainer; return the Ray Train Result (with the final checkpoint)."""
+                     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                     fail_after_epoch: int | None = None) -> Any:
+    """Run the TensorflowTrainer; return the Ray Train Result (with the final checkpoint).
+
+    ``fail_after_epoch`` injects a failure: every worker raises after reporting that epoch,
+    once (not after the resume) - the fault-tolerance tests' hook, kept out of TrainConfig.
+    """
     import threading
 
     import ray
@@ -278,7 +284,8 @@ def run_ray_training(config: TrainConfig,
     name = config.run_name or f"{config.model}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(), "progress": board},
+        train_loop_config={"config": config.model_dump(), "progress": board,
+                           "fail_after_epoch": fail_after_epoch},
         scaling_config=ScalingConfig(num_workers=config.workers,
                                      use_gpu=config.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -335,8 +342,10 @@ def restore_trained_model(config: TrainConfig, checkpoint_dir: Path, input_shape
 
 def train_artifact(config: TrainConfig,
                    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                   on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train, prune, export and evaluate; write the artifact directory; return its metrics."""
+                   on_stage: Callable[[str], None] | None = None,
+                   fail_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train, prune, export and evaluate; write the artifact directory; return its metrics
+    (``fail_after_epoch``: see run_ray_training)."""
     validate_config(config)
     stage = on_stage or (lambda _message: None)
     from jobs.data import array_sha256, calibration_sample, load_dataset, split_train_val
@@ -357,7 +366,7 @@ def train_artifact(config: TrainConfig,
         clock = time.perf_counter()
         stage(f"training {config.model} on {config.dataset} ({len(y_train)} images, "
               f"{config.workers} worker(s))")
-        result = run_ray_training(config, on_epoch=on_epoch)
+        result = run_ray_training(config, on_epoch=on_epoch, fail_after_epoch=fail_after_epoch)
         train_seconds = time.perf_counter() - clock
         finished = datetime.now(UTC)
         checkpoint_source = result.checkpoint.as_directory()

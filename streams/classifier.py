@@ -16,13 +16,11 @@ threads, outside the interpreter lock. Rebalance callbacks run on this loop's th
 ``poll``): partitions being revoked are drained and committed first, so their next owner
 starts where this member stopped.
 
-Serve failures: when Serve has no replica for us now (backpressure, unavailable) the member
-pauses its partitions and retries the same frames with bounded exponential backoff, polling
-meanwhile so it stays in the group, for at most ``serve_give_up_s``. When a call fails while
-a replica ran it (the replica raised, died or timed out) it counts against those frames:
-after ``serve_max_attempts`` the batch is split in halves to isolate the frame that breaks
-it, and a frame that fails alone goes to the DLQ (``replica_error``). Memory stays bounded by
-``max_in_flight`` batches, and no frame is skipped.
+Serve failures are :mod:`streams.serve_calls`'s: retried while Serve has no replica for us
+(for at most ``serve_give_up_s``), and isolated down to the one frame that breaks a replica
+(``replica_error`` in the DLQ). While it waits, the member pauses its partitions and polls,
+so it stays in its group. Memory stays bounded by ``max_in_flight`` batches, and no frame is
+skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import gc
 import logging
 import operator
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -57,6 +54,7 @@ from streams.exceptions import KafkaConnectionError, StreamsError
 from streams.latency import LatencyWindow
 from streams.output import Output
 from streams.parsing import ParseLimits, Source, kafka_timestamp_ns, parse_message
+from streams.serve_calls import ClassifyFn, Interrupted, ServeCalls
 from streams.sinks import ParquetSink
 
 __all__ = [
@@ -85,22 +83,12 @@ LABELLED = FRAMES.labels(outcome="labelled")
 DROPPED = FRAMES.labels(outcome="dropped_deadline")
 DEAD = FRAMES.labels(outcome="dlq")
 LAG = Gauge("framecast_stream_lag", "Consumer lag over the assigned partitions.")
-RETRIES = Counter("framecast_stream_serve_retries_total", "Serve calls retried.", ["reason"])
 # Message.headers() through a C-level call: confluent-kafka 2.16 returns a list *with an
 # exception set* for a header key that is not UTF-8. A hot call site of the method is
 # specialized by the interpreter and skips the check that turns this into an error, which
 # then surfaced at a later, unrelated call (a SystemError that stopped the loop);
 # methodcaller's call makes the check, so the error is raised here.
 _read_headers = operator.methodcaller("headers")
-
-
-ClassifyFn = Callable[[list[FrameRecord]], Any]
-"""Sends frames to Serve; returns an object whose ``result(timeout_s=...)`` gives one
-:data:`serving.results.FrameAnswer` per frame (and ``cancel()``)."""
-
-
-class _Abandoned(Exception):
-    """The work in hand was given up (its partitions were taken away while it waited)."""
 
 
 class StreamClassifier:
@@ -115,8 +103,16 @@ class StreamClassifier:
         retriable: tuple[type[BaseException], ...],
     ) -> None:
         self.config = config
-        self.classify = classify
-        self.retriable = retriable  # "Serve has no replica for us now": not the frames' fault
+        self.serve = ServeCalls(
+            classify,
+            retriable,
+            timeout_s=config.serve_timeout_s,
+            max_attempts=config.serve_max_attempts,
+            give_up_s=config.serve_give_up_s,
+            backoff_max_s=config.backoff_max_s,
+            keep_alive=self._keep_alive,
+            answered=self._resume,
+        )
         client = {**kafka.rdkafka_config(bootstrap), **rdkafka_callbacks(log)}
         self.exactly_once = config.guarantee == "exactly-once"
         self.consumer = Consumer(
@@ -269,7 +265,7 @@ class StreamClassifier:
                 messages = self._poll(self._wait_s())
                 if messages:
                     last_input = time.monotonic()
-                with contextlib.suppress(_Abandoned):
+                with contextlib.suppress(Interrupted):
                     self._step(messages)
                 if self.config.max_frames and self._handled() >= self.config.max_frames:
                     break
@@ -302,7 +298,7 @@ class StreamClassifier:
             self._submit(self.batcher.cut())
         # Label what Serve has answered, oldest first, without waiting for the rest:
         # polling goes on meanwhile, so frames do not wait in the broker for a slow call.
-        while self.pending and self._answered(self.pending[0]):
+        while self.pending and self.serve.done(self.pending[0]):
             self._complete(self.pending.popleft())
         self.output.poll()  # delivery reports of failed sends
         if self.checkpoint.due():
@@ -354,7 +350,7 @@ class StreamClassifier:
                 self._submit(self.batcher.cut(), wait=False)
             while self.pending:
                 self._complete(self.pending.popleft())
-        except _Abandoned:
+        except Interrupted:
             return
         self._commit(reason)
 
@@ -440,114 +436,8 @@ class StreamClassifier:
         (that is what bounds memory and Serve's queue)."""
         while wait and len(self.pending) >= self.config.max_in_flight:
             self._complete(self.pending.popleft())
-        frames = batch.frames
-        batch.submitted_ns = time.time_ns()
-        if frames:
-            try:
-                batch.response = self.classify(frames)
-            except Exception as error:
-                log.warning("Serve call not sent (%s: %s)", type(error).__name__, error)
-                batch.response = None
+        self.serve.send(batch)
         self.pending.append(batch)
-
-    def _answered(self, batch: Batch) -> bool:
-        """Whether the batch's Serve call has finished, without waiting (a failed call has:
-        ``_answers`` deals with it)."""
-        if batch.response is None or batch.results is not None:
-            return True
-        try:
-            batch.results = list(batch.response.result(timeout_s=0))
-        except TimeoutError:  # not yet (Ray's GetTimeoutError is a TimeoutError too)
-            return False
-        except Exception:
-            return True
-        return True
-
-    def _answers(self, batch: Batch) -> list[FrameAnswer]:
-        """One answer per frame of the batch, retrying and isolating as the module says."""
-        frames = batch.frames
-        if not frames:
-            return []
-        if batch.results is not None and len(batch.results) == len(frames):
-            self._resume()
-            return batch.results
-        response = batch.response if batch.results is None else None
-        return self._call(frames, response, batch)
-
-    def _call(self, frames: list[FrameRecord], response: Any, batch: Batch) -> list[FrameAnswer]:
-        attempts, delay = 0, 0.05
-        unavailable_since: float | None = None
-        while True:
-            try:
-                if response is None:
-                    batch.submitted_ns = time.time_ns()
-                    response = self.classify(frames)
-                answers = list(self._result(response))
-                if len(answers) != len(frames):
-                    raise StreamsError(f"Serve answered {len(answers)} of {len(frames)} frames")
-                self._resume()
-                return answers
-            except _Abandoned:
-                raise
-            except self.retriable as error:
-                # Serve has no replica for us now: not these frames' fault. Wait and retry.
-                response = None
-                unavailable_since = unavailable_since or time.monotonic()
-                give_up = self.config.serve_give_up_s
-                if give_up is not None and time.monotonic() - unavailable_since > give_up:
-                    raise StreamsError(
-                        f"Serve has had no replica for this classifier for {give_up:g}s "
-                        f"({type(error).__name__}: {str(error)[:200]}); stopping without "
-                        "committing past the frames in hand"
-                    ) from None
-                self._retry_wait("unavailable", error, delay)
-            except Exception as error:
-                response = None
-                attempts += 1
-                if attempts < self.config.serve_max_attempts:
-                    # At least 0.5 s: a replica that died is replaced meanwhile, and the
-                    # frames are not blamed for its death within a few milliseconds.
-                    self._retry_wait("failed", error, max(delay, 0.5))
-                elif len(frames) == 1:
-                    detail = f"{type(error).__name__}: {str(error)[:500]}"
-                    log.error("a frame failed %d Serve calls alone; to the DLQ: %s",
-                              attempts, detail)
-                    return [FrameError("replica_error", detail, "ServeError")]
-                else:
-                    half = len(frames) // 2
-                    log.warning(
-                        "%d frames failed %d Serve calls (%s); splitting them to isolate the "
-                        "frame that breaks them", len(frames), attempts, type(error).__name__
-                    )
-                    return self._call(frames[:half], None, batch) + self._call(
-                        frames[half:], None, batch
-                    )
-            delay = min(delay * 2, self.config.backoff_max_s)
-
-    def _retry_wait(self, why: str, error: BaseException, delay: float) -> None:
-        RETRIES.labels(reason=type(error).__name__).inc()
-        log.warning("Serve call %s (%s: %s); retrying in %.2fs", why, type(error).__name__,
-                    str(error)[:200], delay)
-        until = time.monotonic() + delay
-        while time.monotonic() < until:
-            self._keep_alive(min(0.2, max(0.0, until - time.monotonic())))
-
-    def _result(self, response: Any) -> list[FrameAnswer]:
-        """The call's answer, waiting at most serve_timeout_s (then it is cancelled, so it
-        does not go on running while its frames are sent again)."""
-        deadline = time.monotonic() + self.config.serve_timeout_s
-        while True:
-            try:
-                wait_s = min(0.5, max(0.0, deadline - time.monotonic()))
-                return cast(list[FrameAnswer], response.result(timeout_s=wait_s))
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    with contextlib.suppress(Exception):
-                        response.cancel()
-                    raise _CallTimeout(
-                        f"no answer within serve_timeout_s={self.config.serve_timeout_s:g}"
-                    ) from None
-                self._keep_alive(0.0)
 
     def _keep_alive(self, wait_s: float) -> None:
         """Wait while staying in the group: partitions paused (nothing is fetched), the
@@ -569,7 +459,7 @@ class StreamClassifier:
                                message.offset() or 0)
             )
         if self.epoch != epoch:
-            raise _Abandoned
+            raise Interrupted
 
     def _resume(self) -> None:
         if self.paused:
@@ -578,7 +468,7 @@ class StreamClassifier:
             self.paused = False
 
     def _complete(self, batch: Batch) -> None:
-        answers = iter(self._answers(batch))
+        answers = iter(self.serve.answers(batch))
         done_ns = time.time_ns()
         self.output.begin()
         window = self.window
@@ -727,7 +617,3 @@ class StreamClassifier:
             self.consumer.close()
             if self.sink:
                 self.sink.close()
-
-
-class _CallTimeout(Exception):
-    """A Serve call that did not answer within serve_timeout_s."""

@@ -57,12 +57,11 @@ def artifact(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple
         quantize="int8",
         batch_size=32,
         max_failures=1,
-        fail_after_epoch=1,
         storage_path=str(root / "ray"),
         augment=False,
     )
     epochs: list[dict] = []
-    metrics = train_artifact(config, on_epoch=epochs.append)
+    metrics = train_artifact(config, on_epoch=epochs.append, fail_after_epoch=1)
     return Path(config.out), {"metrics": metrics, "epochs": epochs}
 
 

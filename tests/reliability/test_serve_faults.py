@@ -12,20 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from ray import serve
 
+from serving.app import app
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
+from serving.config import ServeSettings
 from serving.deploy import deploy
-from streams.classifier import RETRIES
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
+from serving.results import ClassifyResult, FrameError
+from streams.serve_calls import RETRIES
 from streams.config import KafkaSettings
-from tests.reliability.conftest import Record, Replicas, reliability_settings
+from tests.reliability.conftest import Record, Replicas, peak_rss_mb, reliability_settings
 from tests.streaming import (
     BackgroundClassifier,
     Feeder,
     LabelProbe,
     classifier,
+    frame,
     labels_of,
     read_topic,
     stop_when_labelled,

@@ -30,7 +30,7 @@ def test_every_flag_is_a_field_and_defaults_to_unset() -> None:
     options = {p.name: p for p in _train_command().params if p.name != "help"}
     assert set(options) == set(TRAIN_FLAGS.fields)
     assert set(TrainConfig.model_fields) - set(options) == {
-        "fail_after_epoch", "storage_path", "run_name"}
+        "storage_path", "run_name"}
     for name, option in options.items():
         assert option.default is None, name  # the model's default applies, not the flag's
         assert option.required == TrainConfig.model_fields[name].is_required(), name
