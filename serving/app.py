@@ -7,28 +7,46 @@ Two ways in:
 - HTTP ``POST /classify`` (one JPEG/PNG, or an Arrow IPC stream of frames), ``GET /healthz``;
 - the handle method ``classify_frames`` (many frames per call), which the stream classifier
   uses: one call per micro-batch, per-frame errors instead of a failed call.
+
+No input stops a replica or grows it without bound: a call is cut at ``max_call_frames``
+frames and ``max_call_bytes`` bytes (the rest answered ``FrameError``) and decoded and run
+``max_batch_size`` frames at a time; an HTTP body is read up to ``MAX_REQUEST_BYTES`` whether
+or not it declares its length; HTTP requests hold at most ``http_max_ongoing_requests`` of a
+replica's slots (the rest stay for the stream's handle calls) for at most
+``http_request_timeout_s``; decoding runs in worker threads, never on the event loop.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the real annotations of the
 # ingress methods (``request: Request``) after Serve has serialized the class.
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
+from starlette.requests import ClientDisconnect
 
 from serving.artifacts import ArtifactError, LoadedArtifact, load_artifact
 from serving.config import ServeSettings
-from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, FrameSchemaError, decode_frames
+from serving.frames import (
+    ARROW_CONTENT_TYPE,
+    FrameRecord,
+    FrameSchemaError,
+    RowError,
+    decode_frame_rows,
+)
 from serving.preprocess import (
     CONTENT_TYPES,
     DecodeLimits,
@@ -38,7 +56,7 @@ from serving.preprocess import (
     to_model_input,
 )
 from serving.results import ClassifyResult, FrameAnswer, FrameError
-from serving.runtimes import ModelRuntime, select_runtime
+from serving.runtimes import HealthSample, ModelRuntime, select_runtime
 
 log = logging.getLogger("ray.serve")
 
@@ -48,23 +66,33 @@ _STATUS_BY_REASON = {
     "bad_arrow": 400,
     "bad_dimensions": 422,
     "too_large": 413,
+    "too_many_frames": 413,
     "too_many_pixels": 413,
     "unsupported_format": 415,
 }
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 TOPK = 3
+TOKEN_ENV = "FRAMECAST_SERVE_HTTP_TOKEN"  # noqa: S105 - a variable name, not a token
 
-http = FastAPI(title="framecast", description="Video-frame classification")
+# No /docs, /redoc or /openapi.json unless serve.http_docs: the routes below serve them then.
+http = FastAPI(
+    title="framecast",
+    description="Video-frame classification",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 class LoadedModel:
     """An artifact and the runtime that runs it, swapped as one unit on reconfigure."""
 
     def __init__(self, artifact: LoadedArtifact, runtime: ModelRuntime) -> None:
-        self.artifact = artifact
+        self.artifact = artifact.model_copy(update={"contents": {}})  # the runtime has them
         self.runtime = runtime
         manifest = artifact.manifest
         self.classes = list(manifest.classes)
+        self.health = HealthSample(runtime, len(self.classes))  # runs the model once
         primary = manifest.files.get(manifest.primary)
         self.info = {
             "name": manifest.name,
@@ -99,18 +127,29 @@ class LoadedModel:
         return out
 
 
-def _canary(model: LoadedModel) -> None:
-    h, w, c = model.runtime.input_hwc
-    probs = model.runtime.predict(np.full((1, h, w, c), 0.5, dtype=np.float32))
-    if probs.shape != (1, len(model.classes)) or not np.all(np.isfinite(probs)):
-        raise RuntimeError(
-            f"canary inference returned shape {probs.shape}, expected "
-            f"(1, {len(model.classes)}) finite scores"
-        )
+def _error(
+    status: int,
+    reason: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": reason, "detail": detail, **extra}, status_code=status, headers=headers
+    )
 
 
-def _error(status: int, reason: str, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail, **extra}, status_code=status)
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def token_verifier(token: str) -> tuple[str, str]:
+    """(salt, HMAC-SHA256 of the token under it), hex: what replicas get instead of the token."""
+    salt = secrets.token_hex(16)
+    return salt, _token_mac(salt, token.encode())
+
+
+def _token_mac(salt: str, token: bytes) -> str:
+    return hmac.new(bytes.fromhex(salt), token, hashlib.sha256).hexdigest()
 
 
 class ReplicaConfig(BaseModel):
@@ -128,6 +167,16 @@ class ReplicaConfig(BaseModel):
     )
     niceness: int | None = Field(
         default=None, ge=-20, le=19, description="Niceness of the replica's threads."
+    )
+    max_call_frames: PositiveInt = Field(default=4096, description="Frames per call.")
+    max_call_bytes: PositiveInt = Field(default=64 * 1024 * 1024, description="Bytes per call.")
+    http_request_timeout_s: PositiveFloat = Field(default=30.0, description="HTTP time limit.")
+    http_max_ongoing_requests: PositiveInt = Field(default=4, description="HTTP requests at once.")
+    http_docs: bool = Field(default=False, description="Serve /docs and /openapi.json.")
+    # Never the token itself: user_config shows in `serve status` details and the dashboard.
+    http_token_salt: str | None = Field(default=None, description="Salt of the token's HMAC.")
+    http_token_hmac: str | None = Field(
+        default=None, description="HMAC-SHA256 of the bearer token (unset: no token needed)."
     )
 
 
@@ -150,6 +199,48 @@ def set_niceness(niceness: int) -> bool:
     return True
 
 
+async def _read_body(request: Request) -> bytes | JSONResponse:
+    """The body, read up to MAX_REQUEST_BYTES whether or not it declares its length (a
+    chunked body is counted as it arrives and refused once over: 413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            return _error(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > MAX_REQUEST_BYTES:
+            return _error(413, "too_large", f"body of {declared} bytes > {MAX_REQUEST_BYTES}")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > MAX_REQUEST_BYTES:
+                return _error(
+                    413, "too_large", f"body over {MAX_REQUEST_BYTES} bytes: stopped reading"
+                )
+            body += chunk
+    except ClientDisconnect:
+        return _error(400, "client_disconnected", "the client went away mid-body")
+    # Decoders take any buffer: no copy of up to 64 MiB into bytes.
+    return cast(bytes, body)
+
+
+def _decode_arrow(body: bytes, max_rows: int) -> list[FrameRecord]:
+    """The frames of an Arrow body (FrameSchemaError when any row is not a frame)."""
+    frames: list[FrameRecord] = []
+    for row in decode_frame_rows(body, max_rows=max_rows):
+        if isinstance(row, RowError):
+            raise FrameSchemaError(f"row {row.row}: {row.detail}")
+        frames.append(row)
+    return frames
+
+
+def _image_input(
+    body: bytes, encoding: str, limits: DecodeLimits, hwc: tuple[int, int, int]
+) -> np.ndarray:
+    """One JPEG/PNG body as model input (in a worker thread: decoding takes milliseconds)."""
+    return to_model_input(decode_image(body, encoding, limits), *hwc)
+
+
+# Module functions the class uses are defined above it: serve.ingress pickles the class
+# when it is decorated, with the globals that exist then.
 @serve.deployment(
     name="Classifier",
     health_check_period_s=10,
@@ -163,11 +254,14 @@ class Classifier:
     def __init__(self) -> None:
         import ray
 
-        resources = ray.get_runtime_context().get_assigned_resources()
+        context: Any = ray.get_runtime_context()  # untyped in Ray
+        resources = context.get_assigned_resources()
         self.num_gpus = float(resources.get("GPU", 0.0))
         self.num_threads = max(1, int(resources.get("CPU", 1.0)))
         self.model: LoadedModel | None = None
         self.config: ReplicaConfig | None = None
+        self.update_refused: str | None = None  # why the last new artifact was not loaded
+        self.http_ongoing = 0  # HTTP requests in progress (all on the replica's event loop)
         self.limits = DecodeLimits()
         self.frames = Counter(
             "framecast_frames_total", "Frames classified or refused.", tag_keys=("outcome",)
@@ -188,7 +282,13 @@ class Classifier:
 
     # -- life cycle -------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a new user_config; a new artifact_dir hot-swaps the model."""
+        """Apply a new user_config; a new artifact_dir hot-swaps the model.
+
+        A new artifact is verified like the first one (every checksum, then the health
+        sample). One that fails keeps the old model serving: raising here would have Serve
+        replace this replica, and its replacement could load nothing. The refusal is logged
+        and shown by /healthz (``update_refused``) until a good artifact is configured.
+        """
         config = ReplicaConfig.model_validate(user_config)
         old = self.config
         if (
@@ -196,15 +296,34 @@ class Classifier:
             or config.artifact_dir != old.artifact_dir
             or config.gpu_precision != old.gpu_precision
         ):
-            model = self._load(config.artifact_dir, config.gpu_precision)
-            self.model = model  # one assignment: in-flight calls keep the model they started with
-            log.info(
-                "serving %s %s (%s, %s)",
-                model.info["name"],
-                model.info["version"],
-                model.info["runtime"],
-                model.info["precision"],
-            )
+            try:
+                model = self._load(config.artifact_dir, config.gpu_precision)
+            except Exception as error:  # whatever failed, a serving model keeps serving
+                if old is None or self.model is None:
+                    raise
+                self.update_refused = f"{config.artifact_dir}: {error}"
+                log.error(
+                    "refused to swap in %s, still serving %s %s: %s",
+                    config.artifact_dir,
+                    self.model.info["name"],
+                    self.model.info["version"],
+                    error,
+                )
+                config = config.model_copy(
+                    update={"artifact_dir": old.artifact_dir, "gpu_precision": old.gpu_precision}
+                )
+            else:
+                self.model = model  # one assignment: in-flight calls keep the model they had
+                self.update_refused = None
+                log.info(
+                    "serving %s %s (%s, %s)",
+                    model.info["name"],
+                    model.info["version"],
+                    model.info["runtime"],
+                    model.info["precision"],
+                )
+        else:  # the config names the model being served: nothing refused any more
+            self.update_refused = None
         if config.niceness is not None and (old is None or old.niceness != config.niceness):
             set_niceness(config.niceness)
         self.limits = DecodeLimits(
@@ -216,28 +335,31 @@ class Classifier:
         self.config = config
 
     def _load(self, artifact_dir: str, gpu_precision: str) -> LoadedModel:
-        artifact = load_artifact(artifact_dir)  # verifies every checksum
-        runtime = select_runtime(
+        artifact = load_artifact(artifact_dir)  # reads and verifies every file once
+        runtime = select_runtime(  # from the verified bytes, not from the directory again
             artifact,
             num_gpus=self.num_gpus,
             num_threads=self.num_threads,
             gpu_precision=gpu_precision,
         )
-        model = LoadedModel(artifact, runtime)
-        _canary(model)
-        return model
+        return LoadedModel(artifact, runtime)  # records the health sample's answer
 
     def check_health(self) -> None:
-        """Serve's health check: a canary inference must succeed."""
+        """Serve's health check: the model answers the health sample as it did at load."""
         if self.model is None:
             raise RuntimeError("no model loaded (user_config.artifact_dir missing?)")
-        _canary(self.model)
+        self.model.health.check(self.model.runtime)
 
     # -- inference --------------------------------------------------------------------------
     def _require_model(self) -> LoadedModel:
         if self.model is None:
             raise RuntimeError("no model loaded")
         return self.model
+
+    def _require_config(self) -> ReplicaConfig:
+        if self.config is None:
+            raise RuntimeError("no user_config applied")
+        return self.config
 
     def _predict(self, model: LoadedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
@@ -273,51 +395,152 @@ class Classifier:
         self, frames: list[FrameRecord], topk: bool = True
     ) -> list[FrameAnswer]:
         """Classify many frames in one call: a ClassifyResult per frame, or a FrameError for
-        a bad one (no exception).
+        a bad one (no exception), including the frames past ``max_call_frames`` or
+        ``max_call_bytes`` (``too_many_frames``, ``too_large``).
 
         ``topk=False`` leaves each result's ``topk`` list out (less to serialize per frame).
         """
         model = self._require_model()
+        config = self._require_config()
         # One hop to a worker thread for decoding and inference together: a hop costs as
         # much as decoding a few frames, and a stream sends hundreds of calls a second.
-        results, good = await asyncio.to_thread(self._classify, model, frames, topk)
+        results, good = await asyncio.to_thread(self._classify, model, config, frames, topk)
         if good:  # Ray metrics refuse an increment of zero
             self.frames.inc(good, tags={"outcome": "classified"})
         if len(frames) > good:
             self.frames.inc(len(frames) - good, tags={"outcome": "refused"})
         return results
 
+    def _admit(
+        self, config: ReplicaConfig, frames: list[FrameRecord], answers: list[Any]
+    ) -> list[int]:
+        """Indices of the frames within the call's bounds; the others get their FrameError."""
+        admitted: list[int] = []
+        total = 0
+        for i, frame in enumerate(frames):
+            total += len(frame.data)
+            if i >= config.max_call_frames:
+                answers[i] = FrameError(
+                    "too_many_frames",
+                    f"frame {i} of a call of {len(frames)}: over the limit of "
+                    f"{config.max_call_frames} frames per call",
+                )
+            elif total > config.max_call_bytes:
+                answers[i] = FrameError(
+                    "too_large",
+                    f"frame {i}: the call's frames reach {total} bytes, over the limit of "
+                    f"{config.max_call_bytes} bytes per call",
+                )
+            else:
+                admitted.append(i)
+                continue
+            self.errors.inc(tags={"reason": answers[i].reason})
+        return admitted
+
     def _classify(
-        self, model: LoadedModel, frames: list[FrameRecord], topk: bool
+        self, model: LoadedModel, config: ReplicaConfig, frames: list[FrameRecord], topk: bool
     ) -> tuple[list[FrameAnswer], int]:
-        """(one answer per frame, how many frames were classified) - in a worker thread."""
-        tensors, errors = self._prepare(model, frames)
-        good = [i for i, t in enumerate(tensors) if t is not None]
-        results: list[Any] = list(errors)  # the good ones' None is replaced below
-        if good:
-            batch = np.stack([tensors[i] for i in good])  # type: ignore[misc]
-            probs, ms = self._predict(model, batch)
-            for i, result in zip(good, model.results(probs, ms, topk), strict=True):
-                results[i] = result
-        return results, len(good)
+        """(one answer per frame, how many frames were classified) - in a worker thread.
+
+        Frames are decoded and run ``max_batch_size`` at a time: the decoded tensors of a
+        call never exceed one chunk (a 1024-frame call of 224x224x3 float32 would be 600 MB
+        at once), and only one frame is ever decoded at full size.
+        """
+        answers: list[Any] = [None] * len(frames)  # every None is replaced below
+        admitted = self._admit(config, frames, answers)
+        classified = 0
+        for start in range(0, len(admitted), config.max_batch_size):
+            chunk = admitted[start : start + config.max_batch_size]
+            tensors, errors = self._prepare(model, [frames[i] for i in chunk])
+            good = []
+            for k, error in enumerate(errors):
+                if error is None:
+                    good.append(k)
+                else:
+                    answers[chunk[k]] = error
+            if good:
+                batch = np.stack([tensors[k] for k in good])  # type: ignore[misc]
+                del tensors  # the stacked batch is all that is needed now
+                probs, ms = self._predict(model, batch)
+                for k, result in zip(good, model.results(probs, ms, topk), strict=True):
+                    answers[chunk[k]] = result
+                classified += len(good)
+        return answers, classified
 
     # -- HTTP -------------------------------------------------------------------------------
     @http.post("/classify")
     async def http_classify(self, request: Request) -> JSONResponse:
         """One JPEG/PNG image, or an Arrow IPC stream of frames (returns a list)."""
+        config = self._require_config()
+        denied = self._authorize(request, config)
+        if denied is not None:
+            return denied
+        # Slow uploads hold a replica slot for as long as they trickle in: HTTP gets only
+        # some of the slots, so the stream's handle calls always find one.
+        if self.http_ongoing >= config.http_max_ongoing_requests:
+            self.errors.inc(tags={"reason": "overloaded"})
+            return _error(
+                503,
+                "overloaded",
+                f"{self.http_ongoing} HTTP requests in progress on this replica (its limit)",
+                headers=RETRY_AFTER,
+            )
+        self.http_ongoing += 1
+        stage = ["body"]
+        try:
+            async with asyncio.timeout(config.http_request_timeout_s):
+                return await self._http_classify(request, config, stage)
+        except TimeoutError:
+            self.errors.inc(tags={"reason": "timeout"})
+            limit = config.http_request_timeout_s
+            if stage[0] == "body":
+                return _error(408, "request_timeout", f"the body did not arrive within {limit}s")
+            return _error(503, "timeout", f"not answered within {limit}s", headers=RETRY_AFTER)
+        finally:
+            self.http_ongoing -= 1
+
+    def _authorize(self, request: Request, config: ReplicaConfig) -> JSONResponse | None:
+        """None when no token is configured or the request carries it; else a 401."""
+        if config.http_token_hmac is None or config.http_token_salt is None:
+            return None
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            _token_mac(config.http_token_salt, presented.strip().encode()),
+            config.http_token_hmac,
+        ):
+            return None
+        self.errors.inc(tags={"reason": "unauthorized"})
+        return _error(
+            401,
+            "unauthorized",
+            "POST /classify needs the header Authorization: Bearer <serve.http_token>",
+            headers={"WWW-Authenticate": 'Bearer realm="framecast"'},
+        )
+
+    async def _http_classify(
+        self, request: Request, config: ReplicaConfig, stage: list[str]
+    ) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > MAX_REQUEST_BYTES:
-            return _error(413, "too_large", f"body of {declared} bytes > {MAX_REQUEST_BYTES}")
-        body = await request.body()
-        if len(body) > MAX_REQUEST_BYTES:
-            return _error(413, "too_large", f"body of {len(body)} bytes > {MAX_REQUEST_BYTES}")
-        if content_type == ARROW_CONTENT_TYPE:
+        encoding = CONTENT_TYPES.get(content_type)
+        if content_type != ARROW_CONTENT_TYPE and encoding is None:
+            return _error(
+                415,
+                "unsupported_format",
+                f"content-type {content_type or '(none)'} is not image/jpeg, image/png "
+                f"or {ARROW_CONTENT_TYPE}",
+            )
+        body = await _read_body(request)
+        if isinstance(body, JSONResponse):
+            self.errors.inc(tags={"reason": "too_large"})
+            return body
+        stage[0] = "work"
+        if encoding is None:  # Arrow
             try:
-                frames = decode_frames(body)
+                frames = await asyncio.to_thread(_decode_arrow, body, config.max_call_frames)
             except FrameSchemaError as error:
-                self.errors.inc(tags={"reason": "bad_arrow"})
-                return _error(400, "bad_arrow", str(error))
+                reason = getattr(error, "reason", "bad_arrow")  # FrameLimitError has one
+                self.errors.inc(tags={"reason": reason})
+                return _error(_STATUS_BY_REASON.get(reason, 400), reason, str(error))
             answers = await self.classify_frames(frames)
             results = [answer.to_json() for answer in answers]
             first = answers[0] if answers else None
@@ -329,18 +552,11 @@ class Classifier:
                     results=results,
                 )
             return JSONResponse(results)
-        encoding = CONTENT_TYPES.get(content_type)
-        if encoding is None:
-            return _error(
-                415,
-                "unsupported_format",
-                f"content-type {content_type or '(none)'} is not image/jpeg, image/png "
-                f"or {ARROW_CONTENT_TYPE}",
-            )
         model = self._require_model()
-        h, w, c = model.runtime.input_hwc
         try:
-            tensor = to_model_input(decode_image(body, encoding, self.limits), h, w, c)
+            tensor = await asyncio.to_thread(
+                _image_input, body, encoding, self.limits, model.runtime.input_hwc
+            )
         except FrameDecodeError as error:
             self.errors.inc(tags={"reason": error.reason})
             self.frames.inc(tags={"outcome": "refused"})
@@ -351,15 +567,40 @@ class Classifier:
 
     @http.get("/healthz")
     def healthz(self) -> JSONResponse:
-        """Liveness plus a canary inference."""
+        """Liveness plus the health sample (the model on a fixed input, as at load)."""
         try:
             self.check_health()
         except (RuntimeError, ValueError, ArtifactError) as error:
             return JSONResponse({"status": "unhealthy", "detail": str(error)}, status_code=503)
         model = self._require_model()
-        return JSONResponse(
-            {"status": "ok", "model": model.info, "input": list(model.runtime.input_hwc)}
-        )
+        answer: dict[str, Any] = {
+            "status": "ok",
+            "model": model.info,
+            "input": list(model.runtime.input_hwc),
+        }
+        if self.config is not None:
+            answer["http"] = {
+                "ongoing": self.http_ongoing,
+                "limit": self.config.http_max_ongoing_requests,
+            }
+        if self.update_refused is not None:
+            answer["update_refused"] = self.update_refused
+        return JSONResponse(answer)
+
+    @http.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> JSONResponse:
+        """The OpenAPI document, when serve.http_docs is on."""
+        if self.config is None or not self.config.http_docs:
+            return _error(404, "not_found", "/openapi.json is off (serve.http_docs)")
+        return JSONResponse(http.openapi())
+
+    @http.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> Response:
+        """Swagger UI, when serve.http_docs is on."""
+        if self.config is None or not self.config.http_docs:
+            return _error(404, "not_found", "/docs is off (serve.http_docs)")
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="framecast")
 
 
 class AppArgs(BaseModel):
@@ -408,12 +649,29 @@ def app(args: dict[str, Any]) -> Any:
     artifact_dir = Path(parsed.artifact_dir)
     if artifact_dir.is_dir():  # relative paths mean "relative to where the app is built"
         artifact_dir = artifact_dir.resolve()
+    # Verified here too: a Serve config update (`serve deploy`, a RayService) whose args name
+    # another artifact builds the app before Serve replaces any replica, so a tampered one
+    # fails the build (DEPLOY_FAILED, with the reason) and the running version keeps serving.
+    load_artifact(artifact_dir)
+    token = settings.http_token
+    if token is None and os.environ.get(TOKEN_ENV):
+        # A Serve config file (RayService) leaves the token out of its args, which show in
+        # `serve config`: the builder's environment gives it (a Kubernetes Secret).
+        token = ServeSettings.model_validate({"http_token": os.environ[TOKEN_ENV]}).http_token
+    salt, mac = token_verifier(token.get_secret_value()) if token is not None else (None, None)
     user_config = ReplicaConfig(
         artifact_dir=str(artifact_dir),
         max_batch_size=settings.max_batch_size,
         batch_wait_timeout_s=settings.batch_wait_timeout_s,
         gpu_precision=settings.gpu_precision,
         niceness=settings.replica_niceness,
+        max_call_frames=settings.max_call_frames,
+        max_call_bytes=settings.max_call_bytes,
+        http_request_timeout_s=settings.http_request_timeout_s,
+        http_max_ongoing_requests=settings.http_concurrency,
+        http_docs=settings.http_docs,
+        http_token_salt=salt,
+        http_token_hmac=mac,
     )
     return Classifier.options(  # type: ignore[attr-defined]
         **deployment_options(settings), user_config=user_config.model_dump()

@@ -4,19 +4,28 @@
 reads them with :func:`load_artifact`, which refuses any directory whose files do not match
 the manifest exactly: a changed byte, a missing file, or an unlisted extra file. Nothing here
 unpickles anything and nothing imports TensorFlow.
+
+The bytes that are loaded are the bytes that were hashed: :func:`load_artifact` reads every
+file once into memory, hashes those bytes and keeps them (:meth:`LoadedArtifact.read_bytes`);
+a runtime loads from them (LiteRT from ``model_content``, a SavedModel from
+:meth:`LoadedArtifact.private_copy`, a copy written from the hashed bytes into a fresh 0700
+temp dir). A file swapped on disk after the check is never read again, so there is no
+check-then-reopen gap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.exceptions import ArtifactError
+from serving.exceptions import ArtifactError as ArtifactError  # re-exported
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -126,12 +135,42 @@ class ArtifactManifest(_Strict):
 
 
 class LoadedArtifact(BaseModel):
-    """A verified artifact: its directory and manifest."""
+    """A verified artifact: its directory, manifest, and the verified bytes of its files."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
     directory: Path
     manifest: ArtifactManifest
+    contents: dict[str, bytes] = Field(default_factory=dict, repr=False, exclude=True)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of a listed file as they were hashed at load (never re-read from disk)."""
+        try:
+            return self.contents[name]
+        except KeyError:
+            raise ArtifactError(
+                f"{self.directory}: {name!r} is not part of this artifact"
+            ) from None
+
+    def private_copy(self, prefix: str) -> Path:
+        """Write the verified files under ``prefix`` (a directory such as ``saved_model``) into
+        a fresh private temp dir (mode 0700, files 0600); return the copy of ``prefix``.
+
+        For runtimes that only load from a path: they read the hashed bytes, not the
+        artifact directory, which may have changed since. The caller owns the temp dir.
+        """
+        prefix = prefix.rstrip("/") + "/"
+        names = [n for n in self.contents if n.startswith(prefix)]
+        if not names:
+            raise ArtifactError(f"{self.directory}: no file under {prefix!r} in this artifact")
+        root = Path(tempfile.mkdtemp(prefix="framecast-artifact-"))  # 0700
+        for name in names:
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(self.contents[name])
+        return root / prefix.rstrip("/")
 
     def path(self, name: str) -> Path:
         """Absolute path of a listed file (or directory prefix such as ``saved_model``)."""
@@ -210,39 +249,52 @@ def read_manifest(directory: Path) -> ArtifactManifest:
         raise ArtifactError(f"{path}: invalid manifest:\n{error}") from error
 
 
-def verify_files(directory: Path, manifest: ArtifactManifest) -> None:
-    """Raise ArtifactError unless the files under directory are exactly the listed ones."""
+def _read_at_most(path: Path, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of a file, in one open (a file larger than its manifest
+    entry is refused without reading it whole)."""
+    with path.open("rb") as handle:
+        return handle.read(limit + 1)
+
+
+def verify_files(directory: Path, manifest: ArtifactManifest) -> dict[str, bytes]:
+    """The verified bytes of every listed file; raise ArtifactError unless the files under
+    directory are exactly the listed ones, each read once and hashed from memory."""
     present = {n: p for n, p in _listed_files(directory).items() if n not in _UNLISTED_ALLOWED}
     missing = sorted(set(manifest.files) - set(present))
     extra = sorted(set(present) - set(manifest.files))
     problems = [f"missing file {name!r}" for name in missing]
     problems += [f"unlisted file {name!r}" for name in extra]
+    contents: dict[str, bytes] = {}
     for name, entry in sorted(manifest.files.items()):
         if name not in present:
             continue
-        path = present[name]
-        size = path.stat().st_size
-        if size != entry.bytes:
+        data = _read_at_most(present[name], entry.bytes)
+        if len(data) != entry.bytes:
+            size = present[name].stat().st_size if len(data) > entry.bytes else len(data)
             problems.append(f"{name!r} has {size} bytes, manifest says {entry.bytes}")
             continue
-        actual = sha256_file(path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != entry.sha256:
             problems.append(f"{name!r} sha256 {actual[:12]}... != manifest {entry.sha256[:12]}...")
+            continue
+        contents[name] = data
     if problems:
         raise ArtifactError(
             f"{directory}: artifact does not match its manifest, refusing to load: "
             + "; ".join(problems)
         )
+    return contents
 
 
 def load_artifact(directory: Path | str) -> LoadedArtifact:
-    """Read the manifest and verify every checksum; raise ArtifactError on any mismatch."""
+    """Read the manifest and every file once, verify every checksum on the bytes read, and
+    keep those bytes; raise ArtifactError on any mismatch."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: artifact directory does not exist")
     manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    return LoadedArtifact(directory=directory.resolve(), manifest=manifest)
+    contents = verify_files(directory, manifest)
+    return LoadedArtifact(directory=directory.resolve(), manifest=manifest, contents=contents)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

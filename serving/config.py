@@ -4,14 +4,29 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_TOKEN_CHARS = 16
 
 
 class ServeSettings(BaseSettings):
     """How the model is served: replicas, batching, autoscaling, HTTP endpoint."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAMECAST_SERVE_", extra="forbid")
+    # hide_input_in_errors: an invalid http_token must not be echoed in the error.
+    model_config = SettingsConfigDict(
+        env_prefix="FRAMECAST_SERVE_", extra="forbid", hide_input_in_errors=True
+    )
 
     app_name: str = Field(default="framecast", min_length=1, description="Serve application.")
     http_host: str = Field(default="127.0.0.1", description="Host the Serve HTTP proxy binds.")
@@ -55,6 +70,36 @@ class ServeSettings(BaseSettings):
         "them last. Lowering it needs CAP_SYS_NICE (root here; in a pod, the capability or "
         "RAY_worker_niceness=0); without, replicas warn and keep Ray's.",
     )
+    max_call_frames: PositiveInt = Field(
+        default=4096,
+        description="Frames one classify_frames call (or Arrow HTTP body) may hold: the frames "
+        "beyond are answered FrameError('too_many_frames'), not decoded.",
+    )
+    max_call_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024,
+        description="Encoded frame bytes one call may hold: the frames past the total are "
+        "answered FrameError('too_large'), not decoded. Frames are decoded and run "
+        "max_batch_size at a time, so decoded tensors never exceed one such chunk.",
+    )
+    http_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token POST /classify requires (Authorization: Bearer <token>); "
+        "unset = open. Replicas get only a salted HMAC-SHA256 of it (docs/serving.md); use a "
+        "random token (secrets.token_urlsafe(32)). GET /healthz stays open.",
+    )
+    http_request_timeout_s: PositiveFloat = Field(
+        default=30.0,
+        description="An HTTP request's time in a replica, body upload included: past it the "
+        "upload is answered 408, the work 503 with Retry-After. The Serve proxy's "
+        "http_options.request_timeout_s is set 5 s above, as a backstop.",
+    )
+    http_max_ongoing_requests: PositiveInt | None = Field(
+        default=None,
+        description="HTTP requests a replica runs at once; more are answered 503 with "
+        "Retry-After, so slow uploads cannot take the slots of the stream's handle calls. "
+        "Default: half of max_ongoing_requests (at least 1). At most max_ongoing_requests.",
+    )
+    http_docs: bool = Field(default=False, description="Serve /docs and /openapi.json (off: 404).")
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."
@@ -64,13 +109,40 @@ class ServeSettings(BaseSettings):
         description="SavedModel precision on GPU replicas (float16: auto mixed precision).",
     )
 
+    @field_validator("http_token", mode="wrap")
+    @classmethod
+    def _validate_token(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        # Here rather than min_length: its message counts "items".
+        token = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(token, str) and len(token) < MIN_TOKEN_CHARS:
+            raise PydanticCustomError(
+                "token_too_short", f"must be at least {MIN_TOKEN_CHARS} characters"
+            )
+        return handler(value)
+
     @model_validator(mode="after")
     def _validate_replicas(self) -> ServeSettings:
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
             )
+        if (
+            self.http_max_ongoing_requests is not None
+            and self.http_max_ongoing_requests > self.max_ongoing_requests
+        ):
+            raise ValueError(
+                f"http_max_ongoing_requests ({self.http_max_ongoing_requests}) must be <= "
+                f"max_ongoing_requests ({self.max_ongoing_requests})"
+            )
         return self
+
+    @property
+    def http_concurrency(self) -> int:
+        """HTTP requests a replica runs at once (the rest of max_ongoing_requests is left to
+        handle calls)."""
+        if self.http_max_ongoing_requests is not None:
+            return self.http_max_ongoing_requests
+        return max(1, self.max_ongoing_requests // 2)
 
     @property
     def http_url(self) -> str:

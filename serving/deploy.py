@@ -38,7 +38,17 @@ def deploy(
 
     artifact = load_artifact(artifact_dir)  # refuse a tampered artifact before sending anything
     _connect(address, namespace)
-    serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+    # The proxy's own timeout is a backstop a little above the replica's, which answers first
+    # with a JSON reason (a client can lift the proxy's with x-request-timeout-seconds).
+    # Serve keeps the http_options it was first started with.
+    serve.start(
+        http_options={
+            "host": settings.http_host,
+            "port": settings.http_port,
+            "request_timeout_s": settings.http_request_timeout_s + 5,
+        }
+    )
+    # The settings go as objects (the token stays a SecretStr); the replicas get only its HMAC.
     application = app({"artifact_dir": str(artifact.directory), "serve": settings.model_dump()})
     started = time.monotonic()
     serve.run(
@@ -99,6 +109,6 @@ def shutdown(app_name: str | None, *, address: str | None, namespace: str = "fra
 
     _connect(address, namespace)
     if app_name is None:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]  # untyped in Ray
     else:
         serve.delete(app_name)

@@ -1,11 +1,14 @@
 """Model runtimes: LiteRT (int8 or float, XNNPACK) on CPU replicas, the SavedModel on GPUs.
 
 Both take float32 [N, H, W, C] in [0, 1] and return float32 class probabilities [N, K].
+:func:`select_runtime` loads from the bytes :func:`serving.artifacts.load_artifact` hashed,
+never from the artifact directory again (see serving/artifacts.py).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,11 +43,12 @@ class LiteRTRuntime:
 
     kind = "litert"
 
-    def __init__(self, path: Path, num_threads: int = 1, max_batch: int = 256) -> None:
+    def __init__(self, model: bytes | Path, num_threads: int = 1, max_batch: int = 256) -> None:
+        """``model``: the flatbuffer's bytes (as verified), or a path to read them from."""
         from ai_edge_litert.interpreter import Interpreter
 
         self._interpreter_cls = Interpreter
-        self._model = Path(path).read_bytes()
+        self._model = model if isinstance(model, bytes) else Path(model).read_bytes()
         self.num_threads = max(1, num_threads)
         self.max_batch = max_batch
         self._interpreters: dict[int, Any] = {}
@@ -74,16 +78,18 @@ class LiteRTRuntime:
     def _quantize(self, batch: np.ndarray) -> np.ndarray:
         if self.input_dtype == np.float32:
             return batch.astype(np.float32)
-        scale, zero_point = self._in_q
+        scale, zero_point = self._in_q  # Any (from the interpreter's details)
         info = np.iinfo(self.input_dtype)
-        q = np.round(batch / scale + zero_point)
-        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+        q: np.ndarray = np.clip(np.round(batch / scale + zero_point), info.min, info.max)
+        quantized: np.ndarray = q.astype(self.input_dtype)
+        return quantized
 
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:
         if self.output_dtype == np.float32:
             return raw.astype(np.float32)
         scale, zero_point = self._out_q
-        return ((raw.astype(np.float32) - zero_point) * scale).astype(np.float32)
+        probs: np.ndarray = ((raw.astype(np.float32) - zero_point) * scale).astype(np.float32)
+        return probs
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
@@ -163,9 +169,66 @@ def select_runtime(
     if num_gpus > 0:
         if artifact.saved_model_path is None:
             raise ArtifactError(f"{artifact.directory}: a GPU replica needs saved_model/")
-        return SavedModelRuntime(artifact.saved_model_path, precision=gpu_precision)
+        return _saved_model(artifact, gpu_precision)
     if artifact.tflite_path is not None:
-        return LiteRTRuntime(artifact.tflite_path, num_threads=num_threads)
+        return LiteRTRuntime(artifact.read_bytes("model.tflite"), num_threads=num_threads)
     if artifact.saved_model_path is not None:
-        return SavedModelRuntime(artifact.saved_model_path, precision="float32")
+        return _saved_model(artifact, "float32")
     raise ArtifactError(f"{artifact.directory}: neither model.tflite nor saved_model/ present")
+
+
+def _saved_model(artifact: LoadedArtifact, precision: str) -> SavedModelRuntime:
+    """The SavedModel loaded from a private copy of its verified bytes (TensorFlow reads a
+    path, not bytes); the copy is removed once loaded (variables are read at load)."""
+    copy = artifact.private_copy("saved_model")
+    try:
+        return SavedModelRuntime(copy, precision=precision)
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+class HealthSample:
+    """A fixed, non-constant input and the model's answer on it, recorded at load.
+
+    The health check runs the model on the same input and compares: a model whose weights,
+    runtime or memory changed after load answers differently and the replica is reported
+    unhealthy (a constant input hides much: a model that lost its weights may still answer
+    a uniform distribution with the right shape). The input is noise, two gradients and a
+    checkerboard, from a fixed seed: the same for every replica of every version.
+    """
+
+    ATOL = 1e-3  # int8 LiteRT is exact; float16 GPU kernels may reorder their sums
+
+    def __init__(self, runtime: ModelRuntime, num_classes: int) -> None:
+        h, w, c = runtime.input_hwc
+        noise = np.random.default_rng(17).random((h, w, c), dtype=np.float32)
+        across = np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32)[None, :, None], (h, w, c))
+        down = np.broadcast_to(np.linspace(1, 0, h, dtype=np.float32)[:, None, None], (h, w, c))
+        yy, xx = np.indices((h, w))
+        checks = (((yy // 4) + (xx // 4)) % 2).astype(np.float32)
+        board = np.broadcast_to(checks[..., None], (h, w, c))
+        self.inputs = np.stack([noise, across, down, board]).astype(np.float32)
+        self.num_classes = num_classes
+        self.expected = self._run(runtime)
+
+    def _run(self, runtime: ModelRuntime) -> np.ndarray:
+        probs = runtime.predict(self.inputs)
+        if probs.shape != (len(self.inputs), self.num_classes) or not np.all(np.isfinite(probs)):
+            raise RuntimeError(
+                f"health sample: the model returned shape {probs.shape}, expected "
+                f"({len(self.inputs)}, {self.num_classes}) finite scores"
+            )
+        return probs
+
+    def check(self, runtime: ModelRuntime) -> None:
+        """Raise RuntimeError unless the model answers the sample as it did at load."""
+        probs = self._run(runtime)
+        drift = float(np.max(np.abs(probs - self.expected)))
+        if drift > self.ATOL or not np.array_equal(
+            probs.argmax(axis=1), self.expected.argmax(axis=1)
+        ):
+            raise RuntimeError(
+                f"health sample: the model's output changed since load (max difference "
+                f"{drift:.4g} > {self.ATOL}, classes {probs.argmax(axis=1).tolist()} vs "
+                f"{self.expected.argmax(axis=1).tolist()} at load)"
+            )

@@ -1,11 +1,16 @@
-"""The Serve application on a real local Ray: labels, bad input, backpressure, hot swap."""
+"""The Serve application on a real local Ray: labels, bad input, backpressure, hot swap, and
+the HTTP endpoint's guards (chunked bodies, the bearer token, docs, slow clients, timeouts)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import json
 import os
+import select
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +20,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from ray import serve
 
 from cluster.ray_head import RayHeadInfo
+from serving.app import MAX_REQUEST_BYTES
 from serving.artifacts import ArtifactError, load_artifact, read_manifest, write_manifest
 from serving.config import ServeSettings
 from serving.deploy import deploy
@@ -27,7 +34,7 @@ from serving.fashion_mnist import load_fashion_mnist
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
 from serving.results import ClassifyResult, FrameError
 from serving.runtimes import LiteRTRuntime
-from tests.reliability.conftest import reliability_settings
+from tests.reliability.conftest import Replicas, peak_rss_mb, reliability_settings
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +389,210 @@ def test_prometheus_metrics_count_frames_batches_time_and_errors(
     assert _metric_total(text, "ray_framecast_batch_size_count", application=app) >= 1
     assert _metric_total(text, "ray_framecast_inference_ms_count", application=app) >= 1
     assert _metric_total(text, "ray_framecast_inference_ms_bucket", le="+Inf", application=app) > 0
+
+
+# -- issue 17, class 7: the HTTP endpoint -----------------------------------------------------
+
+
+def chunked_post(
+    port: int, path: str, total: int, chunk: int = 1 << 20, content_type: str = "image/png"
+) -> tuple[int, dict[str, Any], int]:
+    """POST ``total`` bytes with Transfer-Encoding: chunked (no Content-Length), as a raw
+    socket client that stops sending once an answer arrives: (status, JSON body, bytes sent)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    try:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        framed = f"{chunk:x}\r\n".encode() + b"\x00" * chunk + b"\r\n"
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(framed)
+                sent += chunk
+            if sent >= total:
+                sock.sendall(b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read()), sent
+    finally:
+        sock.close()
+
+
+def _replica_pid(ray_head: RayHeadInfo, app: str) -> int:
+    (pid,) = Replicas(ray_head.dashboard_url).pids(app)
+    return pid
+
+
+def _reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+
+
+def _rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_a_chunked_body_over_the_limit_is_refused_413_without_the_replica_growing_by_it(
+    app_url: str, serve_port: int, ray_head: RayHeadInfo
+) -> None:
+    pid = _replica_pid(ray_head, "main")
+    _reset_peak_rss(pid)
+    before = _rss_mb(pid)
+    body_mib = 1024
+    status, answer, sent = chunked_post(serve_port, "/main/classify", body_mib << 20)
+    growth = peak_rss_mb(pid) - before
+    print(f"chunked {body_mib} MiB: 413 after {sent >> 20} MiB sent, replica +{growth:.0f} MiB")
+    assert (status, answer["error"]) == (413, "too_large"), answer
+    assert sent < body_mib << 20  # refused before the client had sent it all
+    # The replica stops at MAX_REQUEST_BYTES and answers; what it holds is that plus what
+    # Ray's proxy forwarded while it counted (Ray pulls a body into the replica whether or
+    # not the app reads it: docs/serving.md), not the body's size.
+    assert sent > MAX_REQUEST_BYTES
+    assert growth < body_mib / 2, growth
+    assert httpx.get(f"{app_url}/healthz", timeout=30).status_code == 200
+
+
+def test_docs_and_openapi_are_off_by_default(app_url: str) -> None:
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(f"{app_url}{path}", timeout=30).status_code == 404, path
+
+
+TOKEN = "test-token-" + "k" * 24
+
+
+@pytest.fixture(scope="module")
+def guarded_url(serve_port: int, artifact: Path) -> Iterator[str]:
+    """An app with a bearer token, the docs on, and 4 slots of which HTTP may take 2."""
+    settings = settings_for(
+        serve_port, "guarded", http_token=TOKEN, http_docs=True, max_ongoing_requests=4
+    )
+    assert settings.http_concurrency == 2
+    deploy(artifact, settings, address=None, namespace="framecast-tests", timeout_s=240)
+    yield f"http://127.0.0.1:{serve_port}/guarded"
+    serve.delete("guarded")
+
+
+def test_a_token_guards_classify_but_not_healthz(
+    guarded_url: str, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    body = png(images[0][0])
+
+    def post(**headers: str) -> httpx.Response:
+        return httpx.post(
+            f"{guarded_url}/classify",
+            content=body,
+            headers={"content-type": "image/png", **headers},
+            timeout=60,
+        )
+
+    missing, wrong, right = post(), post(authorization="Bearer " + TOKEN[:-1] + "x"), None
+    for refused in (missing, wrong, post(authorization=TOKEN)):  # not a Bearer
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"] == "unauthorized"
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+    right = post(authorization=f"Bearer {TOKEN}")
+    assert right.status_code == 200, right.text
+    assert right.json()["class_id"] in range(10)
+    assert wrong.status_code == 401
+    assert httpx.get(f"{guarded_url}/healthz", timeout=30).status_code == 200
+    # Docs on for this app (serve.http_docs), and they describe /classify.
+    assert "/classify" in httpx.get(f"{guarded_url}/openapi.json", timeout=30).json()["paths"]
+    assert httpx.get(f"{guarded_url}/docs", timeout=30).status_code == 200
+
+
+def test_the_token_is_in_no_log_and_no_status(guarded_url: str, ray_head: RayHeadInfo) -> None:
+    from serving.deploy import status
+
+    httpx.post(  # a refused and an accepted request first, so that both were logged
+        f"{guarded_url}/classify", content=b"x", headers={"authorization": f"Bearer {TOKEN}x"}
+    )
+    assert TOKEN not in str(serve.status())
+    assert TOKEN not in json.dumps(status(address=None, namespace="framecast-tests"))
+    needle = TOKEN.encode()
+    scanned = 0
+    for path in Path(ray_head.temp_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 256 << 20:
+            with contextlib.suppress(OSError):
+                assert needle not in path.read_bytes(), path
+                scanned += 1
+    assert scanned > 10  # Ray's logs were there to look at
+
+
+def _slow_png(body: bytes, release: threading.Event) -> Iterator[bytes]:
+    """A PNG upload that stalls after its first bytes until released (a slow client)."""
+    yield body[:16]
+    release.wait(120)
+    yield body[16:]
+
+
+def test_slow_uploads_cannot_starve_the_streams_handle_calls(
+    guarded_url: str, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    body = png(images[0][0])
+    release = threading.Event()
+    headers = {"content-type": "image/png", "authorization": f"Bearer {TOKEN}"}
+
+    def upload(_: int) -> tuple[int, str | None]:
+        response = httpx.post(
+            f"{guarded_url}/classify",
+            content=_slow_png(body, release),
+            headers=headers,
+            timeout=180,
+        )
+        return response.status_code, response.headers.get("retry-after")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        uploads = [pool.submit(upload, i) for i in range(6)]
+        try:
+            # Wait until the replica holds as many slow uploads as HTTP may (2 of its 4).
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                health = httpx.get(f"{guarded_url}/healthz", timeout=30).json()
+                if health["http"]["ongoing"] >= health["http"]["limit"]:
+                    break
+                time.sleep(0.2)
+            assert health["http"] == {"ongoing": 2, "limit": 2}, health
+            # The stream's handle call still finds a slot while the uploads hang.
+            frames = raw_frames(images[0][:8])
+            answers = serve.get_app_handle("guarded").classify_frames.remote(frames)
+            assert all(isinstance(a, ClassifyResult) for a in answers.result(timeout_s=60))
+        finally:
+            release.set()
+        outcomes = [future.result() for future in uploads]
+    codes = [code for code, _ in outcomes]
+    assert codes.count(200) == 2 and codes.count(503) == 4, outcomes
+    assert all(retry == "1" for code, retry in outcomes if code == 503), outcomes
+
+
+def test_an_upload_slower_than_the_request_timeout_gets_408(
+    guarded_url: str, serve_port: int, artifact: Path, images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    settings = settings_for(
+        serve_port,
+        "guarded",
+        http_token=TOKEN,
+        http_docs=True,
+        max_ongoing_requests=4,
+        http_request_timeout_s=2,
+    )
+    deploy(artifact, settings, address=None, namespace="framecast-tests", timeout_s=240)
+    release = threading.Event()
+    timer = threading.Timer(8, release.set)  # 4x the timeout: the replica gave up long before
+    timer.start()
+    response = httpx.post(
+        f"{guarded_url}/classify",
+        content=_slow_png(png(images[0][0]), release),
+        headers={"content-type": "image/png", "authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
+    timer.join()
+    assert response.status_code == 408, response.text
+    assert response.json()["error"] == "request_timeout"
+    fast = httpx.post(
+        f"{guarded_url}/classify",
+        content=png(images[0][0]),
+        headers={"content-type": "image/png", "authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert fast.status_code == 200, fast.text

@@ -23,8 +23,8 @@ from serving.config import ServeSettings
 from serving.deploy import deploy
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames
 from serving.results import ClassifyResult, FrameError
-from streams.serve_calls import RETRIES
 from streams.config import KafkaSettings
+from streams.serve_calls import RETRIES
 from tests.reliability.conftest import Record, Replicas, peak_rss_mb, reliability_settings
 from tests.streaming import (
     BackgroundClassifier,
@@ -41,6 +41,11 @@ from tests.streaming import (
 )
 
 pytestmark = pytest.mark.timeout(420)
+
+MAX_CALL_FRAMES = ServeSettings().max_call_frames
+MAX_CALL_BYTES = ServeSettings().max_call_bytes
+# docs/serving.md: a replica's peak RSS growth on one call, beyond nothing else running.
+REPLICA_CALL_GROWTH_BOUND_MB = 400
 
 
 def retries() -> dict[str, float]:
@@ -118,8 +123,6 @@ def test_saturated_serve_pauses_and_retries_with_bounded_memory(
     kafka_settings: KafkaSettings, saturated_app: str, figures: Record
 ) -> None:
     from ray.serve.exceptions import BackPressureError
-
-    from tests.streaming import frame
 
     config = topics(kafka_settings, partitions=4).model_copy(
         update={
@@ -297,3 +300,138 @@ def test_hot_swap_under_stream_load_loses_nothing(
     assert set(by_version) == {manifest.version, manifest.version + "-v2"}, by_version
     last = max(run.labels, key=lambda lab: lab.labeled_at_ns)
     assert last.model is not None and last.model["version"].endswith("-v2")
+
+
+# -- issue 17, class 8: artifacts verified on every swap ---------------------------------------
+
+
+def _health(url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{url}/healthz", timeout=30).json())
+
+
+def _apply_config(serve_port: int, artifact: Path, user_config: dict[str, Any] | None) -> None:
+    """Apply a Serve config with the app ``swapguard`` as `serve deploy` or a RayService
+    update does: args for the app builder, and optionally a user_config override, which Serve
+    applies to running replicas in place (``reconfigure``)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    settings = reliability_settings(serve_port, "swapguard")
+    application: dict[str, Any] = {
+        "name": "swapguard",
+        "route_prefix": "/swapguard",
+        "import_path": "serving.app:app",
+        "args": {"artifact_dir": str(artifact), "serve": settings.model_dump(mode="json")},
+    }
+    if user_config is not None:
+        application["deployments"] = [{"name": "Classifier", "user_config": user_config}]
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[application]))
+
+
+def _wait(condition: Any, what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        app_status = serve.status().applications.get("swapguard")
+        assert time.monotonic() < deadline, f"{what}: {app_status}"
+        time.sleep(0.5)
+
+
+def test_config_updates_to_a_tampered_artifact_are_refused_and_the_old_model_keeps_answering(
+    serve_port: int,
+    served_artifact: Path,
+    replicas: Replicas,
+    tmp_path: Path,
+    figures: Record,
+) -> None:
+    url = f"http://127.0.0.1:{serve_port}/swapguard"
+    tampered = _corrupt(served_artifact, tmp_path / "tampered", "flipped byte")
+
+    def status() -> Any:
+        return serve.status().applications.get("swapguard")
+
+    def answers_with_the_old_model() -> None:
+        body = encode_frames([frame(0, i) for i in range(8)])
+        response = httpx.post(
+            f"{url}/classify", content=body, headers={"content-type": ARROW_CONTENT_TYPE}
+        )
+        assert response.status_code == 200, response.text
+        assert all(answer["model"] == served for answer in response.json())
+        assert replicas.pids("swapguard") == [pid]  # the same replica: never replaced
+
+    _apply_config(serve_port, served_artifact, None)
+    try:
+        _wait(lambda: status() is not None and status().status == "RUNNING", "deployed")
+        served = _health(url)["model"]
+        (pid,) = replicas.pids("swapguard")
+        good_user_config = app(
+            {"artifact_dir": str(served_artifact), "serve": reliability_settings(serve_port)}
+        )._bound_deployment._deployment_config.user_config
+
+        # 1. args naming a tampered artifact: the app builder verifies it before Serve
+        #    touches a replica; the update fails with the reason, the old version serves on.
+        _apply_config(serve_port, tampered, None)
+        _wait(lambda: status().status == "DEPLOY_FAILED", "the bad build to fail")
+        build_refused = status().message
+        assert "does not match its manifest" in build_refused, build_refused
+        answers_with_the_old_model()
+
+        # 2. a user_config naming it (applied in place by reconfigure): the replica verifies
+        #    it, refuses it and keeps serving the model it has.
+        _apply_config(
+            serve_port, served_artifact, {**good_user_config, "artifact_dir": str(tampered)}
+        )
+        _wait(lambda: "update_refused" in _health(url), "the replica to refuse the swap")
+        health = _health(url)
+        assert "does not match its manifest" in health["update_refused"], health
+        assert health["status"] == "ok" and health["model"] == served
+        answers_with_the_old_model()
+
+        # 3. the good user_config again: taken, and the refusal is cleared.
+        _apply_config(serve_port, served_artifact, good_user_config)
+        _wait(lambda: "update_refused" not in _health(url), "the refusal to clear")
+        answers_with_the_old_model()
+        figures(
+            build_refused=build_refused[-90:], reconfigure_refused=health["update_refused"][-90:]
+        )
+    finally:
+        serve.delete("swapguard")
+
+
+# -- issue 17, class 3: a replica's memory is bounded per call ---------------------------------
+
+
+def test_oversized_calls_get_frame_errors_past_the_bounds_and_the_replica_stays_bounded(
+    reliability_app: str, replicas: Replicas, figures: Record
+) -> None:
+    (pid,) = replicas.pids(reliability_app)
+    handle = serve.get_app_handle(reliability_app)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    rss_before = psutil.Process(pid).memory_info().rss / 2**20
+
+    many = [frame(0, i) for i in range(MAX_CALL_FRAMES + 904)]  # 5,000 small frames
+    answers = handle.classify_frames.remote(many).result(timeout_s=300)
+    assert all(isinstance(a, ClassifyResult) for a in answers[:MAX_CALL_FRAMES])
+    assert {a.reason for a in answers[MAX_CALL_FRAMES:] if isinstance(a, FrameError)} == {
+        "too_many_frames"
+    }
+    assert len(answers) == len(many)
+
+    # 80 frames of 1 MiB each (1024x1024 raw): 64 MiB fit a call, the rest is refused.
+    side = 1024
+    big = [
+        FrameRecord("big", i, 0, "raw", side, side, 1, bytes([i % 256]) * side * side)
+        for i in range(80)
+    ]
+    answers = handle.classify_frames.remote(big).result(timeout_s=300)
+    del big
+    fits = MAX_CALL_BYTES // (side * side)
+    assert all(isinstance(a, ClassifyResult) for a in answers[:fits])
+    assert [a.reason for a in answers[fits:] if isinstance(a, FrameError)] == ["too_large"] * (
+        80 - fits
+    )
+    growth = peak_rss_mb(pid) - rss_before
+    figures(replica_rss_before_mb=round(rss_before), replica_peak_growth_mb=round(growth))
+    # The call's own 80 MiB of arguments arrive whatever the replica does; beyond them the
+    # replica holds one chunk of max_batch_size tensors and one decoded frame (docs/serving.md).
+    assert growth < REPLICA_CALL_GROWTH_BOUND_MB, growth
+    assert replicas.pids(reliability_app) == [pid]
