@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from serving.exceptions import FrameDecodeError
+from serving.exceptions import FrameDecodeError as FrameDecodeError  # re-exported
 from serving.frames import FrameRecord
 
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}

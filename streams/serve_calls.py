@@ -41,11 +41,11 @@ ClassifyFn = Callable[[list[FrameRecord]], Any]
 :data:`serving.results.FrameAnswer` per frame (and ``cancel()``)."""
 
 
-class Interrupted(Exception):  # noqa: N818 - a signal between the loop and its waits
+class Interrupted(Exception):
     """The work in hand was given up while waiting (raised by ``keep_alive``)."""
 
 
-class CallTimeout(Exception):  # noqa: N818 - counted against the frames like a failure
+class CallTimeout(Exception):
     """A Serve call that did not answer within its time."""
 
 
@@ -86,7 +86,7 @@ class ServeCalls:
             return
         try:
             batch.response = self._send(frames)
-        except Exception as error:  # noqa: BLE001 - failed to send: answers() retries it
+        except Exception as error:
             log.warning("Serve call not sent (%s: %s)", type(error).__name__, error)
             batch.response = None
 
@@ -99,7 +99,7 @@ class ServeCalls:
             batch.results = list(batch.response.result(timeout_s=0))
         except TimeoutError:  # not yet (Ray's GetTimeoutError is a TimeoutError too)
             return False
-        except Exception:  # noqa: BLE001 - failed: answers() retries or isolates
+        except Exception:
             return True
         return True
 
@@ -146,7 +146,7 @@ class ServeCalls:
                         "committing past the frames in hand"
                     ) from None
                 self._wait("unavailable", error, delay)
-            except Exception as error:  # noqa: BLE001 - a replica failed on these frames
+            except Exception as error:
                 response = None
                 attempts += 1
                 if attempts < self.max_attempts:
