@@ -35,6 +35,7 @@ from streams.output import Output
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT_S = 60.0
+LATENCY_PAUSE_S = 60.0  # no latency aggregates for this long after one was refused
 SEND_FAILURES = Counter(
     "framecast_stream_send_failures_total", "Label/DLQ records the brokers never acknowledged."
 )
@@ -141,6 +142,15 @@ class Checkpoint:
 
     def _refused(self, reason: str) -> bool:
         refusals = self.output.learn()
+        aggregates = [r for r in refusals if r.kind == "latency"]
+        if aggregates:
+            # A latency aggregate protects no frame: it is not redone, and aggregates pause
+            # for a while (in a transaction it fails the commit anyway - once).
+            self.output.pause_latency(LATENCY_PAUSE_S)
+            log.warning("latency aggregates refused (%s: %s); paused for %g s",
+                        aggregates[0].topic, aggregates[0].reason, LATENCY_PAUSE_S)
+            if not self.exactly_once:
+                refusals = [r for r in refusals if r.kind != "latency"]
         if not refusals:
             return False
         SEND_FAILURES.inc(len(refusals))

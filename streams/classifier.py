@@ -582,6 +582,8 @@ class StreamClassifier:
     def _publish_latency(self) -> None:
         record = self.window.snapshot(self._lag())
         self.window.reset()
+        if self.output.latency_paused:  # its topic refused one a moment ago
+            return
         try:
             self.output.begin()
         except KafkaException as error:

@@ -13,6 +13,7 @@ commit past it, and the work is redone after a back-off.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Output:
         self.transactional = transactional
         self.in_txn = False
         self.refusals: list[Refusal] = []
+        self.latency_paused_until = 0.0  # time.monotonic(): see pause_latency
         # Sources whose label (or full dead letter) a topic refused as too large.
         self.learned: OrderedDict[SourceKey, str] = OrderedDict()
 
@@ -129,6 +131,15 @@ class Output:
             headers.append(("error.value_omitted", str(len(value)).encode()))
             value = b""
         self.produce(self.dlq_topic, source.key, value, headers, kind="dlq")
+
+    def pause_latency(self, seconds: float) -> None:
+        """Publish no latency aggregate for ``seconds`` (its topic refused one)."""
+        self.latency_paused_until = time.monotonic() + seconds
+
+    @property
+    def latency_paused(self) -> bool:
+        """Whether latency aggregates are paused now."""
+        return time.monotonic() < self.latency_paused_until
 
     def latency(self, consumer_id: str, record: dict[str, Any]) -> None:
         """Produce one latency aggregate."""

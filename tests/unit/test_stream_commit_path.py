@@ -221,3 +221,24 @@ def test_labels_measure_latency_from_the_trusted_time_and_flag_skew() -> None:
     assert record["timings_ms"]["end_to_end"] == pytest.approx(0.001)
     assert record["timings_ms"]["clock_skew"] == 3_600_000.0
     assert orjson.loads(producer.queued[-1].value())["source"]["offset"] == 1
+
+
+def test_a_refused_latency_aggregate_is_not_redone_and_pauses_aggregates() -> None:
+    producer, output, checkpoint = wiring()
+    producer.refuse["latency"] = KafkaError.UNKNOWN_TOPIC_OR_PART  # latency topic deleted
+    output.label(item(5), RESULT, 1_800, 3_000)
+    output.latency("member-1", {"frames": 1})
+    checkpoint.done({("frames", 0): 6})
+    assert checkpoint.commit("interval") is Outcome.COMMITTED  # the frame's label is written
+    assert output.latency_paused
+
+
+def test_exactly_once_redoes_a_transaction_whose_aggregate_was_refused_once() -> None:
+    producer, output, checkpoint = wiring(exactly_once=True)
+    producer.refuse["latency"] = KafkaError.UNKNOWN_TOPIC_OR_PART
+    output.begin()
+    output.label(item(5), RESULT, 1_800, 3_000)
+    output.latency("member-1", {"frames": 1})
+    checkpoint.done({("frames", 0): 6})
+    assert checkpoint.commit("interval") is Outcome.REDO  # the transaction cannot commit
+    assert output.latency_paused  # and the next one does not carry an aggregate
