@@ -406,5 +406,7 @@ def _print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> N
         table.add_row(key, value)
     console.print(table)
     console.print(
-        f"report: {out_dir / 'demo.md'} (+ demo.json, latency_histogram.png)", highlight=False
+        f"report: {out_dir / 'demo.md'} (+ demo.json, latency_histogram.png"
+        f"{', dashboard.png' if (out_dir / 'dashboard.png').exists() else ''})",
+        highlight=False,
     )
