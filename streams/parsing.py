@@ -152,6 +152,7 @@ def parse_message(
             return dead("bad_arrow", "the Arrow stream holds no frames")
         items = []
         one = len(rows) == 1
+        check = _FrameCheck(source, limits, deadline_ms)
         for r, row in enumerate(rows):
             if isinstance(row, RowError):
                 items.append(
@@ -159,11 +160,7 @@ def parse_message(
                          value if one else row.value, raw_headers)
                 )
             else:
-                items.append(
-                    _frame_item(
-                        source, r, row, limits, deadline_ms, value if one else None, raw_headers
-                    )
-                )
+                items.append(check.item(r, row, value if one else None, raw_headers))
         return items
     encoding = BARE_TYPES.get(content_type)
     if encoding is None:
@@ -176,7 +173,7 @@ def parse_message(
         frame = _bare_frame(value, encoding, named, source.key, limits)
     except _BadHeaders as error:
         return dead(error.reason, str(error))
-    return [_frame_item(source, 0, frame, limits, deadline_ms, value, raw_headers)]
+    return [_FrameCheck(source, limits, deadline_ms).item(0, frame, value, raw_headers)]
 
 
 class _BadHeaders(ValueError):
@@ -229,26 +226,36 @@ def _bare_frame(
     )
 
 
-def _frame_item(
-    source: Source,
-    row: int,
-    frame: FrameRecord,
-    limits: ParseLimits,
-    deadline_ms: float | None,
-    value: bytes | None,
-    headers: list[tuple[str, bytes]],
-) -> Item:
-    item = Item(source, row, frame, value=value, headers=headers)
-    if len(frame.data) > limits.max_frame_bytes:
-        item.reason, item.error_class = "too_large", "FrameDecodeError"
-        item.detail = f"frame data of {len(frame.data)} bytes > {limits.max_frame_bytes}"
+class _FrameCheck:
+    """The per-frame checks of one message, with what they compare against worked out once
+    (thousands of frames a second pass through here)."""
+
+    __slots__ = ("deadline_before", "high", "low", "max_bytes", "reference", "source")
+
+    def __init__(self, source: Source, limits: ParseLimits, deadline_ms: float | None) -> None:
+        self.source = source
+        self.reference = source.timestamp_ns or source.consumed_ns
+        self.low = self.reference - int(limits.max_capture_delay_s * 1e9)
+        self.high = self.reference + int(limits.max_clock_skew_ms * 1e6)
+        self.max_bytes = limits.max_frame_bytes
+        self.deadline_before = (
+            source.consumed_ns - int(deadline_ms * 1e6) if deadline_ms is not None else None
+        )
+
+    def item(
+        self, row: int, frame: FrameRecord, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> Item:
+        item = Item(self.source, row, frame, value=value, headers=headers)
+        if len(frame.data) > self.max_bytes:
+            item.reason, item.error_class = "too_large", "FrameDecodeError"
+            item.detail = f"frame data of {len(frame.data)} bytes > {self.max_bytes}"
+            return item
+        captured = frame.captured_at_ns
+        if self.low <= captured <= self.high:
+            item.reference_ns = captured
+        else:
+            item.reference_ns = self.reference
+            item.clock_skew_ms = round((captured - self.reference) / 1e6, 3)
+        if self.deadline_before is not None and item.reference_ns < self.deadline_before:
+            item.dropped = True
         return item
-    reference = source.timestamp_ns or source.consumed_ns
-    skew_ms = (frame.captured_at_ns - reference) / 1e6
-    if -limits.max_capture_delay_s * 1000 <= skew_ms <= limits.max_clock_skew_ms:
-        item.reference_ns = frame.captured_at_ns
-    else:
-        item.reference_ns, item.clock_skew_ms = reference, round(skew_ms, 3)
-    if deadline_ms is not None and (source.consumed_ns - item.reference_ns) / 1e6 > deadline_ms:
-        item.dropped = True
-    return item
