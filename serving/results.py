@@ -7,7 +7,9 @@ response: ``{class_id, label, score, topk, model, inference_ms}``, or ``{error, 
 
 Both pickle as plain tuples (``__reduce__``): thousands of results a second cross from the
 replicas to the stream classifier, and a slots dataclass's default pickling costs several
-times more (docs/BENCHMARKS.md).
+times more (docs/BENCHMARKS.md). They are not frozen for the same reason (a frozen
+dataclass's ``__init__`` sets each field through ``object.__setattr__``, over three times
+the cost of building one); treat them as read-only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClassifyResult:
     """The model's answer for one frame."""
 
@@ -47,7 +49,7 @@ class ClassifyResult:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FrameError:
     """A frame the replica refused; ``reason`` is a stable word (DLQ ``error.reason``)."""
 

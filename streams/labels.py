@@ -45,6 +45,11 @@ class LabelRecord(BaseModel):
     ground_truth: int | None
 
 
+def label_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a result's model that a label carries."""
+    return {k: model[k] for k in ("name", "version", "sha256")}
+
+
 def label_record(
     *,
     stream_id: str,
@@ -58,8 +63,10 @@ def label_record(
     labeled_at_ns: int,
     timings_ms: dict[str, float],
     ground_truth: int | None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The label dict for one frame; result None means dropped for its deadline."""
+    """The label dict for one frame; result None means dropped for its deadline. ``model``:
+    the result's model fields as :func:`label_model` gives them, when the caller has them."""
     return {
         "stream_id": stream_id,
         "frame_index": frame_index,
@@ -68,7 +75,7 @@ def label_record(
         "class_id": result.class_id if result else None,
         "label": result.label if result else None,
         "score": result.score if result else None,
-        "model": {k: result.model[k] for k in ("name", "version", "sha256")} if result else None,
+        "model": (model or label_model(result.model)) if result else None,
         "captured_at_ns": captured_at_ns,
         "labeled_at_ns": labeled_at_ns,
         "timings_ms": timings_ms,
