@@ -286,9 +286,12 @@ def run_ray_training(config: TrainConfig,
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"config": config.model_dump(), "progress": board,
                            "fail_after_epoch": fail_after_epoch},
+        # SPREAD: one worker per node where the nodes allow (best effort, so a one-node
+        # cluster still runs them all); losing a node then costs one worker's share.
         scaling_config=ScalingConfig(num_workers=config.workers,
                                      use_gpu=config.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy="SPREAD"),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=config.max_failures),
