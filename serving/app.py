@@ -627,11 +627,15 @@ def deployment_options(settings: ServeSettings) -> dict[str, Any]:
                 "min_replicas": settings.min_replicas,
                 "max_replicas": settings.max_replicas,
                 "target_ongoing_requests": settings.target_ongoing_requests,
-                "upscale_delay_s": 5.0,
-                "downscale_delay_s": 30.0,
+                "upscale_delay_s": settings.upscale_delay_s,
+                "downscale_delay_s": settings.downscale_delay_s,
             }
         }
     )
+    if settings.autoscale_on == "lag" and "autoscaling_config" in scaling:
+        from serving.autoscale import policy_config
+
+        scaling["autoscaling_config"]["policy"] = policy_config(settings)
     return {
         **scaling,
         "max_ongoing_requests": settings.max_ongoing_requests,

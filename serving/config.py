@@ -40,6 +40,47 @@ class ServeSettings(BaseSettings):
     max_ongoing_requests: PositiveInt = Field(
         default=8, description="Requests a replica runs at once before queueing."
     )
+    upscale_delay_s: NonNegativeFloat = Field(
+        default=5.0, description="Autoscaling: seconds a scale-up must be wanted before it is made."
+    )
+    downscale_delay_s: NonNegativeFloat = Field(
+        default=30.0,
+        description="Autoscaling: seconds a scale-down must be wanted before it is made.",
+    )
+    autoscale_on: Literal["requests", "lag"] = Field(
+        default="requests",
+        description="What replicas scale on: 'requests' (Serve's ongoing-requests policy) or "
+        "'lag' (serving.autoscale: the classifiers' consumer-group lag on the frames topic "
+        "and the age of the oldest unlabelled frame).",
+    )
+    lag_bootstrap_servers: str | None = Field(
+        default=None,
+        description="autoscale_on=lag: Kafka the Serve controller reads the lag from "
+        "(the CLI fills in the stack's). Never credentials: a SASL password reaches the "
+        "controller as FRAMECAST_KAFKA_SASL_PASSWORD in its environment.",
+    )
+    lag_group: str | None = Field(
+        default=None, description="autoscale_on=lag: the classifiers' consumer group."
+    )
+    lag_topic: str | None = Field(
+        default=None, description="autoscale_on=lag: the frames topic they consume."
+    )
+    lag_target_per_replica: PositiveInt = Field(
+        default=2000, description="autoscale_on=lag: frames of lag one replica is worth."
+    )
+    lag_target_age_s: PositiveFloat = Field(
+        default=5.0,
+        description="autoscale_on=lag: past this age of the oldest unlabelled frame, one "
+        "more replica is wanted even when the lag alone would not ask for it.",
+    )
+    lag_poll_interval_s: PositiveFloat = Field(
+        default=1.0, description="autoscale_on=lag: how often the controller reads the lag."
+    )
+    lag_stale_s: PositiveFloat = Field(
+        default=15.0,
+        description="autoscale_on=lag: with no lag read for this long (Kafka down), the "
+        "replica count is held.",
+    )
     max_queued_requests: int = Field(
         default=64,
         ge=-1,
