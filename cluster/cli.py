@@ -372,9 +372,13 @@ def serve_deploy(
     route_prefix: Annotated[str | None, typer.Option(
         help="HTTP route of this app (default /, or /NAME with --name): versions side by side.")
     ] = None,
+    autoscale_on: Annotated[str | None, typer.Option(
+        help="Scale replicas on 'requests' (Serve's policy) or 'lag' (the classifiers' Kafka "
+        "lag and oldest unlabelled frame; needs --min-replicas < --max-replicas).")] = None,
 ) -> None:
     """Deploy an artifact as the Ray Serve application; returns once it is healthy."""
     from cluster import stack
+    from cluster.lag_autoscale import with_lag_inputs
     from serving.deploy import deploy
 
     settings = _opts(ctx).settings(serve={
@@ -384,10 +388,11 @@ def serve_deploy(
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests, "http_port": http_port,
         "route_prefix": route_prefix or (f"/{name}" if name else None),
+        "autoscale_on": autoscale_on,
     })
     try:
         with stack.ray_connection(settings), console.status(f"deploying {artifact}..."):
-            result = deploy(artifact, settings.serve, address=None,
+            result = deploy(artifact, with_lag_inputs(settings), address=None,
                             namespace=settings.ray.namespace)
     except FramecastError as error:
         fail(str(error))
