@@ -616,7 +616,7 @@ def _bench_part_in_child(ctx: typer.Context, part: str, quick: bool, out_dir: Pa
 def bench(
     ctx: typer.Context,
     what: Annotated[str, typer.Argument(
-        help="all | model | serve | pipeline | scaling")] = "all",
+        help="all | model | serve | pipeline | scaling | peers")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     artifact: Annotated[Path | None, typer.Option(
@@ -640,11 +640,12 @@ def bench(
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 
-    `all` runs model, serve and pipeline (and, without --quick, scaling)."""
+    `all` runs model, serve, pipeline and peers (and, without --quick, scaling); peers'
+    --artifact defaults to models/fashion_mnist_stream."""
     import time
 
-    if what not in ("all", "model", "serve", "pipeline", "scaling"):
-        fail(f"unknown bench {what!r}; expected all, model, serve, pipeline or scaling",
+    if what not in ("all", "model", "serve", "pipeline", "scaling", "peers"):
+        fail(f"unknown bench {what!r}; expected all, model, serve, pipeline, scaling or peers",
              EXIT_USAGE)
     counts: dict[str, list[int]] = {}
     for name, text in (("replicas", replicas), ("classifiers", classifiers)):
@@ -691,7 +692,7 @@ def bench(
             fail(str(error))
         seconds["model"] = time.perf_counter() - clock
         written["model"] = report.write_model_outputs(out_dir, results["model"], command)
-    parts = [p for p in ("serve", "pipeline", "scaling")
+    parts = [p for p in ("serve", "pipeline", "scaling", "peers")
              if what == p or (what == "all" and (p != "scaling" or not quick))]
     if parts:
         try:
@@ -704,6 +705,13 @@ def bench(
                         results[part] = _bench_part_in_child(ctx, part, quick, out_dir, artifact)
                         written[part] = [out_dir / f"bench-{part}.{ext}"
                                          for ext in ("json", "md", "png")]
+                    elif part == "peers":
+                        from cluster.bench.peers import bench_peers
+
+                        console.rule(f"framecast bench peers{' (quick)' if quick else ''}")
+                        results[part] = bench_peers(settings, artifact, console, quick=quick,
+                                                    command=command)
+                        written[part] = report.write_peers_outputs(out_dir, results[part])
                     elif part == "scaling":
                         from cluster.bench.scaling import bench_scaling
 

@@ -329,6 +329,66 @@ def write_model_outputs(out_dir: Path, results: dict[str, Any], command: str) ->
     return write_report(out_dir, "bench-model", results, text, plot_model)
 
 
+# -- peers ----------------------------------------------------------------------------------
+
+
+def peers_markdown(results: dict[str, Any]) -> str:
+    """bench-peers.md: each pipeline's flat-out rate, frames per CPU-second, capacity at p99
+    15 and 50 ms, and p50/p99 at the fixed loads; skipped and failed pipelines with why."""
+    loads = sorted({round(x) for x in results["options"]["fixed_loads"]})
+    lines = [
+        "# framecast bench peers", "", f"Command: `{results['command']}` ({results['date']})",
+        "", f"Machine: {machine_line(results['machine'])}.", "",
+        f"Model: `{results['artifact']}` (the same file for every pipeline). CPU counted: "
+        f"{results['counted_cpu']}. Frames per CPU-second = frames / those CPU seconds over the "
+        "flat-out run (the frames/s of one fully busy core).", "",
+        "| pipeline | flat-out frames/s | frames per CPU-second | capacity p99 <= 15 ms | "
+        "capacity p99 <= 50 ms | " + " | ".join(f"p50/p99 ms at {x} fps" for x in loads) + " |",
+        "|---|---|---|---|---|" + "---|" * len(loads),
+    ]
+    for p in results["pipelines"]:
+        if "skipped" in p or "error" in p:
+            what = f"skipped: {p['skipped']}" if "skipped" in p else f"failed: {p['error']}"
+            lines.append(f"| {p['name']} | {what[:300]} | | | |" + " |" * len(loads))
+            continue
+        at = {round(r["offered_fps"]): r for r in p["loads"]}
+        cells = [f"{at[x]['p50_ms']} / {at[x]['p99_ms']}" if x in at else "not run (a lower "
+                 "load failed)" for x in loads]
+        lines.append(
+            f"| {p['name']} | {p['frames_per_s']} | {p['frames_per_s_per_core']} | "
+            f"{p['capacity_fps_p99_15ms']} | {p['capacity_fps_p99_50ms']} | "
+            + " | ".join(cells) + " |")
+    notes = [f"- {p['name']}, p99 <= {b} ms: {p[f'capacity_fps_p99_{b}ms_note']}"
+             for p in results["pipelines"] for b in (15, 50)
+             if p.get(f"capacity_fps_p99_{b}ms_note")]
+    lines += ["", "Capacity: the highest offered frames/s (cameras x fps, each step "
+              f"{results['options']['step_seconds']:g} s) at which every frame was labelled and "
+              "the p99 end-to-end (labeled_at - captured_at) stayed within the bound: a ladder "
+              "of loads, then bisection.", "", *notes, ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_peers(results: dict[str, Any], path: Path) -> None:
+    """Capacity per pipeline at p99 <= 15 ms and <= 50 ms, two bars each."""
+
+    def draw(axis: Any) -> None:
+        rows = [p for p in results["pipelines"] if "frames_per_s" in p]
+        xs = range(len(rows))
+        for k, bound in enumerate((15, 50)):
+            axis.bar([x + (k - 0.5) * 0.4 for x in xs],
+                     [p[f"capacity_fps_p99_{bound}ms"] or 0 for p in rows], 0.4,
+                     label=f"p99 <= {bound} ms", color=f"C{k}")
+        axis.set_xticks(list(xs), [p["name"] for p in rows])
+        axis.set_ylabel("capacity (offered frames/s)")
+
+    _one_axis_plot(path, "peers", draw)
+
+
+def write_peers_outputs(out_dir: Path, results: dict[str, Any]) -> list[Path]:
+    """bench-peers.json, .md and .png."""
+    return write_report(out_dir, "bench-peers", results, peers_markdown(results), plot_peers)
+
+
 # -- all ------------------------------------------------------------------------------------
 
 
@@ -358,6 +418,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     if pipeline:
         out["pipeline: best framecast sustained frames/s / naive Keras per frame"] = pipeline[
             "ratio_vs_naive"]
+    for p in (results.get("peers") or {}).get("pipelines", []):
+        if "frames_per_s" in p:
+            out[f"peers: {p['name']} capacity fps at p99 <= 15 / 50 ms, frames per CPU-s"] = (
+                f"{p['capacity_fps_p99_15ms']} / {p['capacity_fps_p99_50ms']}, "
+                f"{p['frames_per_s_per_core']}")
     scaling = results.get("scaling")
     if scaling:
         best = scaling["extrapolation"]["best"]
