@@ -8,7 +8,7 @@ KAFKA_LIBS := .framecast/kafka/libs
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: setup prereqs dataset browser demo test lint soak clean help chart-check
+.PHONY: setup prereqs dataset browser demo test lint soak clean help chart-check peers
 
 help:
 	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
@@ -16,7 +16,7 @@ help:
 	@echo "make test   - setup + the whole test suite"
 	@echo "make lint   - ruff + mypy"
 
-setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset browser
+setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset browser peers
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null || { echo "missing: $(PYTHON) (Python 3.11)"; exit 1; }
@@ -53,6 +53,18 @@ browser:
 	   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; \
 	else echo "note: /usr/bin/chromium not found; the dashboard's browser test is skipped (apt-get install chromium)"; fi
 
+# The peer pipelines of `framecast bench peers`, each in its own venv from exact pins
+# (peers/README.md): Quix Streams 3.28 needs older confluent-kafka and pydantic than framecast.
+PEERS_VENV := .venv-peers
+PEERS := quix bytewax
+peers: $(foreach p,$(PEERS),$(PEERS_VENV)/$(p)/.installed)
+
+$(PEERS_VENV)/%/.installed: peers/requirements-%.txt
+	@[ -x $(PEERS_VENV)/$*/bin/python ] || $(PYTHON) -m venv $(PEERS_VENV)/$*
+	$(PEERS_VENV)/$*/bin/python -m pip install -q --upgrade pip==26.3
+	$(PEERS_VENV)/$*/bin/python -m pip install -q -r $<
+	@touch $@
+
 demo: setup
 	$(BIN)/framecast demo
 
@@ -60,14 +72,14 @@ test: setup chart-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check cluster jobs serving streams tests
+	$(BIN)/ruff check cluster jobs serving streams tests peers
 	$(BIN)/mypy
 
 soak: setup
 	$(BIN)/python -m pytest -m soak tests/reliability
 
 clean:
-	rm -rf $(VENV) .framecast .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .framecast .pytest_cache .mypy_cache .ruff_cache
 
 # Helm chart + KubeRay manifests, validated for real: helm lint, helm template for every
 # values file, kubeconform -strict against Kubernetes + KubeRay + KEDA + Prometheus-operator
