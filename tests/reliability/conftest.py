@@ -99,18 +99,24 @@ class Replicas:
     def __init__(self, dashboard_url: str) -> None:
         self.dashboard_url = dashboard_url
 
-    def pids(self, app: str) -> list[int]:
-        """Process ids of the app's live Classifier replicas."""
+    def _alive(self, app: str) -> list[Any]:
         from ray.util.state import list_actors
 
-        actors = list_actors(
+        return list_actors(
             address=self.dashboard_url,
             filters=[
                 ("class_name", "=", f"ServeReplica:{app}:Classifier"),
                 ("state", "=", "ALIVE"),
             ],
         )
-        return [int(a.pid) for a in actors if a.pid]
+
+    def pids(self, app: str) -> list[int]:
+        """Process ids of the app's live Classifier replicas."""
+        return [int(a.pid) for a in self._alive(app) if a.pid]
+
+    def nodes(self, app: str) -> dict[int, str]:
+        """The app's live Classifier replicas: process id -> the Ray node id it runs on."""
+        return {int(a.pid): str(a.node_id) for a in self._alive(app) if a.pid}
 
     def kill(self, app: str, timeout_s: float = 60) -> list[int]:
         """SIGKILL every live replica of app (a crash, not a drain); returns the pids killed."""
