@@ -51,8 +51,9 @@ from serving.preprocess import (
     CONTENT_TYPES,
     DecodeLimits,
     FrameDecodeError,
-    decode_frame,
-    decode_image,
+    batch_input,
+    frame_pixels,
+    image_pixels,
     to_model_input,
 )
 from serving.results import ClassifyResult, FrameAnswer, FrameError
@@ -236,7 +237,7 @@ def _image_input(
     body: bytes, encoding: str, limits: DecodeLimits, hwc: tuple[int, int, int]
 ) -> np.ndarray:
     """One JPEG/PNG body as model input (in a worker thread: decoding takes milliseconds)."""
-    return to_model_input(decode_image(body, encoding, limits), *hwc)
+    return to_model_input(image_pixels(body, encoding, limits, hwc), *hwc)
 
 
 # Module functions the class uses are defined above it: serve.ingress pickles the class
@@ -376,14 +377,18 @@ class Classifier:
         return model.results(probs, ms)
 
     def _prepare(
-        self, model: LoadedModel, frames: list[FrameRecord]
+        self, model: LoadedModel, frames: list[FrameRecord], decode_ms: list[float]
     ) -> tuple[list[np.ndarray | None], list[FrameError | None]]:
-        h, w, c = model.runtime.input_hwc
+        """Each frame's uint8 model input or its error; its decoding ms into ``decode_ms``."""
+        hwc = model.runtime.input_hwc
         tensors: list[np.ndarray | None] = []
         errors: list[FrameError | None] = []
+        clock = time.perf_counter
         for frame in frames:
             try:
-                tensors.append(to_model_input(decode_frame(frame, self.limits), h, w, c))
+                started = clock()
+                tensors.append(frame_pixels(frame, self.limits, hwc))
+                decode_ms.append((clock() - started) * 1000)
                 errors.append(None)
             except FrameDecodeError as error:
                 tensors.append(None)
@@ -451,7 +456,8 @@ class Classifier:
         classified = 0
         for start in range(0, len(admitted), config.max_batch_size):
             chunk = admitted[start : start + config.max_batch_size]
-            tensors, errors = self._prepare(model, [frames[i] for i in chunk])
+            decode_ms: list[float] = []  # of the decoded frames, in order
+            tensors, errors = self._prepare(model, [frames[i] for i in chunk], decode_ms)
             good = []
             for k, error in enumerate(errors):
                 if error is None:
@@ -459,10 +465,12 @@ class Classifier:
                 else:
                     answers[chunk[k]] = error
             if good:
-                batch = np.stack([tensors[k] for k in good])  # type: ignore[misc]
+                batch = batch_input([tensors[k] for k in good])  # type: ignore[misc]
                 del tensors  # the stacked batch is all that is needed now
                 probs, ms = self._predict(model, batch)
-                for k, result in zip(good, model.results(probs, ms, topk), strict=True):
+                results = model.results(probs, ms, topk)
+                for k, result, spent in zip(good, results, decode_ms, strict=True):
+                    result.decode_ms = round(spent, 3)
                     answers[chunk[k]] = result
                 classified += len(good)
         return answers, classified

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,12 +76,42 @@ def decode_image(
         raise FrameDecodeError(
             "unsupported_format", f"encoding {encoding!r} is not one of jpeg, png, raw"
         )
+    image, _ = _open_image(data, encoding, pil_format, limits)
+    return _array(image)
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+Box = tuple[float, float, float, float]
+
+
+def _open_image(
+    data: bytes,
+    encoding: str,
+    pil_format: str,
+    limits: DecodeLimits,
+    draft: tuple[str, tuple[int, int]] | None = None,
+) -> tuple[Image.Image, Box | None]:
+    """Decode a JPEG/PNG (mode L or RGB); FrameDecodeError with a reason code.
+
+    ``draft`` (mode, (width, height)), JPEG only: libjpeg decodes at the smallest of its DCT
+    scales 1/8, 1/4, 1/2 that is still at least (width, height) - most of the IDCT, the
+    upsampling and the colour conversion are skipped - and in mode L straight from the luma.
+    The box is the whole frame in the scaled image's coordinates (for resize), or None."""
+    box: Box | None = None
     try:
         with warnings.catch_warnings():
             # Our own pixel limit is checked from the header below, before decoding.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image: Image.Image = Image.open(io.BytesIO(data), formats=[pil_format])
             limits.check_dimensions(image.width, image.height)
+            if draft is not None:
+                drafted = image.draft(*draft)
+                if drafted is not None:
+                    box = drafted[1]
             image.load()
     except FrameDecodeError:
         raise
@@ -94,8 +125,7 @@ def decode_image(
         ) from None
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    return image, box
 
 
 def decode_frame(frame: FrameRecord, limits: DecodeLimits) -> np.ndarray:
@@ -112,6 +142,12 @@ def decode_frame(frame: FrameRecord, limits: DecodeLimits) -> np.ndarray:
 
 def to_model_input(image: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
     """Resize and convert channels to the model's input, scaled to [0, 1] float32."""
+    return to_model_pixels(image, height, width, channels).astype(np.float32) / 255.0
+
+
+def to_model_pixels(image: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
+    """uint8 [height, width, channels]: the channels converted (luma weights for gray), then
+    resized (bilinear)."""
     if image.shape[2] != channels:
         if channels == 1:
             image = (
@@ -129,4 +165,59 @@ def to_model_input(image: np.ndarray, height: int, width: int, channels: int) ->
         pil = Image.fromarray(image[:, :, 0] if channels == 1 else image, mode=mode)
         resized = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
         image = resized[:, :, None] if resized.ndim == 2 else resized
-    return image.astype(np.float32) / 255.0
+    return image
+
+
+def image_pixels(
+    data: bytes,
+    encoding: str,
+    limits: DecodeLimits,
+    hwc: tuple[int, int, int],
+    *,
+    height: int = 0,
+    width: int = 0,
+    channels: int = 0,
+) -> np.ndarray:
+    """One encoded frame straight to the model's uint8 [H, W, C] (``hwc``).
+
+    JPEG is decoded at the DCT scale the model needs (see :func:`_open_image`), then resized
+    to the model input: the same pixels as :func:`decode_image` + :func:`to_model_pixels`
+    within a small tolerance (tests/unit/test_fast_decode.py), in a third to a half of the
+    time at camera sizes (docs/BENCHMARKS.md). PNG and raw frames take the full path.
+    Errors are those of :func:`decode_image`.
+    """
+    out_h, out_w, out_c = hwc
+    if encoding != "jpeg" or out_c not in (1, 3):
+        image = decode_image(data, encoding, limits, height=height, width=width, channels=channels)
+        return to_model_pixels(image, out_h, out_w, out_c)
+    limits.check_bytes(len(data))
+    mode = "L" if out_c == 1 else "RGB"
+    pil, box = _open_image(data, encoding, "JPEG", limits, draft=(mode, (out_w, out_h)))
+    if pil.mode != mode and out_c == 1:  # a CMYK JPEG, converted to RGB: luma as above
+        return to_model_pixels(_array(pil), out_h, out_w, out_c)
+    if pil.size != (out_w, out_h) or (box is not None and box != (0, 0, out_w, out_h)):
+        pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    pixels = _array(pil)
+    if pixels.shape[2] != out_c:  # a grayscale JPEG for an RGB model
+        pixels = np.repeat(pixels, out_c, axis=2)
+    return pixels
+
+
+def frame_pixels(frame: FrameRecord, limits: DecodeLimits, hwc: tuple[int, int, int]) -> np.ndarray:
+    """A frame record (any encoding) as the model's uint8 pixels (:func:`image_pixels`)."""
+    return image_pixels(
+        frame.data,
+        frame.encoding,
+        limits,
+        hwc,
+        height=frame.height,
+        width=frame.width,
+        channels=frame.channels,
+    )
+
+
+def batch_input(pixels: Sequence[np.ndarray]) -> np.ndarray:
+    """Same-shaped uint8 frames as one float32 batch scaled to [0, 1]: one copy into the
+    batch and one vectorized conversion (the same values as :func:`to_model_input` each)."""
+    batch: np.ndarray = np.divide(np.stack(pixels), np.float32(255.0), dtype=np.float32)
+    return batch

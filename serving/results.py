@@ -28,6 +28,7 @@ class ClassifyResult:
     model: dict[str, Any]  # name, version, sha256, runtime, precision (shared, read-only)
     inference_ms: float  # model time of the call this frame was part of
     topk: list[dict[str, Any]] | None = None  # left out when the caller asked for topk=False
+    decode_ms: float = 0.0  # this frame's decoding to model input (label timings_ms.decode)
 
     def to_json(self) -> dict[str, Any]:
         """The DESIGN response object (``topk`` only when it was computed)."""
@@ -45,7 +46,15 @@ class ClassifyResult:
     def __reduce__(self) -> tuple[type[ClassifyResult], tuple[Any, ...]]:
         return (
             ClassifyResult,
-            (self.class_id, self.label, self.score, self.model, self.inference_ms, self.topk),
+            (
+                self.class_id,
+                self.label,
+                self.score,
+                self.model,
+                self.inference_ms,
+                self.topk,
+                self.decode_ms,
+            ),
         )
 
 

@@ -87,6 +87,7 @@ class Output:
         timings = {
             "broker": round(item.broker_ms, 3),
             "queue": round(max(0, submitted_ns - source.consumed_ns) / 1e6, 3),
+            "decode": result.decode_ms if result else 0.0,  # rounded by the replica
             "inference": round(result.inference_ms, 3) if result else 0.0,
             "end_to_end": round(max(0, labeled_ns - item.reference_ns) / 1e6, 3),
         }
