@@ -1,0 +1,201 @@
+"""The peer pipelines of `framecast bench peers` (peers/), run as their programs, against the
+real broker and the real Serve app: every frame labelled, with framecast's answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, decode_frames
+from serving.preprocess import DecodeLimits, decode_frame, to_model_input
+from serving.runtimes import LiteRTRuntime
+from streams.client import admin_client
+from streams.config import KafkaSettings
+from streams.labels import LabelRecord
+from streams.producers import encode_pixels, produce_frames
+from streams.topics import TopicSpec, ensure_topics
+from streams.video import SyntheticSource
+from tests.conftest import REPO, SHIPPED_MODEL
+from tests.streaming import committed_offsets, read_topic
+
+PEERS = REPO / "peers"
+MODEL = SHIPPED_MODEL / "model.tflite"
+FRAMES = 200
+KAFKA_PEERS = {
+    "floor": Path(sys.executable),  # framecast's own .venv
+    "quix_app": REPO / ".venv-peers" / "quix" / "bin" / "python",
+    "bytewax_app": REPO / ".venv-peers" / "bytewax" / "bin" / "python",
+}
+FrameKey = tuple[str, int]
+
+
+def _expected(frames: list[FrameRecord]) -> dict[FrameKey, int]:
+    """The class serving's LiteRT runtime gives each frame, decoded as a replica does."""
+    runtime = LiteRTRuntime(MODEL)
+    inputs = np.stack(
+        [to_model_input(decode_frame(f, DecodeLimits()), *runtime.input_hwc) for f in frames]
+    )
+    ids = runtime.predict(inputs).argmax(axis=1)
+    return {(f.stream_id, f.frame_index): int(c) for f, c in zip(frames, ids, strict=True)}
+
+
+def _frames_of(kafka_settings: KafkaSettings, topic: str, count: int) -> list[FrameRecord]:
+    """Every frame on the frames topic, read back from the broker."""
+    frames: list[FrameRecord] = []
+    for record in read_topic(kafka_settings, topic, count, settle_s=1.0):
+        headers = {k: v for k, v in record.headers}
+        kind = headers["content-type"].decode()
+        if kind == ARROW_CONTENT_TYPE:
+            frames += decode_frames(record.value)
+        else:
+            frames.append(FrameRecord(
+                headers["stream_id"].decode(), int(headers["frame_index"]),
+                int(headers["captured_at_ns"]), kind.split("/")[1], 0, 0, 0, record.value,
+                int(headers["label"]) if "label" in headers else None))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def frames_topic(kafka_settings: KafkaSettings) -> tuple[str, dict[FrameKey, int], int]:
+    """200 frames in both encodings of the contract, sent by framecast's own producer: Arrow
+    raw frames 4 to a message, Arrow PNG, bare JPEG and bare PNG (50 each, synthetic 32x32
+    video, so every frame is resized to the model's 28x28). Returns the topic, the expected
+    class of each frame and the number of messages."""
+    topic = f"peer-frames-{uuid.uuid4().hex[:8]}"
+    with admin_client(kafka_settings) as admin:
+        ensure_topics(admin, [TopicSpec(name=topic, partitions=3, replication_factor=1)])
+    messages = 0
+    for prefix, encoding, fmt, batch in (("raw", "raw", "arrow", 4), ("png", "png", "arrow", 1),
+                                         ("bj", "jpeg", "bare", 1), ("bp", "png", "bare", 1)):
+        summary = produce_frames(kafka_settings, None, "synthetic", topic, fps=0, streams=2,
+                                 count=25, encoding=encoding, message_format=fmt, batch=batch,
+                                 stream_prefix=prefix, create_topic=False)
+        messages += summary["messages"]
+    frames = _frames_of(kafka_settings, topic, messages)
+    assert len(frames) == FRAMES
+    return topic, _expected(frames), messages
+
+
+def _labels_topic(kafka_settings: KafkaSettings) -> str:
+    topic = f"peer-labels-{uuid.uuid4().hex[:8]}"
+    with admin_client(kafka_settings) as admin:
+        ensure_topics(admin, [TopicSpec(name=topic, partitions=3, replication_factor=1)])
+    return topic
+
+
+def _run(argv: list[str], timeout: float = 300) -> tuple[dict[str, Any], str]:
+    """Run a peer to its end: (its final JSON line, its stderr)."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout[-2000:]
+    return json.loads(lines[0]), done.stderr
+
+
+def _model_sha256() -> str:
+    manifest = json.loads((SHIPPED_MODEL / "manifest.json").read_text())
+    return str(manifest["files"]["model.tflite"]["sha256"])
+
+
+def _check_labels(labels: list[LabelRecord], expected: dict[FrameKey, int]) -> None:
+    by_frame: dict[FrameKey, LabelRecord] = {}
+    for label in labels:  # at-least-once: duplicates are allowed and must agree
+        key = (label.stream_id, label.frame_index)
+        assert by_frame.setdefault(key, label).class_id == label.class_id
+    assert set(by_frame) == set(expected)
+    sha256 = _model_sha256()
+    for key, label in by_frame.items():
+        assert label.status == "ok"
+        assert label.class_id == expected[key], key
+        assert label.model is not None and label.model["sha256"] == sha256
+        assert label.timings_ms["end_to_end"] >= label.timings_ms["inference"] >= 0
+        assert label.labeled_at_ns >= label.captured_at_ns
+
+
+@pytest.mark.parametrize("peer", list(KAFKA_PEERS))
+def test_kafka_peer_labels_every_frame_as_framecast_does_and_commits(
+    peer: str, kafka_settings: KafkaSettings,
+    frames_topic: tuple[str, dict[FrameKey, int], int],
+) -> None:
+    python = KAFKA_PEERS[peer]
+    if not python.exists():
+        pytest.skip(f"{python.parent.parent} is missing: run `make peers`")
+    topic, expected, messages = frames_topic
+    labels_topic = _labels_topic(kafka_settings)
+    group = f"peer-{peer}-{uuid.uuid4().hex[:8]}"
+    final, stderr = _run([
+        str(python), str(PEERS / f"{peer}.py"),
+        "--bootstrap", kafka_settings.bootstrap_servers, "--frames", topic,
+        "--labels", labels_topic, "--group", group, "--model", str(MODEL),
+        "--max-frames", str(FRAMES), "--batch", "16",
+    ])
+    assert "READY" in stderr.splitlines()
+    assert final["labelled"] >= FRAMES
+    assert final["cpu_s"] > 0
+    records = read_topic(kafka_settings, labels_topic, FRAMES, settle_s=1.0)
+    assert all(r.key.decode() == json.loads(r.value)["stream_id"] for r in records)
+    _check_labels([LabelRecord.model_validate_json(r.value) for r in records], expected)
+    # At-least-once: the offsets committed are those of every frame labelled, no further.
+    assert committed_offsets(kafka_settings, group) == messages
+
+
+def test_floor_resumes_from_its_committed_offsets(
+    kafka_settings: KafkaSettings, frames_topic: tuple[str, dict[FrameKey, int], int],
+) -> None:
+    """Two runs of one group: the second labels the frames the first did not commit."""
+    topic, expected, messages = frames_topic
+    labels_topic = _labels_topic(kafka_settings)
+    group = f"peer-floor-{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, str(PEERS / "floor.py"), "--bootstrap",
+            kafka_settings.bootstrap_servers, "--frames", topic, "--labels", labels_topic,
+            "--group", group, "--model", str(MODEL), "--batch", "8"]
+    first, _ = _run([*argv, "--max-frames", "60"])
+    assert FRAMES > first["labelled"] >= 60
+    second, _ = _run([*argv, "--max-frames", str(FRAMES - first["labelled"])])
+    assert first["labelled"] + second["labelled"] == FRAMES  # nothing read twice
+    records = read_topic(kafka_settings, labels_topic, FRAMES, settle_s=1.0)
+    _check_labels([LabelRecord.model_validate_json(r.value) for r in records], expected)
+    assert committed_offsets(kafka_settings, group) == messages
+
+
+def test_http_cameras_label_what_serve_answers(
+    kafka_settings: KafkaSettings, stream_app: str, serve_port: int,
+) -> None:
+    cameras, per_camera = 2, 20
+    labels_topic = _labels_topic(kafka_settings)
+    final, stderr = _run([
+        sys.executable, str(PEERS / "http_cameras.py"),
+        "--url", f"http://127.0.0.1:{serve_port}/{stream_app}/classify",
+        "--bootstrap", kafka_settings.bootstrap_servers, "--labels", labels_topic,
+        "--cameras", str(cameras), "--fps", "0", "--per-camera", str(per_camera),
+    ])
+    assert final["labelled"] == cameras * per_camera, stderr[-2000:]
+    assert final["errors"] == 0
+    # The same frames the cameras sent (the synthetic video is deterministic), as PNG.
+    source = SyntheticSource()
+    frames = []
+    for k in range(cameras):
+        shots = source.stream(k)
+        for index in range(per_camera):
+            frames.append(FrameRecord(f"cam-{k}", index, 0, "png", 0, 0, 0,
+                                      encode_pixels(next(shots).pixels, "png"), None))
+    records = read_topic(kafka_settings, labels_topic, cameras * per_camera, settle_s=1.0)
+    labels = [LabelRecord.model_validate_json(r.value) for r in records]
+    assert len(labels) == cameras * per_camera
+    _check_labels(labels, _expected(frames))
+
+
+def test_the_peers_share_no_framecast_code() -> None:
+    """The Kafka peers run in venvs without framecast: they import only common.py of it."""
+    for peer in (*KAFKA_PEERS, "common"):
+        source = (PEERS / f"{peer}.py").read_text()
+        for package in ("streams", "serving", "cluster", "jobs"):
+            assert f"from {package}" not in source and f"import {package}" not in source, peer
