@@ -616,7 +616,7 @@ def _bench_part_in_child(ctx: typer.Context, part: str, quick: bool, out_dir: Pa
 def bench(
     ctx: typer.Context,
     what: Annotated[str, typer.Argument(
-        help="all | model | serve | pipeline | scaling | peers")] = "all",
+        help="all | model | serve | pipeline | scaling | peers | decode")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     artifact: Annotated[Path | None, typer.Option(
@@ -644,6 +644,16 @@ def bench(
     --artifact defaults to models/fashion_mnist_stream."""
     import time
 
+    if what == "decode":  # a camera JPEG to model input, one thread, no stack needed
+        from cluster.bench import decode as decode_bench
+
+        result = decode_bench.bench_decode(
+            samples=60 if quick else 300, log=lambda line: console.print(line, highlight=False))
+        out_dir = out or _opts(ctx).settings().home / "reports" / "bench"
+        command = "framecast " + " ".join(sys.argv[1:])
+        for path in decode_bench.write_outputs(out_dir, result, command):
+            console.print(f"wrote {path}", highlight=False)
+        return
     if what not in ("all", "model", "serve", "pipeline", "scaling", "peers"):
         fail(f"unknown bench {what!r}; expected all, model, serve, pipeline, scaling or peers",
              EXIT_USAGE)
