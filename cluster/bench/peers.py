@@ -61,6 +61,10 @@ PIPELINES = ("framecast", "floor", "quix", "bytewax", "faust", "http")
 BOUNDS_MS = (15.0, 50.0)
 MAX_FPS_PER_CAMERA = 30.0
 MAX_CAMERAS = 64
+CpuSnapshot = dict[tuple[int, float], float]
+# run_frames(cameras, fps, per_camera, batch) offers frames: (the cameras' frames/s or None,
+# capture clock at start and at end (ns), the CPU snapshot when the load started or None).
+RunFrames = Callable[[int, float, int, int], tuple[float | None, int, int, CpuSnapshot | None]]
 
 
 # -- pure parts: the arithmetic and the capacity search ----------------------------------------
@@ -210,6 +214,14 @@ def window(labels: Iterable[dict[str, Any]], start_ns: int, end_ns: int) -> list
     return list(seen.values())
 
 
+def captured_rate(labels: list[dict[str, Any]]) -> float | None:
+    """Frames/s the cameras really made: labels - 1 over the span of their capture times."""
+    times = sorted(r["captured_at_ns"] for r in labels)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return round((len(times) - 1) / ((times[-1] - times[0]) / 1e9), 1)
+
+
 def latency_ms(labels: list[dict[str, Any]]) -> list[float]:
     """End-to-end ms of each ok label: labeled_at_ns - captured_at_ns."""
     return [(r["labeled_at_ns"] - r["captured_at_ns"]) / 1e6 for r in labels
@@ -282,11 +294,11 @@ class Program:
         exits first or takes longer than timeout_s."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if ready():
+                return
             if self.child is None or self.child.poll() is not None:
                 raise RuntimeError(f"{Path(self.argv[1]).name} exited before it was ready: "
                                    f"{self.stderr_tail()}")
-            if ready():
-                return
             time.sleep(0.2)
         raise RuntimeError(f"{Path(self.argv[1]).name} not ready within {timeout_s:.0f} s: "
                            f"{self.stderr_tail()}")
@@ -424,23 +436,26 @@ def _step_result(load: float, cameras: int, fps: float, frames: int,
 
 def _measure_pipeline(
     bench: _Bench, name: str, *, counted: Callable[[], list[psutil.Process]],
-    run_frames: Callable[[int, float, int, int], tuple[float | None, int, int]],
+    run_frames: RunFrames,
     labels_topic: str, flat_frames: int,
 ) -> dict[str, Any]:
     """Warm-up, flat out, then the capacity search, for one running pipeline.
 
-    run_frames(cameras, fps, per_camera, batch) offers frames and returns (the cameras'
-    frames/s, capture clock at start, ns; at end, ns)."""
+    run_frames: see RunFrames."""
     options = bench.options
     state = {"read": 0}
 
     def offer(cameras: int, fps: float, per_camera: int, batch: int,
               ) -> tuple[list[dict[str, Any]], float | None, float, int]:
         before = cpu_snapshot(counted())
-        produce_fps, start_ns, end_ns = run_frames(cameras, fps, per_camera, batch)
+        produce_fps, start_ns, end_ns, started = run_frames(cameras, fps, per_camera, batch)
         frames = cameras * per_camera
         labels = bench.labels_for(labels_topic, state, start_ns, end_ns, frames,
                                   timeout_s=options.drain_s + (0 if fps else 120))
+        if started is not None:
+            before = started
+        if produce_fps is None and fps:
+            produce_fps = captured_rate(labels)
         return labels, produce_fps, cpu_used(before, cpu_snapshot(counted())), frames
 
     offer(4, 0, max(1, options.warmup_frames // 4), 64)  # not measured: JIT, caches, pools
@@ -509,15 +524,15 @@ def _topics(bench: _Bench) -> Iterator[dict[str, str]]:
 
 
 def _kafka_cameras(bench: _Bench, topic: str
-                   ) -> Callable[[int, float, int, int], tuple[float | None, int, int]]:
+                   ) -> RunFrames:
     """The cameras every Kafka pipeline gets: ``framecast produce`` of Fashion-MNIST frames."""
 
     def run(cameras: int, fps: float, per_camera: int, batch: int
-            ) -> tuple[float | None, int, int]:
+            ) -> tuple[float | None, int, int, CpuSnapshot | None]:
         start = time.time_ns()
         produced = produce_in_subprocess(bench.settings, bench.bootstrap, topic, cameras=cameras,
                                          fps=fps, per_camera=per_camera, batch=batch)
-        return produced.get("fps"), start, time.time_ns()
+        return produced.get("fps"), start, time.time_ns(), None
 
     return run
 
@@ -525,6 +540,7 @@ def _kafka_cameras(bench: _Bench, topic: str
 def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[str, Any]:
     """framecast's stream classifier (argv None) or a Kafka peer, measured on fresh topics."""
     from streams.client import admin_client
+    from streams.exceptions import StreamsError
 
     with _topics(bench) as names, contextlib.ExitStack() as cleanup:
         group = f"bench-{name}-{names['frames']}"
@@ -536,7 +552,10 @@ def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[st
             admin = cleanup.enter_context(admin_client(bench.settings.kafka, bench.bootstrap))
 
             def ready() -> bool:
-                info = admin.describe_group(group)
+                try:  # a fresh broker's group coordinator may not answer yet
+                    info = admin.describe_group(group)
+                except StreamsError:
+                    return False
                 return info.state == "stable" and bool(info.members)
         else:
             model = bench.artifact / "model.tflite"
@@ -574,21 +593,21 @@ def _http_pipeline(bench: _Bench, argv: list[str]) -> dict[str, Any]:
         token = ["--token-env", "FRAMECAST_BENCH_HTTP_TOKEN"]
     with _topics(bench) as names:
         def run(cameras: int, fps: float, per_camera: int, _batch: int
-                ) -> tuple[float | None, int, int]:
+                ) -> tuple[float | None, int, int, CpuSnapshot | None]:
             program = Program([*argv, "--url", url, "--bootstrap", bench.bootstrap, "--labels",
                                names["labels"], "--cameras", str(cameras), "--fps", str(fps),
                                "--per-camera", str(per_camera), *token], env=env)
             start = time.time_ns()
             program.start()
-            try:
+            try:  # CPU from when its cameras start: its start-up is not the pipeline's
+                program.wait_ready(program.said_ready, timeout_s=120)
+                started = cpu_snapshot(counted())
                 program.wait(timeout_s=900)
             finally:
                 outcome = program.stop()
             if outcome.get("exit"):
                 raise RuntimeError(f"http_cameras.py failed (exit {outcome['exit']})")
-            seconds = (time.time_ns() - start) / 1e9
-            return outcome.get("fps") or round(cameras * per_camera / seconds, 1), start, \
-                time.time_ns()
+            return None, start, time.time_ns(), started  # its rate: from the capture times
 
         def counted() -> list[psutil.Process]:
             return [*([bench.broker] if bench.broker else []), *bench.ray_processes()]

@@ -191,3 +191,9 @@ def test_the_report_names_every_pipeline_and_skips_none_silently(tmp_path: Path)
     assert paths[2].stat().st_size > 1000
     assert headline({"peers": results}) == {
         "peers: floor capacity fps at p99 <= 15 / 50 ms, frames per CPU-s": "260.0 / 695.0, 2100.5"}
+
+
+def test_captured_rate_is_the_cameras_real_rate():
+    labels = [{"captured_at_ns": t * 10_000_000} for t in range(11)]  # 11 frames 10 ms apart
+    assert peers.captured_rate(labels) == 100.0
+    assert peers.captured_rate(labels[:1]) is None
