@@ -21,7 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.exceptions import SettingsError
-from serving.config import ServeSettings
+from serving.config import ServeSettings, StorageSettings
 from streams.config import ClassifierConfig, KafkaSettings, TopicSettings
 
 
@@ -111,6 +111,7 @@ class FramecastSettings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     stream: ClassifierConfig = Field(default_factory=ClassifierConfig)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
 
     @model_validator(mode="after")
     def _stream_follows_topics(self) -> FramecastSettings:
@@ -151,6 +152,7 @@ def load_settings(**overrides: Any) -> FramecastSettings:
         "serve": ServeSettings,
         "stream": ClassifierConfig,
         "dashboard": DashboardSettings,
+        "storage": StorageSettings,
     }
     unknown = set(overrides) - set(sections) - set(FramecastSettings.model_fields)
     if unknown:

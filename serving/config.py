@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import (
+    AliasChoices,
     Field,
     NonNegativeFloat,
     PositiveFloat,
@@ -189,3 +190,83 @@ class ServeSettings(BaseSettings):
     def http_url(self) -> str:
         """Base URL of the Serve HTTP proxy."""
         return f"http://{self.http_host}:{self.http_port}"
+
+
+class StorageSettings(BaseSettings):
+    """Where artifacts named by URI (``s3://``, ``gs://``, ``file://``) are read and written.
+
+    Credentials come from here - ``FRAMECAST_STORAGE_*`` or, when those are unset, the
+    standard AWS variables - never from the command line or the URI. They are SecretStr
+    (masked in ``status --json``, reprs and logs) and reach Serve replicas as the
+    deployment's constructor argument, never as user_config or runtime_env env_vars (both
+    are shown by ``serve status`` / the Ray dashboard); see docs/contracts.md. Unset, each
+    process uses its own environment (instance roles, pod identity, the AWS variables).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRAMECAST_STORAGE_", extra="forbid", populate_by_name=True,
+        hide_input_in_errors=True, loc_by_alias=False,
+    )
+
+    endpoint_override: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "FRAMECAST_STORAGE_ENDPOINT_OVERRIDE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+        ),
+        description="S3-compatible endpoint (http(s)://host:port: MinIO, Ceph, a test server); "
+        "unset = AWS.",
+    )
+    region: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "FRAMECAST_STORAGE_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"
+        ),
+        description="S3 region (unset: the SDK's default chain).",
+    )
+    access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FRAMECAST_STORAGE_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+        description="S3 access key id (or AWS_ACCESS_KEY_ID).",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FRAMECAST_STORAGE_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+        description="S3 secret access key (or AWS_SECRET_ACCESS_KEY).",
+    )
+    session_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FRAMECAST_STORAGE_SESSION_TOKEN", "AWS_SESSION_TOKEN"),
+        description="Temporary session token (or AWS_SESSION_TOKEN).",
+    )
+    gcs_anonymous: bool = Field(
+        default=False, description="Read gs:// without credentials (public buckets)."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where each replica keeps fetched artifacts, per URI and manifest sha256 "
+        "(default: $XDG_CACHE_HOME/framecast/artifacts or ~/.cache/framecast/artifacts on the "
+        "replica's node).",
+    )
+
+    @field_validator("endpoint_override")
+    @classmethod
+    def _validate_endpoint(cls, endpoint: str | None) -> str | None:
+        if endpoint is None or "://" not in endpoint:
+            return endpoint
+        scheme = endpoint.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"scheme must be http or https, got {scheme!r}")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _validate_keys(self) -> StorageSettings:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("access_key and secret_key go together: set both or neither")
+        if self.session_token is not None and self.access_key is None:
+            raise ValueError("session_token needs access_key and secret_key")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        """True when anything is set (so replicas get these settings, not their own env's)."""
+        return bool(self.model_dump(exclude_defaults=True))
