@@ -240,13 +240,18 @@ def read_manifest(directory: Path) -> ArtifactManifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST_NAME} (not an artifact directory)")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> ArtifactManifest:
+    """Parse and validate the bytes of a ``manifest.json`` (``where`` names it in errors)."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
         return ArtifactManifest.model_validate(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path}: not valid JSON: {error}") from error
+        raise ArtifactError(f"{where}: not valid JSON: {error}") from error
     except ValidationError as error:
-        raise ArtifactError(f"{path}: invalid manifest:\n{error}") from error
+        raise ArtifactError(f"{where}: invalid manifest:\n{error}") from error
 
 
 def _read_at_most(path: Path, limit: int) -> bytes:
