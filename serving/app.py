@@ -38,8 +38,8 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.requests import ClientDisconnect
 
-from serving.artifacts import ArtifactError, LoadedArtifact, load_artifact
-from serving.config import ServeSettings
+from serving.artifacts import ArtifactError, LoadedArtifact
+from serving.config import ServeSettings, StorageSettings
 from serving.frames import (
     ARROW_CONTENT_TYPE,
     FrameRecord,
@@ -58,6 +58,7 @@ from serving.preprocess import (
 )
 from serving.results import ClassifyResult, FrameAnswer, FrameError
 from serving.runtimes import HealthSample, ModelRuntime, select_runtime
+from serving.storage import is_uri, load_location, verify_location
 
 log = logging.getLogger("ray.serve")
 
@@ -252,9 +253,12 @@ def _image_input(
 class Classifier:
     """One replica: decodes frames, batches them, runs the model, answers per frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: StorageSettings | None = None) -> None:
         import ray
 
+        # Object-store credentials (SecretStr) come as this constructor argument: never in
+        # user_config or runtime_env, which `serve status` and the dashboard show.
+        self.storage = storage
         context: Any = ray.get_runtime_context()  # untyped in Ray
         resources = context.get_assigned_resources()
         self.num_gpus = float(resources.get("GPU", 0.0))
@@ -336,7 +340,8 @@ class Classifier:
         self.config = config
 
     def _load(self, artifact_dir: str, gpu_precision: str) -> LoadedModel:
-        artifact = load_artifact(artifact_dir)  # reads and verifies every file once
+        # reads and verifies every file once (a URI: fetched into this node's cache first)
+        artifact = load_location(artifact_dir, self.storage)
         runtime = select_runtime(  # from the verified bytes, not from the directory again
             artifact,
             num_gpus=self.num_gpus,
@@ -616,8 +621,11 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    artifact_dir: str = Field(description="Artifact directory to serve.")
+    artifact_dir: str = Field(description="Artifact directory (or s3://, gs://, file:// URI).")
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    storage: StorageSettings | None = Field(
+        default=None, description="Object-store settings for the replicas (unset: their env's)."
+    )
 
 
 def deployment_options(settings: ServeSettings) -> dict[str, Any]:
@@ -661,10 +669,11 @@ def app(args: dict[str, Any]) -> Any:
     artifact_dir = Path(parsed.artifact_dir)
     if artifact_dir.is_dir():  # relative paths mean "relative to where the app is built"
         artifact_dir = artifact_dir.resolve()
+    location = parsed.artifact_dir if is_uri(parsed.artifact_dir) else str(artifact_dir)
     # Verified here too: a Serve config update (`serve deploy`, a RayService) whose args name
     # another artifact builds the app before Serve replaces any replica, so a tampered one
     # fails the build (DEPLOY_FAILED, with the reason) and the running version keeps serving.
-    load_artifact(artifact_dir)
+    verify_location(location, parsed.storage)  # an object store's objects are streamed, not kept
     token = settings.http_token
     if token is None and os.environ.get(TOKEN_ENV):
         # A Serve config file (RayService) leaves the token out of its args, which show in
@@ -672,7 +681,7 @@ def app(args: dict[str, Any]) -> Any:
         token = ServeSettings.model_validate({"http_token": os.environ[TOKEN_ENV]}).http_token
     salt, mac = token_verifier(token.get_secret_value()) if token is not None else (None, None)
     user_config = ReplicaConfig(
-        artifact_dir=str(artifact_dir),
+        artifact_dir=location,
         max_batch_size=settings.max_batch_size,
         batch_wait_timeout_s=settings.batch_wait_timeout_s,
         gpu_precision=settings.gpu_precision,
@@ -687,4 +696,4 @@ def app(args: dict[str, Any]) -> Any:
     )
     return Classifier.options(  # type: ignore[attr-defined]
         **deployment_options(settings), user_config=user_config.model_dump()
-    ).bind()
+    ).bind(parsed.storage)
