@@ -616,7 +616,7 @@ def _bench_part_in_child(ctx: typer.Context, part: str, quick: bool, out_dir: Pa
 def bench(
     ctx: typer.Context,
     what: Annotated[str, typer.Argument(
-        help="all | model | serve | pipeline | scaling | peers | decode")] = "all",
+        help="all | model | serve | pipeline | scaling | peers | decode | autoscale")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="A short run.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     artifact: Annotated[Path | None, typer.Option(
@@ -652,6 +652,20 @@ def bench(
         out_dir = out or _opts(ctx).settings().home / "reports" / "bench"
         command = "framecast " + " ".join(sys.argv[1:])
         for path in decode_bench.write_outputs(out_dir, result, command):
+            console.print(f"wrote {path}", highlight=False)
+        return
+    if what == "autoscale":  # Serve replicas on Kafka lag through a burst (not part of all)
+        from cluster.bench import autoscale as autoscale_bench
+        from cluster.demo import SHIPPED_MODEL as SHIPPED
+
+        settings = _opts(ctx).settings()
+        try:
+            paths = autoscale_bench.run_cli(
+                settings, artifact or SHIPPED, console, quick=quick,
+                out_dir=out or settings.home / "reports" / "bench")
+        except FramecastError as error:
+            fail(str(error))
+        for path in paths:
             console.print(f"wrote {path}", highlight=False)
         return
     if what not in ("all", "model", "serve", "pipeline", "scaling", "peers"):
