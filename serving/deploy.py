@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from serving.artifacts import load_artifact
-from serving.config import ServeSettings
+from serving.config import ServeSettings, StorageSettings
 from serving.exceptions import DeployError
 
 
@@ -24,19 +24,30 @@ def _connect(address: str | None, namespace: str) -> None:
 
 
 def deploy(
-    artifact_dir: Path,
+    artifact_dir: Path | str,
     settings: ServeSettings,
     *,
     address: str | None,
     namespace: str = "framecast",
     timeout_s: float = 300.0,
+    storage: StorageSettings | None = None,
 ) -> dict[str, Any]:
-    """Deploy (or update in place) the app serving artifact_dir; return once /healthz is ok."""
+    """Deploy (or update in place) the app serving artifact_dir (a directory, or an s3://,
+    gs://, file:// URI read with ``storage``); return once /healthz is ok."""
     from ray import serve
 
     from serving.app import app
+    from serving.storage import parse_location, verify_remote
 
-    artifact = load_artifact(artifact_dir)  # refuse a tampered artifact before sending anything
+    # Refuse a bad URI or a tampered artifact before sending anything: a directory is read
+    # and hashed here, an object store's objects are streamed through sha256 (nothing kept).
+    parsed = parse_location(artifact_dir)
+    if isinstance(parsed, str):
+        location, storage = str(load_artifact(parsed).directory), None
+    else:
+        storage = storage if storage is not None and storage.configured else None
+        verify_remote(parsed, storage or StorageSettings())
+        location = str(parsed)
     _connect(address, namespace)
     # The proxy's own timeout is a backstop a little above the replica's, which answers first
     # with a JSON reason (a client can lift the proxy's with x-request-timeout-seconds).
@@ -49,7 +60,11 @@ def deploy(
         }
     )
     # The settings go as objects (the token stays a SecretStr); the replicas get only its HMAC.
-    application = app({"artifact_dir": str(artifact.directory), "serve": settings.model_dump()})
+    # Storage credentials (SecretStr) go only with an object-store URI, and only when set
+    # (unset: the replicas use their own environment's).
+    application = app(
+        {"artifact_dir": location, "serve": settings.model_dump(), "storage": storage}
+    )
     started = time.monotonic()
     serve.run(
         application, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False
