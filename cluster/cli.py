@@ -353,7 +353,9 @@ def report_paper(
 @serve_app.command("deploy")
 def serve_deploy(
     ctx: typer.Context,
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory to serve.")],
+    artifact: Annotated[str, typer.Argument(
+        help="Artifact directory, or an s3://, gs://, file:// URI (credentials: the storage "
+        "settings, FRAMECAST_STORAGE_* or the AWS variables).")],
     name: Annotated[str | None, typer.Option(help="Serve application name.")] = None,
     min_replicas: Annotated[int | None, typer.Option(help="Autoscaling lower bound.")] = None,
     max_replicas: Annotated[int | None, typer.Option(help="Autoscaling upper bound.")] = None,
@@ -391,9 +393,15 @@ def serve_deploy(
         "autoscale_on": autoscale_on,
     })
     try:
+        from serving.storage import parse_location
+
+        parse_location(artifact)  # a bad URI fails here, before Ray is touched
+    except FramecastError as error:
+        fail(str(error), EXIT_USAGE)
+    try:
         with stack.ray_connection(settings), console.status(f"deploying {artifact}..."):
             result = deploy(artifact, with_lag_inputs(settings), address=None,
-                            namespace=settings.ray.namespace)
+                            namespace=settings.ray.namespace, storage=settings.storage)
     except FramecastError as error:
         fail(str(error))
     model = result.get("model") or {}
