@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
     model: ModelName = Field(description="Model architecture to train.")
     dataset: str = Field(description="fashion-mnist | folder:PATH | synthetic.")
     epochs: PositiveInt = Field(description="Training epochs (early stopping may end sooner).")
-    out: str = Field(description="Artifact directory to write.")
+    out: str = Field(description="Artifact directory, or s3://, gs://, file:// URI, to write.")
     limit: PositiveInt | None = Field(
         default=None, description="Use only N training images (default: all).")
     test_limit: PositiveInt | None = Field(

@@ -23,6 +23,7 @@ from typing import Any
 from jobs.config import TrainConfig  # the run's settings; here for the callers of train_artifact
 from jobs.exceptions import OptionError, TrainingError
 from serving.artifacts import MANIFEST_NAME
+from serving.exceptions import UserError
 
 CHECKPOINT_STATE = "state"
 CHECKPOINT_PROGRESS = "progress.json"
@@ -42,11 +43,45 @@ def validate_config(config: TrainConfig) -> None:
         if missing:
             raise OptionError(f"--from-checkpoint {checkpoint} is not a framecast training "
                              f"checkpoint (missing {', '.join(missing)})")
-    out = Path(config.out)
+    target = out_location(config.out)
+    if not isinstance(target, str):  # an object store: it answers, and the prefix can take it
+        from serving.storage import check_out
+
+        try:
+            check_out(config.out, storage_settings())
+        except UserError as error:
+            raise OptionError(str(error)) from None
+        return
+    out = Path(target)
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / MANIFEST_NAME).is_file())):
         raise OptionError(f"--out {out} exists and is not an artifact directory; "
                          "refusing to overwrite it")
+
+
+def out_location(out: str) -> Any:
+    """``--out`` as a local directory (``file://`` URIs become one) or an object-store URI
+    (serving.storage.ArtifactURI); OptionError naming --out for an unsupported one."""
+    from serving.storage import StorageError, parse_location
+
+    try:
+        return parse_location(out, field="--out")
+    except StorageError as error:
+        raise OptionError(str(error)) from None
+
+
+def storage_settings() -> Any:
+    """The storage settings (FRAMECAST_STORAGE_* or the AWS variables) for ``--out URI``."""
+    from pydantic import ValidationError
+
+    from serving.config import StorageSettings
+
+    try:
+        return StorageSettings()
+    except ValidationError as error:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
+        raise OptionError(f"storage settings: invalid {fields}: {error.errors()[0]['msg']}"
+                          ) from None
 
 
 # -- the worker side --------------------------------------------------------------------------
@@ -396,9 +431,10 @@ def train_artifact(config: TrainConfig,
             seed=config.seed)
     macs = count_macs(build_model(ModelSpec(config.model, config.alpha, "none"),
                                   data.input_shape, len(data.classes)))
-    out = Path(config.out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent
-                                    if out.parent.exists() else None))
+    target = out_location(config.out)
+    out = Path(target) if isinstance(target, str) else None  # None: upload to the object store
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'artifact'}-", dir=out.parent
+                                    if out is not None and out.parent.exists() else None))
     try:
         save_float_saved_model(model, staging / "saved_model")
         calibration = calibration_sample(x_train, CALIBRATION_SAMPLES, config.seed)
@@ -416,10 +452,16 @@ def train_artifact(config: TrainConfig,
         metrics = _evaluate_staged(staging, manifest, config)
         metrics["train_seconds"] = train_seconds
         _finish_artifact(staging, manifest, metrics)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
+        if out is None:  # exported here, then uploaded (the manifest last)
+            from serving.storage import upload
+
+            stage(f"uploading to {target}")
+            upload(staging, config.out, storage_settings())
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

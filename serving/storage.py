@@ -356,6 +356,36 @@ def verify_location(location: str, storage: StorageSettings | None = None) -> Ar
     return verify_remote(parsed, storage or StorageSettings())
 
 
+def _writable(fs: pafs.FileSystem, uri: ArtifactURI) -> dict[str, int]:
+    """The objects an upload to ``uri`` replaces: none, or an artifact's; raise
+    StorageError when the prefix holds anything else (or cannot be listed)."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(uri.root, recursive=True,
+                                                   allow_not_found=True))
+    except OSError as error:
+        raise StorageError(f"--out {uri}: cannot list the prefix: {error}") from None
+    existing = {
+        info.path[len(uri.root):].lstrip("/"): int(info.size or 0)
+        for info in infos if info.type == pafs.FileType.File
+    }
+    if existing and MANIFEST_NAME not in existing:
+        raise StorageError(
+            f"--out {uri}: the prefix holds objects and no {MANIFEST_NAME}; "
+            "refusing to overwrite it"
+        )
+    return existing
+
+
+def check_out(location: str, storage: StorageSettings | None = None) -> None:
+    """Before any work: ``--out`` can take an artifact (the store answers with these
+    credentials; the prefix is empty or holds an artifact)."""
+    parsed = parse_location(location, field="--out")
+    if not isinstance(parsed, str):
+        _writable(filesystem(parsed, storage or StorageSettings()), parsed)
+
+
 def upload(directory: Path, location: str, storage: StorageSettings | None = None) -> str:
     """Copy a verified local artifact to an object store (the manifest last, so a reader
     never finds a manifest before its files); return the URI written.
@@ -367,15 +397,7 @@ def upload(directory: Path, location: str, storage: StorageSettings | None = Non
         raise StorageError(f"--out {location}: not an object-store URI")
     artifact = load_artifact(directory)  # never upload what does not verify
     fs = filesystem(parsed, storage or StorageSettings())
-    try:
-        existing = _remote_files(fs, parsed)
-    except StorageError:
-        existing = {}
-    if existing and MANIFEST_NAME not in existing:
-        raise StorageError(
-            f"--out {parsed}: the prefix holds objects and no {MANIFEST_NAME}; "
-            "refusing to overwrite it"
-        )
+    existing = _writable(fs, parsed)
     try:
         for name in existing:  # the artifact it replaces
             fs.delete_file(f"{parsed.root}/{name}")
@@ -394,6 +416,7 @@ __all__ = [
     "ArtifactURI",
     "StorageError",
     "cache_key",
+    "check_out",
     "default_cache_dir",
     "fetch",
     "filesystem",
