@@ -2,10 +2,11 @@
 
 Only numpy, Pillow, pyarrow and the standard library (plus ai_edge_litert for the model), so
 that each peer's own virtual environment needs nothing of framecast's. The arithmetic is
-framecast's, step for step (serving/preprocess.py, serving/runtimes.py, serving/app.py): a
-frame is decoded by Pillow to uint8 (grayscale kept, RGB converted to gray with the same
-weights), resized bilinearly by Pillow when it is not the model's size, scaled by 1/255 in
-float32 and quantized with the interpreter's input scale and zero point; the class is the
+framecast's, step for step (serving/preprocess.py image_pixels, serving/runtimes.py,
+serving/app.py): a frame is decoded by Pillow to uint8 (a JPEG at the DCT scale the model
+needs, grayscale models straight from its luma; otherwise in full, RGB converted to gray with
+the same weights), resized bilinearly by Pillow when it is not the model's size, scaled by
+1/255 in float32 and quantized with the interpreter's input scale and zero point; the class is the
 highest dequantized probability (ties to the lower class id). The last two steps are one
 256-entry lookup table here: they act on each uint8 pixel alone, so the table gives the same
 int8 values as computing them per pixel.
@@ -112,33 +113,48 @@ _ARROW_COLUMNS = ("stream_id", "frame_index", "captured_at_ns", "encoding", "hei
                   "channels", "data", "label")
 
 
-def decode(data: bytes, encoding: str, height: int = 0, width: int = 0,
-           channels: int = 0) -> np.ndarray:
-    """A frame's pixels as uint8 [H, W, C], as a replica decodes them."""
-    if encoding == "raw":
-        if len(data) != height * width * channels or channels not in (1, 3, 4):
-            raise BadFrame(f"raw frame of {len(data)} bytes is not {height}x{width}x{channels}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+def _open(data: bytes, encoding: str,
+          draft: tuple[str, tuple[int, int]] | None = None) -> tuple[Image.Image, Any]:
+    """Decode a JPEG/PNG to a Pillow image of mode L or RGB, with the box of a JPEG draft."""
     pil_format = _PIL_FORMATS.get(encoding)
     if pil_format is None:
         raise BadFrame(f"encoding {encoding!r} is not jpeg, png or raw")
+    box = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[pil_format])
             if image.width * image.height > MAX_PIXELS:
                 raise BadFrame(f"{image.width}x{image.height} is over the pixel limit")
+            if draft is not None:
+                drafted = image.draft(*draft)
+                if drafted is not None:
+                    box = drafted[1]
             image.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise BadFrame(f"not a valid {encoding} image ({error})") from None
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
+    return image, box
+
+
+def _array(image: Image.Image) -> np.ndarray:
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def decode(data: bytes, encoding: str, height: int = 0, width: int = 0,
+           channels: int = 0) -> np.ndarray:
+    """A frame's pixels as uint8 [H, W, C], as a replica decodes them in full."""
+    if encoding == "raw":
+        if len(data) != height * width * channels or channels not in (1, 3, 4):
+            raise BadFrame(f"raw frame of {len(data)} bytes is not {height}x{width}x{channels}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    return _array(_open(data, encoding)[0])
+
+
 def fit(image: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
-    """uint8 pixels in the model's shape: serving.preprocess.to_model_input before its /255."""
+    """uint8 pixels in the model's shape: serving.preprocess.to_model_pixels."""
     if image.shape[2] != channels:
         if channels == 1:
             gray = image[:, :, :3].astype(np.float32) @ np.array(
@@ -153,6 +169,26 @@ def fit(image: np.ndarray, height: int, width: int, channels: int) -> np.ndarray
         resized = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
         image = resized[:, :, None] if resized.ndim == 2 else resized
     return image
+
+
+def model_pixels(frame: Frame, hwc: tuple[int, int, int]) -> np.ndarray:
+    """A frame as the model's uint8 [H, W, C]: serving.preprocess.image_pixels. A JPEG is
+    decoded at the DCT scale the model needs (Pillow's draft) and resized from there; PNG and
+    raw frames are decoded in full, then converted and resized."""
+    out_h, out_w, out_c = hwc
+    if frame.encoding != "jpeg" or out_c not in (1, 3):
+        image = decode(frame.data, frame.encoding, frame.height, frame.width, frame.channels)
+        return fit(image, out_h, out_w, out_c)
+    mode = "L" if out_c == 1 else "RGB"
+    pil, box = _open(frame.data, "jpeg", draft=(mode, (out_w, out_h)))
+    if pil.mode != mode and out_c == 1:  # a CMYK JPEG, converted to RGB
+        return fit(_array(pil), out_h, out_w, out_c)
+    if pil.size != (out_w, out_h) or (box is not None and box != (0, 0, out_w, out_h)):
+        pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    pixels = _array(pil)
+    if pixels.shape[2] != out_c:  # a grayscale JPEG for an RGB model
+        pixels = np.repeat(pixels, out_c, axis=2)
+    return pixels
 
 
 def _bucket(n: int) -> int:
@@ -208,8 +244,7 @@ class Model:
 
     def prepare(self, frame: Frame) -> np.ndarray:
         """One frame as uint8 pixels of the model's shape (BadFrame if it is not a frame)."""
-        image = decode(frame.data, frame.encoding, frame.height, frame.width, frame.channels)
-        return fit(image, *self.hwc)
+        return model_pixels(frame, self.hwc)
 
     def classify(self, pixels: list[np.ndarray]) -> tuple[list[int], list[float]]:
         """Class ids and scores of a batch of uint8 model-shaped frames."""

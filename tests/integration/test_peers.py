@@ -10,11 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, decode_frames
-from serving.preprocess import DecodeLimits, decode_frame, to_model_input
+from serving.preprocess import DecodeLimits, batch_input, frame_pixels
 from serving.runtimes import LiteRTRuntime
 from streams.client import admin_client
 from streams.config import KafkaSettings
@@ -39,9 +38,7 @@ FrameKey = tuple[str, int]
 def _expected(frames: list[FrameRecord]) -> dict[FrameKey, int]:
     """The class serving's LiteRT runtime gives each frame, decoded as a replica does."""
     runtime = LiteRTRuntime(MODEL)
-    inputs = np.stack(
-        [to_model_input(decode_frame(f, DecodeLimits()), *runtime.input_hwc) for f in frames]
-    )
+    inputs = batch_input([frame_pixels(f, DecodeLimits(), runtime.input_hwc) for f in frames])
     ids = runtime.predict(inputs).argmax(axis=1)
     return {(f.stream_id, f.frame_index): int(c) for f, c in zip(frames, ids, strict=True)}
 
