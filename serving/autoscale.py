@@ -61,8 +61,8 @@ class KafkaLagPolicy:
     def __init__(
         self,
         *,
-        bootstrap: str,
         group: str,
+        bootstrap: str = "",
         topic: str,
         target_lag_per_replica: int = 2000,
         target_age_s: float = 5.0,

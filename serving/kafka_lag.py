@@ -30,12 +30,17 @@ from typing import Any
 logger = logging.getLogger("ray.serve")
 
 PASSWORD_ENV = "FRAMECAST_KAFKA_SASL_PASSWORD"  # noqa: S105 - a variable's name
+# Where an empty bootstrap / SASL user name is taken from in the controller (a RayService's
+# head pod gets them from the Kafka Secret, as the classifier pods do).
+BOOTSTRAP_ENV = "FRAMECAST_KAFKA_BOOTSTRAP_SERVERS"
+USERNAME_ENV = "FRAMECAST_KAFKA_SASL_USERNAME"
 _NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group has committed nothing there
 
 
 @dataclass(frozen=True)
 class LagTarget:
-    """Where the lag is read: Kafka connection (no secrets), group and topic."""
+    """Where the lag is read: Kafka connection (no secrets), group and topic. An empty
+    bootstrap (or SASL user name) is read from the environment (BOOTSTRAP_ENV, USERNAME_ENV)."""
 
     bootstrap: str
     group: str
@@ -48,7 +53,7 @@ class LagTarget:
     def client_config(self) -> dict[str, Any]:
         """confluent-kafka admin config; the SASL password only from the environment."""
         config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap,
+            "bootstrap.servers": self.bootstrap or os.environ.get(BOOTSTRAP_ENV, ""),
             "client.id": "framecast-autoscaler",
             "security.protocol": self.security_protocol,
             "socket.timeout.ms": 3000,
@@ -59,7 +64,7 @@ class LagTarget:
         }
         if self.sasl_mechanism:
             config["sasl.mechanism"] = self.sasl_mechanism
-            config["sasl.username"] = self.sasl_username or ""
+            config["sasl.username"] = self.sasl_username or os.environ.get(USERNAME_ENV, "")
             config["sasl.password"] = os.environ.get(PASSWORD_ENV, "")
         if self.ssl_cafile:
             config["ssl.ca.location"] = self.ssl_cafile

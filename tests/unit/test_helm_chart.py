@@ -938,3 +938,71 @@ def test_grafana_dashboard_renders_for_the_sidecar_and_uses_only_metrics_of_the_
 
     missing = sorted(n for n in names if not defined(n))
     assert missing == [], f"the dashboard uses metrics no code exports: {missing}"
+
+
+# -- Serve replicas on Kafka lag (serve.autoscaleOn=lag, values-lag.yaml) -------------------------
+
+
+def test_lag_autoscaling_puts_the_policy_in_the_serve_config_and_kafka_in_the_head(
+    rendered: dict[str, Path],
+):
+    import inspect
+
+    from ray.serve.config import AutoscalingConfig
+
+    from serving.autoscale import POLICY_PATH, KafkaLagPolicy
+
+    docs = _docs(rendered, "values-lag.yaml")
+    (service,) = _kind(docs, "RayService")
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    (deployment,) = application["deployments"]
+    assert deployment["name"] == "Classifier"
+    scaling = deployment["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 8)
+    policy = scaling["policy"]
+    assert policy["policy_function"] == POLICY_PATH
+    kwargs = policy["policy_kwargs"]
+    assert kwargs["group"] == "framecast" and kwargs["topic"] == "frames"
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert "bootstrap" not in kwargs and not any("password" in k for k in kwargs)
+    inspect.signature(KafkaLagPolicy).bind(**kwargs)  # the policy takes exactly these
+    AutoscalingConfig(**scaling)  # Serve's own model accepts it (and imports the policy)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    for name, key in (("FRAMECAST_KAFKA_BOOTSTRAP_SERVERS", "bootstrap_servers"),
+                      ("FRAMECAST_KAFKA_SASL_PASSWORD", "sasl_password")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "framecast-kafka", "key": key}
+    assert {v["name"] for v in head["volumes"]} >= {"kafka-tls"}
+    (egress,) = [p for p in _kind(docs, "NetworkPolicy")
+                 if p["metadata"]["name"].endswith("-ray-head-kafka")]
+    assert egress["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 9096}]
+    (scaled,) = _kind(docs, "ScaledObject")  # the classifiers: KEDA on the same group
+    assert scaled["spec"]["triggers"][0]["metadata"]["consumerGroup"] == kwargs["group"]
+
+
+def test_requests_autoscaling_by_default_leaves_the_serve_config_and_head_alone(
+    rendered: dict[str, Path],
+):
+    docs = _docs(rendered, "values.yaml")
+    (service,) = _kind(docs, "RayService")
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert "deployments" not in application
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert not any(e["name"].startswith("FRAMECAST_KAFKA") for e in head["containers"][0]["env"])
+    assert not [p for p in _kind(docs, "NetworkPolicy")
+                if p["metadata"]["name"].endswith("-ray-head-kafka")]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["serve.autoscaleOn=cpu"], "autoscaleOn"),
+        (["serve.autoscaleOn=lag", "serve.maxReplicas=1"], "maxReplicas > serve.minReplicas"),
+        (["serve.lag.targetPerReplica=0"], "targetPerReplica"),
+    ],
+)
+def test_bad_lag_autoscaling_values_are_refused(
+    built_tools: k8s.Tools, sets: list[str], message: str
+):
+    with pytest.raises(k8s.ToolError, match=message):
+        k8s.helm_template(built_tools, sets=sets)
