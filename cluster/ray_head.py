@@ -158,8 +158,15 @@ class LocalRayHead:
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
         ]
-        if s.num_cpus is not None:
-            cmd.append(f"--num-cpus={s.num_cpus}")
+        num_cpus = s.head_num_cpus
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        # The head is node "head" of the cluster: the same custom resource and label as every
+        # worker node (cluster.ray_nodes), so actors can be pinned or spread by node name.
+        cmd += [
+            '--resources={"framecast_node": 1, "framecast_node_head": 1}',
+            "--labels=framecast.node=head",
+        ]
         env = {**os.environ, **self.client_env(create=True)}
         with self.log_file.open("wb") as log_handle:
             try:
@@ -188,7 +195,7 @@ class LocalRayHead:
             gcs_port=s.gcs_port,
             dashboard_url=f"http://127.0.0.1:{s.dashboard_port}",
             temp_dir=str(self.temp_dir),
-            num_cpus=s.num_cpus,
+            num_cpus=num_cpus,
             started_at=time.time(),
         )
         write_json(self.state_file, asdict(info))

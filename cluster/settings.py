@@ -6,6 +6,7 @@ Sources, highest precedence first: CLI flags, ``FRAMECAST_*`` environment variab
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,30 @@ class RaySettings(BaseSettings):
         default=512, description="Object store of the local head, in MiB."
     )
     namespace: str = Field(default="framecast", min_length=1, description="Ray namespace.")
+    nodes: PositiveInt = Field(
+        default=1, le=16,
+        description="Nodes of the local cluster: the head plus nodes-1 worker nodes "
+        "(`ray start --address`) on this machine.",
+    )
+    worker_num_cpus: PositiveInt | None = Field(
+        default=None,
+        description="CPUs each local worker node offers (default: the cores split evenly "
+        "over the nodes).",
+    )
+
+    @property
+    def head_num_cpus(self) -> int | None:
+        """CPUs the local head offers: num_cpus, else its share when there are worker nodes."""
+        if self.num_cpus is not None or self.nodes == 1:
+            return self.num_cpus
+        return max(1, (os.cpu_count() or 1) // self.nodes)
+
+    @property
+    def worker_cpus(self) -> int:
+        """CPUs each local worker node offers."""
+        if self.worker_num_cpus is not None:
+            return self.worker_num_cpus
+        return max(1, (os.cpu_count() or 1) // self.nodes)
 
     @property
     def uses_local_head(self) -> bool:

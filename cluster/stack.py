@@ -18,6 +18,7 @@ from cluster import kafka_security
 from cluster.exceptions import BrokerStartError, RayHeadError
 from cluster.kafka_broker import BrokerSecurity, EmbeddedKafka, broker_answers_metadata
 from cluster.ray_head import LocalRayHead, use_ray_auth_env
+from cluster.ray_nodes import NODE_LABEL, LocalRayCluster
 from cluster.settings import FramecastSettings
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,25 @@ def up(
                     {"dashboard": head_info.dashboard_url},
                 )
             )
+            if settings.ray.nodes > 1:
+                events.append(_up_ray_workers(head, head_info.address, settings.ray.nodes))
     return events
+
+
+def _up_ray_workers(head: LocalRayHead, address: str, nodes: int) -> StackEvent:
+    cluster = LocalRayCluster(head)
+    already = {info.index for info in cluster.workers()}
+    started = time.monotonic()
+    infos = cluster.start_workers(address, nodes)
+    new = [info.name for info in infos if info.index not in already]
+    return StackEvent(
+        "ray-workers",
+        "started" if new else "running",
+        f"{len(infos)} worker node(s) joined {address}"
+        + (f" (started {', '.join(new)})" if new else ""),
+        time.monotonic() - started,
+        {"workers": [info.name for info in infos], "num_cpus": head.settings.worker_cpus},
+    )
 
 
 def _up_kafka(settings: FramecastSettings, port: int | None, sasl: bool) -> StackEvent:
@@ -176,7 +195,17 @@ def down(settings: FramecastSettings, *, kafka: bool = True, ray: bool = True) -
     events: list[StackEvent] = []
     if ray and not settings.ray.address:
         started = time.monotonic()
-        stopped = local_ray_head(settings).stop()
+        head = local_ray_head(settings)
+        workers = LocalRayCluster(head).stop_workers()
+        if workers:
+            events.append(
+                StackEvent(
+                    "ray-workers", "stopped", f"{len(workers)} worker node(s)",
+                    time.monotonic() - started,
+                )
+            )
+            started = time.monotonic()
+        stopped = head.stop()
         events.append(
             StackEvent(
                 "ray", "stopped" if stopped else "not running", "", time.monotonic() - started
@@ -274,6 +303,7 @@ def _ray_status(settings: FramecastSettings, probe: bool) -> dict[str, Any]:
         "running": address is not None,
         "dashboard_url": head.dashboard_url if head else None,
         "resources": None,
+        "nodes": None,
         "serve_applications": None,
     }
     if probe and address is not None:
@@ -290,6 +320,7 @@ def _probe_ray(settings: FramecastSettings, address: str) -> dict[str, Any]:
             resources = {
                 k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")
             }
+            nodes = ray_nodes()
             # serve.status() reports no applications when Serve was never started here.
             apps = {
                 name: {
@@ -303,4 +334,31 @@ def _probe_ray(settings: FramecastSettings, address: str) -> dict[str, Any]:
             }
     except (ConnectionError, RuntimeError, ValueError) as error:
         return {"error": f"cannot query Ray at {address}: {error}"}
-    return {"resources": resources, "serve_applications": apps}
+    return {"resources": resources, "nodes": nodes, "serve_applications": apps}
+
+
+def ray_nodes() -> list[dict[str, Any]]:
+    """The nodes of the connected cluster (``status --json``'s ``ray.nodes``), head first.
+
+    Each: Ray's node id, ``is_head``, ``alive``, its resources (the per-node ``node:<ip>``
+    markers left out), Ray's ``node_manager_port``, and framecast's node name when it has one.
+    """
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        resources = node.get("Resources") or {}
+        out.append(
+            {
+                "id": node.get("NodeID"),
+                "is_head": "node:__internal_head__" in resources,
+                "alive": bool(node.get("Alive")),
+                "resources": {
+                    k: v for k, v in resources.items() if not k.startswith("node:")
+                },
+                "node_manager_port": node.get("NodeManagerPort"),
+                "name": (node.get("Labels") or {}).get(NODE_LABEL),
+            }
+        )
+    out.sort(key=lambda n: (not n["is_head"], not n["alive"], str(n["name"]), str(n["id"])))
+    return out

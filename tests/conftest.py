@@ -18,6 +18,12 @@ import pytest
 from cluster.kafka_broker import EmbeddedKafka, resolve_jars
 from cluster.processes import free_port
 from cluster.ray_head import LocalRayHead, RayHeadInfo, use_ray_auth_env
+from cluster.ray_nodes import (
+    LocalRayCluster,
+    WorkerNodeInfo,
+    head_node_id,
+    recorded_workers,
+)
 from cluster.settings import RaySettings
 from streams.config import KafkaSettings
 
@@ -85,14 +91,67 @@ def local_ray_head(
             use_ray_auth_env({k: v for k, v in saved.items() if v is not None})
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHeadInfo]:
-    """A real local Ray head for the whole test session.
+class LocalCluster:
+    """The session's 3-node local Ray cluster: ``head`` plus ``workers`` (worker nodes 1, 2).
 
-    4 logical CPUs on 2 cores: Serve replicas (0.5 CPU each) and training must fit side by side.
+    The API the node-fault tests rely on (keep it stable): ``head`` (RayHeadInfo), ``workers``
+    (list of WorkerNodeInfo, running ones, in index order), ``kill_worker(i)`` (SIGKILL worker
+    node i's raylet and every process of it - a crash, not a drain; i counts from 1, as in
+    ``worker-<i>``), ``add_worker()`` (start a new worker node, joined to the head; returns its
+    info), ``node_ids()`` (the Ray node ids of the running nodes, head first) and
+    ``node_id(i)`` (node i's id; 0 is the head).
     """
-    with local_ray_head(tmp_path_factory.mktemp("ray-home")) as (info, _env):
-        yield info
+
+    def __init__(self, head: LocalRayHead, info: RayHeadInfo, worker_cpus: int) -> None:
+        self._head = head
+        self.head = info
+        self.worker_cpus = worker_cpus
+        self._cluster = LocalRayCluster(head)
+
+    @property
+    def workers(self) -> list[WorkerNodeInfo]:
+        return self._cluster.workers()
+
+    def kill_worker(self, index: int) -> list[int]:
+        """SIGKILL every process of worker node ``index``; returns the pids killed."""
+        return self._cluster.worker(index).kill()
+
+    def add_worker(self) -> WorkerNodeInfo:
+        """Start a fresh worker node under a new index and wait until it joined."""
+        used = [w.index for w in recorded_workers(self._head)]
+        index = max(used, default=0) + 1
+        return self._cluster.worker(index).start(self.head.address, self.worker_cpus)
+
+    def node_id(self, index: int) -> str | None:
+        return head_node_id(self._head) if index == 0 else self._cluster.worker(index).node_id()
+
+    def node_ids(self) -> list[str]:
+        ids = [head_node_id(self._head)] + [self.node_id(w.index) for w in self.workers]
+        return [node_id for node_id in ids if node_id is not None]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real local 3-node Ray cluster (head + 2 worker nodes) for the whole test session.
+
+    2 logical CPUs per node on 2 cores (6 in all): Serve replicas (0.5 CPU each) spread over
+    the nodes and training fit side by side.
+    """
+    home = tmp_path_factory.mktemp("ray-home")
+    with local_ray_head(home, num_cpus=2) as (info, _env):
+        head = LocalRayHead(home, RaySettings(gcs_port=info.gcs_port, object_store_mb=256))
+        cluster = LocalCluster(head, info, worker_cpus=2)
+        try:
+            LocalRayCluster(head).start_workers(info.address, nodes=3)
+            yield cluster
+        finally:
+            LocalRayCluster(head).stop_workers()
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_cluster: LocalCluster) -> RayHeadInfo:
+    """The head of the session's local Ray cluster (see ray_cluster)."""
+    return ray_cluster.head
 
 
 def run_cli(
