@@ -127,6 +127,9 @@ def up(
     no_kafka: Annotated[bool, typer.Option("--no-kafka", help="Do not start Kafka.")] = False,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Do not start Ray.")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs the local Ray head offers.")] = None,
+    nodes: Annotated[int | None, typer.Option(
+        help="Ray nodes on this machine: the head plus NODES-1 worker nodes (env "
+        "FRAMECAST_RAY_NODES; default 1).")] = None,
     sasl: Annotated[
         bool,
         typer.Option(
@@ -144,6 +147,8 @@ def up(
         extra["kafka"] = {"embedded_port": kafka_port}
     if num_cpus is not None:
         extra["ray"] = {"num_cpus": num_cpus}
+    if nodes is not None:
+        extra.setdefault("ray", {})["nodes"] = nodes
     settings = _opts(ctx).settings(**extra)
     try:
         with console.status("starting the embedded stack..."):
@@ -217,6 +222,10 @@ def status(
             + ", ".join(f"{k}={v:g}" for k, v in sorted(ray_["resources"].items())),
             highlight=False,
         )
+    if len(ray_.get("nodes") or []) > 1:
+        console.print("ray nodes: " + ", ".join(
+            f"{n['name'] or n['id'][:8]} ({'alive' if n['alive'] else 'dead'}, "
+            f"{n['resources'].get('CPU', 0):g} CPU)" for n in ray_["nodes"]), highlight=False)
 
 
 # -- topics -------------------------------------------------------------------------------------
