@@ -568,6 +568,9 @@ def stream_run(
     metrics_host: Annotated[str, typer.Option(
         help="Address the metrics endpoint binds (0.0.0.0 in a pod).")] = "127.0.0.1",
     parquet: Annotated[Path | None, typer.Option(help="Also write labels to Parquet here.")] = None,
+    on_ray: Annotated[int | None, typer.Option(
+        "--on-ray", min=1, help="Run N classifiers as Ray actors spread over the nodes (same "
+        "group); this process waits for them (SIGTERM, --max-frames in all, or idle).")] = None,
 ) -> None:
     """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames).
 
@@ -594,6 +597,9 @@ def stream_run(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=metrics_host)
+    if on_ray:
+        _stream_run_on_ray(settings, on_ray)
+        return
     try:
         bootstrap = stack.kafka_bootstrap(settings)
         with stack.ray_connection(settings), StreamRun(
@@ -604,6 +610,42 @@ def stream_run(
             err_console.print(f"stream classifier {config.consumer_id}: {config.frames_topic} -> "
                               f"{config.labels_topic} ({config.guarantee})", highlight=False)
             totals = run.run()
+    except FramecastError as error:
+        fail(str(error))
+    sys.stdout.write(json.dumps(totals) + "\n")
+
+
+def _stream_run_on_ray(settings: FramecastSettings, count: int) -> None:
+    """`stream run --on-ray N`: N classifier actors; this process owns them and waits."""
+    import signal
+
+    from cluster import stack
+    from streams.client import admin_client
+    from streams.ray_actors import start_on_ray
+    from streams.topics import default_topic_specs, ensure_topics
+
+    config = settings.stream
+    try:
+        bootstrap = stack.kafka_bootstrap(settings)
+        names = settings.topics.model_copy(update={
+            "frames": config.frames_topic, "labels": config.labels_topic,
+            "latency": config.latency_topic, "dlq": config.dlq_topic,
+        })
+        with admin_client(settings.kafka, bootstrap) as admin:
+            ensure_topics(admin, default_topic_specs(names))
+        with stack.ray_connection(settings):
+            actors = start_on_ray(
+                count, settings.kafka, bootstrap, settings.topics, config, settings.serve
+            )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: actors.stop())
+            nodes = actors.nodes()
+            err_console.print(
+                f"{count} stream classifier actor(s) on {len(set(nodes))} node(s): "
+                f"{config.frames_topic} -> {config.labels_topic} ({config.guarantee})",
+                highlight=False)
+            actors.wait(config.max_frames)
+            totals = actors.finish()
     except FramecastError as error:
         fail(str(error))
     sys.stdout.write(json.dumps(totals) + "\n")

@@ -101,7 +101,9 @@ def status(*, address: str | None, namespace: str = "framecast") -> dict[str, An
 
     _connect(address, namespace)
     out: dict[str, Any] = {}
-    for name, app_status in serve.status().applications.items():
+    applications = serve.status().applications
+    placed = replica_placement() if applications else {}
+    for name, app_status in applications.items():
         out[name] = {
             "status": str(getattr(app_status.status, "value", app_status.status)),
             "message": app_status.message,
@@ -111,11 +113,46 @@ def status(*, address: str | None, namespace: str = "framecast") -> dict[str, An
                     "replicas": {
                         str(getattr(k, "value", k)): v for k, v in d.replica_states.items()
                     },
+                    "replica_nodes": placed.get((name, dep), []),
                 }
                 for dep, d in app_status.deployments.items()
             },
         }
     return out
+
+
+def replica_placement() -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each live Serve replica's node, by (app, deployment): Ray's state API lists the
+    ``ServeReplica:<app>:<deployment>`` actors with their node ids (serve.status() has none).
+
+    Needs a connected driver; its cluster's dashboard answers the state API.
+    """
+    import ray
+    from ray.util.state import list_actors
+
+    url = str(ray._private.worker.get_dashboard_url())  # type: ignore[no-untyped-call]
+    actors = list_actors(
+        address=url if url.startswith("http") else f"http://{url}",
+        filters=[("state", "=", "ALIVE")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    placed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for actor in actors:
+        parts = str(actor.class_name).split(":")
+        if len(parts) != 3 or parts[0] != "ServeReplica":
+            continue
+        placed.setdefault((parts[1], parts[2]), []).append(
+            {
+                "replica_id": str(actor.name).rsplit("#", 1)[-1],
+                "actor_id": actor.actor_id,
+                "node_id": actor.node_id,
+                "pid": actor.pid,
+            }
+        )
+    for replicas in placed.values():
+        replicas.sort(key=lambda r: (str(r["node_id"]), r["replica_id"]))
+    return placed
 
 
 def shutdown(app_name: str | None, *, address: str | None, namespace: str = "framecast") -> None:
