@@ -103,7 +103,7 @@ def test_status_json_against_existing_clusters_redacts_secrets(
     assert report["kafka"]["mode"] == "external"
     assert report["kafka"]["healthy"] is True
     assert report["ray"]["address"] == ray_head.address
-    assert report["ray"]["resources"]["CPU"] == 4.0
+    assert report["ray"]["resources"]["CPU"] == 6.0  # the session cluster: 3 nodes x 2
     assert report["serve"]["http_url"] == "http://127.0.0.1:8000"
     assert report["settings"]["kafka"]["sasl_password"] == "**********"
 
