@@ -81,6 +81,18 @@ def test_odd_frame_sizes_and_non_square_inputs(
     assert_close(camera_jpeg(*size, seed=3), hwc)
 
 
+@pytest.mark.parametrize("kind", ["progressive", "cmyk"])
+@pytest.mark.parametrize("hwc", [(224, 224, 3), (28, 28, 1)])
+def test_progressive_and_cmyk_jpegs_too(kind: str, hwc: tuple[int, int, int]) -> None:
+    image = Image.open(io.BytesIO(camera_jpeg(1280, 720)))
+    buffer = io.BytesIO()
+    if kind == "progressive":
+        image.save(buffer, format="JPEG", quality=85, progressive=True)
+    else:
+        image.convert("CMYK").save(buffer, format="JPEG", quality=85)
+    assert_close(buffer.getvalue(), hwc)
+
+
 def test_camera_frames_are_decoded_at_the_smallest_dct_scale_still_covering_the_input() -> None:
     def scaled(size: tuple[int, int], mode: str, target: tuple[int, int]) -> tuple[int, int]:
         image, box = _open_image(camera_jpeg(*size), "jpeg", "JPEG", LIMITS, (mode, target))
