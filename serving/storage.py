@@ -399,7 +399,7 @@ def upload(directory: Path, location: str, storage: StorageSettings | None = Non
     fs = filesystem(parsed, storage or StorageSettings())
     existing = _writable(fs, parsed)
     try:
-        for name in existing:  # the artifact it replaces
+        for name in sorted(existing, key=lambda n: n != MANIFEST_NAME):  # manifest first
             fs.delete_file(f"{parsed.root}/{name}")
         for name in [*sorted(artifact.manifest.files), MANIFEST_NAME]:
             data = (Path(directory) / MANIFEST_NAME).read_bytes() if name == MANIFEST_NAME \

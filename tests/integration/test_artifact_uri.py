@@ -32,7 +32,7 @@ from serving.artifacts import ArtifactError, load_artifact
 from serving.config import ServeSettings, StorageSettings
 from serving.deploy import deploy
 from serving.fashion_mnist import load_fashion_mnist
-from serving.storage import cache_key, fetch, parse_location, verify_remote
+from serving.storage import cache_key, check_out, fetch, parse_location, verify_remote
 from streams.config import KafkaSettings
 from tests.conftest import SHIPPED_MODEL, run_cli
 
@@ -319,6 +319,7 @@ def test_train_out_s3_uploads_a_verified_artifact(
     manifest = verify_remote(location, storage(s3_endpoint, tmp_path / "cache"))
     assert manifest.training.epochs == 1 and "model.tflite" in manifest.files
     # The same prefix takes a new artifact (it holds one); a prefix with other objects not.
+    check_out(uri, storage(s3_endpoint, tmp_path / "cache"))
     with admin_fs(s3_endpoint).open_output_stream(f"{BUCKET}/other/data.csv") as out:
         out.write(b"a,b\n")
     refused = run_cli(
