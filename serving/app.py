@@ -652,6 +652,8 @@ def deployment_options(settings: ServeSettings) -> dict[str, Any]:
         from serving.autoscale import policy_config
 
         scaling["autoscaling_config"]["policy"] = policy_config(settings)
+    if settings.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = settings.max_replicas_per_node
     return {
         **scaling,
         "max_ongoing_requests": settings.max_ongoing_requests,

@@ -143,6 +143,12 @@ class ServeSettings(BaseSettings):
     )
     http_docs: bool = Field(default=False, description="Serve /docs and /openapi.json (off: 404).")
     num_cpus: PositiveFloat = Field(default=1.0, description="CPUs per replica.")
+    max_replicas_per_node: PositiveInt | None = Field(
+        default=None,
+        description="At most this many replicas on one Ray node (a hard cap: a replica that "
+        "fits nowhere waits for a node). Unset: Serve's SPREAD, which spreads a deploy and a "
+        "scale-up over the nodes but may put a replacement beside another replica.",
+    )
     num_gpus: NonNegativeFloat = Field(
         default=0.0, description="GPUs per replica (> 0 serves the SavedModel on GPU)."
     )
