@@ -69,6 +69,45 @@ def test_three_replicas_land_on_three_nodes(
         shutdown("spread", address=None, namespace="framecast-tests")
 
 
+def test_a_per_node_cap_keeps_a_replacement_replica_off_occupied_nodes(
+    ray_cluster: LocalCluster, serve_port: int, served_artifact: Path
+) -> None:
+    """Serve's SPREAD alone put a crashed replica's replacement beside another replica in 2
+    of 3 tries here; max_replicas_per_node=1 puts it on the node that freed up."""
+    import ray
+
+    from cluster.processes import wait_until
+    from serving.deploy import deploy, shutdown, status
+
+    settings = ServeSettings(
+        app_name="capped", route_prefix="/capped", http_port=serve_port, num_cpus=0.5,
+        min_replicas=3, max_replicas=3, max_replicas_per_node=1,
+    )
+
+    def replicas() -> list[dict[str, object]]:
+        report = status(address=None, namespace="framecast-tests")
+        return list(report["capped"]["deployments"]["Classifier"]["replica_nodes"])
+
+    deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
+    try:
+        before = replicas()
+        assert len({r["node_id"] for r in before}) == 3
+        victim = before[0]
+        ray.kill(
+            ray.get_actor(f"SERVE_REPLICA::capped#Classifier#{victim['replica_id']}", "serve"),
+            no_restart=True,
+        )
+        assert wait_until(
+            lambda: len(now := replicas()) == 3
+            and victim["replica_id"] not in {r["replica_id"] for r in now},
+            timeout=180, interval=0.5,
+        )
+        after = replicas()
+        assert len({r["node_id"] for r in after}) == 3
+    finally:
+        shutdown("capped", address=None, namespace="framecast-tests")
+
+
 def test_stream_run_on_ray_labels_every_frame_from_actors_on_several_nodes(
     ray_cluster: LocalCluster,
     kafka_settings: KafkaSettings,
