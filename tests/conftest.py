@@ -99,7 +99,7 @@ class LocalCluster:
     node i's raylet and every process of it - a crash, not a drain; i counts from 1, as in
     ``worker-<i>``), ``add_worker()`` (start a new worker node, joined to the head; returns its
     info), ``node_ids()`` (the Ray node ids of the running nodes, head first) and
-    ``node_id(i)`` (node i's id; 0 is the head).
+    ``node_id(i)`` (node i's id; 0 is the head) and ``temp_dirs()`` (every node's temp dir).
     """
 
     def __init__(self, head: LocalRayHead, info: RayHeadInfo, worker_cpus: int) -> None:
@@ -128,6 +128,11 @@ class LocalCluster:
     def node_ids(self) -> list[str]:
         ids = [head_node_id(self._head)] + [self.node_id(w.index) for w in self.workers]
         return [node_id for node_id in ids if node_id is not None]
+
+    def temp_dirs(self) -> list[Path]:
+        """Every node's Ray temp dir (logs of replicas on worker nodes are under theirs)."""
+        workers = recorded_workers(self._head)
+        return [Path(self.head.temp_dir), *(w.temp_dir for w in workers if w.temp_dir.exists())]
 
 
 @pytest.fixture(scope="session")
