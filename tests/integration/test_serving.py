@@ -511,7 +511,8 @@ def test_the_token_is_in_no_log_and_no_status(guarded_url: str, ray_head: RayHea
     assert TOKEN not in json.dumps(status(address=None, namespace="framecast-tests"))
     needle = TOKEN.encode()
     scanned = 0
-    for path in Path(ray_head.temp_dir).rglob("*"):
+    head_dir = Path(ray_head.temp_dir)  # and the worker nodes' (<head dir>-w<i>)
+    for path in (p for d in head_dir.parent.glob(f"{head_dir.name}*") for p in d.rglob("*")):
         if path.is_file() and not path.is_symlink() and path.stat().st_size < 256 << 20:
             with contextlib.suppress(OSError):
                 assert needle not in path.read_bytes(), path
