@@ -177,3 +177,33 @@ def test_up_nodes_3_status_lists_them_and_down_leaves_nothing(tmp_path: Path) ->
     assert "ray-workers stopped" in stopped.stdout, stopped.stderr
     assert "ray stopped" in stopped.stdout, stopped.stderr
     assert _processes_naming(head_dir) == []
+
+
+def test_kill_worker_is_a_crash_and_add_worker_joins_a_new_node(tmp_path: Path) -> None:
+    """The session fixture's node-fault API on a small cluster of its own (head + 1 worker)."""
+    from cluster.processes import wait_until
+    from cluster.ray_head import LocalRayHead
+    from cluster.ray_nodes import LocalRayCluster
+    from cluster.settings import RaySettings
+    from tests.conftest import local_ray_head
+
+    with local_ray_head(tmp_path, num_cpus=1, in_process=False) as (info, _env):
+        head = LocalRayHead(tmp_path, RaySettings(gcs_port=info.gcs_port, object_store_mb=128))
+        cluster = LocalCluster(head, info, worker_cpus=1)
+        LocalRayCluster(head).start_workers(info.address, nodes=2)
+        first = cluster.node_ids()
+        assert len(first) == 2
+        worker_dir = cluster.workers[0].temp_dir
+        killed = cluster.kill_worker(1)
+        assert killed
+        assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+                   for pid in killed)
+        assert _processes_naming(worker_dir + "/") == []
+        assert cluster.node_ids() == first[:1]
+        assert cluster.workers == []
+        added = cluster.add_worker()
+        assert added.name == "worker-2"
+        assert wait_until(lambda: len(cluster.node_ids()) == 2, timeout=60)
+        assert cluster.node_ids()[1] not in first
+        LocalRayCluster(head).stop_workers()
+    assert _processes_naming(info.temp_dir) == []  # head and worker dirs (<head dir>-w<i>)
