@@ -83,7 +83,7 @@ class KafkaLagPolicy:
         self.poll_interval_s = float(poll_interval_s)
         self.stale_s = float(stale_s)
         self.reader = kafka_lag.acquire(self.target, self.poll_interval_s)
-        self.history: list[tuple[float, int]] = []  # (monotonic, lag), GROWTH_WINDOW_S of it
+        self.history: list[tuple[float, int]] = []  # (time.time(), lag), GROWTH_WINDOW_S of it
         weakref.finalize(self, kafka_lag.release, self.target, self.poll_interval_s)
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
@@ -96,7 +96,7 @@ class KafkaLagPolicy:
 
     def _decide(self, ctx: Any, state: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         reading = self.reader.latest()
-        now = time.monotonic()
+        now = time.time()
         if reading is None or now - reading.at > self.stale_s:
             state["framecast_lag"] = None  # no information: hold
             return ctx.target_num_replicas, state

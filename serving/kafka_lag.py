@@ -1,10 +1,12 @@
 """A consumer group's lag on a topic, read in the background for the lag autoscaling policy.
 
 The policy (serving.autoscale) runs inside the Serve controller once per control-loop tick, so
-it must never wait on Kafka: a daemon thread here reads the group's committed offsets and the
-topic's end offsets with the Kafka admin API every ``interval_s`` and keeps the latest
-reading; the policy only reads that. A Kafka that is down leaves the last good reading in
-place (its ``at`` ages, and the policy holds the replica count once it is stale).
+it must never wait on Kafka: a daemon thread (LagReader) reads the group's committed offsets and
+the topic's end offsets with the Kafka admin API every ``interval_s`` and keeps the latest
+reading; the policy only reads that. In the controller that thread runs in a small Ray actor
+of its own (RemoteLagReader, asked without waiting), never in the controller's process. A
+Kafka that is down leaves the last good reading in place (its ``at`` ages, and the policy
+holds the replica count once it is stale).
 
 The age of the oldest unlabelled frame is worked out without reading any frame: the thread
 keeps, per partition, the times at which the end offset moved; the oldest unlabelled frame
@@ -14,7 +16,7 @@ lower bound). Resolution: one ``interval_s``.
 
 This module is imported by reference from the controller (Serve pickles the policy's own
 module by value), so its registry is one per process: policies re-made on every deployment
-update share one reader per (bootstrap, group, topic) instead of starting a thread each.
+update share one reader per (bootstrap, group, topic) instead of starting one each.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
@@ -59,8 +61,11 @@ class LagTarget:
             "socket.timeout.ms": 3000,
             "socket.connection.setup.timeout.ms": 3000,
             "reconnect.backoff.max.ms": 2000,
+            "reconnect.backoff.ms": 500,
             "log.connection.close": False,
-            "logger": logging.getLogger("framecast.autoscale.rdkafka"),
+            # librdkafka's own lines off (a Kafka that is down would log every reconnect):
+            # the reader logs its failures itself, throttled.
+            "log_level": 0,
         }
         if self.sasl_mechanism:
             config["sasl.mechanism"] = self.sasl_mechanism
@@ -73,7 +78,8 @@ class LagTarget:
 
 @dataclass(frozen=True)
 class LagReading:
-    """One reading: total lag (frames), oldest unlabelled frame's age (s), when (monotonic)."""
+    """One reading: total lag (frames), oldest unlabelled frame's age (s), when (time.time():
+    the reader may run in another process, on another node)."""
 
     lag: int
     age_s: float
@@ -176,20 +182,97 @@ class LagReader:
             lag += behind
             if behind:
                 age = max(age, oldest_age(state.moves, done, now, self.started))
-        return LagReading(lag=lag, age_s=round(age, 3), at=now, partitions=len(parts))
+        return LagReading(lag=lag, age_s=round(age, 3), at=time.time(), partitions=len(parts))
 
 
-_READERS: dict[tuple[LagTarget, float], tuple[LagReader, int]] = {}
+class _ReaderActor:
+    """A LagReader in a Ray actor of its own (RemoteLagReader)."""
+
+    def __init__(self, target: dict[str, Any], interval_s: float) -> None:
+        self.reader = LagReader(LagTarget(**target), interval_s)
+
+    def latest(self) -> LagReading | None:
+        return self.reader.latest()
+
+
+class RemoteLagReader:
+    """The lag read by a small Ray actor (0 CPUs), asked without waiting: each latest() call
+    collects the answer to the previous request if it has come, and sends the next.
+
+    Why not a thread in the Serve controller: with a live Kafka connection open in the
+    controller process, the controller died (no Python error) as it started the first
+    replica, in every run on this machine's local clusters (tests/integration/
+    test_autoscale_lag.py); librdkafka never loads in the controller this way, and a reader
+    that dies only loses its actor, which is made again on the next tick.
+    """
+
+    def __init__(self, target: LagTarget, interval_s: float) -> None:
+        self.target, self.interval_s = target, interval_s
+        self.name = f"framecast-lag-{abs(hash((target, interval_s))):x}"
+        self._actor: Any = None
+        self._pending: Any = None
+        self._latest: LagReading | None = None
+
+    def _handle(self) -> Any:
+        import ray
+
+        if self._actor is None:
+            self._actor = (
+                ray.remote(_ReaderActor)
+                .options(name=self.name, namespace="framecast-autoscale", get_if_exists=True,
+                         num_cpus=0, max_restarts=-1, max_task_retries=0)
+                .remote(asdict(self.target), self.interval_s)
+            )
+        return self._actor
+
+    def latest(self) -> LagReading | None:
+        """The newest reading this process has (None before the first); never blocks."""
+        import ray
+
+        try:
+            if self._pending is None:
+                self._pending = self._handle().latest.remote()
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                pending, self._pending = self._pending, None
+                reading = ray.get(pending)
+                if reading is not None:
+                    self._latest = reading
+        except Exception as error:  # the actor died or could not start: make it again
+            logger.warning("framecast lag autoscaler: lag reader actor: %s",
+                           type(error).__name__)
+            self._actor = self._pending = None
+        return self._latest
+
+    def stop(self) -> None:
+        """Kill the actor."""
+        import ray
+
+        actor, self._actor = self._actor, None
+        if actor is not None:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                logger.debug("lag reader actor already gone")
+
+
+Reader = LagReader | RemoteLagReader
+_READERS: dict[tuple[LagTarget, float], tuple[Reader, int]] = {}
 _LOCK = threading.Lock()
 
 
-def acquire(target: LagTarget, interval_s: float) -> LagReader:
-    """The process's reader for target (started on first use); pair with release()."""
+def acquire(target: LagTarget, interval_s: float) -> Reader:
+    """The process's reader for target (made on first use); pair with release(). Inside a
+    Ray worker (the Serve controller) the reader is a Ray actor of its own (RemoteLagReader);
+    elsewhere a thread of this process."""
+    import ray
+
     key = (target, interval_s)
     with _LOCK:
         reader, users = _READERS.get(key, (None, 0))
         if reader is None:
-            reader = LagReader(target, interval_s)
+            reader = (RemoteLagReader(target, interval_s) if ray.is_initialized()
+                      else LagReader(target, interval_s))
         _READERS[key] = (reader, users + 1)
         return reader
 

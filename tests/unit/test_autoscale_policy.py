@@ -88,12 +88,12 @@ def test_a_stale_reading_holds_too() -> None:
     policy = KafkaLagPolicy(bootstrap=f"127.0.0.1:{free_port()}", group="g2", topic="t",
                             poll_interval_s=5.0, stale_s=1.0)
     try:
-        old = kafka_lag.LagReading(lag=10_000, age_s=60.0, at=time.monotonic() - 2.0,
+        old = kafka_lag.LagReading(lag=10_000, age_s=60.0, at=time.time() - 2.0,
                                    partitions=1)
         policy.reader._latest = old  # the last reading before Kafka went away, 2 s ago
         assert policy(_ctx({}, current=2, target=2))[0] == 2
         policy.reader._latest = kafka_lag.LagReading(
-            lag=10_000, age_s=60.0, at=time.monotonic(), partitions=1)
+            lag=10_000, age_s=60.0, at=time.time(), partitions=1)
         assert policy(_ctx({}, current=2, target=2))[0] == 5.0  # fresh: 10000 / 2000
     finally:
         kafka_lag.release(policy.target, policy.poll_interval_s)
@@ -104,6 +104,7 @@ def test_policies_of_one_target_share_one_reader_thread() -> None:
     first = kafka_lag.acquire(target, 1.0)
     second = kafka_lag.acquire(target, 1.0)
     assert first is second
+    assert isinstance(first, kafka_lag.LagReader)  # no Ray here: a thread of this process
     kafka_lag.release(target, 1.0)
     assert not first._stop.is_set()
     kafka_lag.release(target, 1.0)
