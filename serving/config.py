@@ -67,7 +67,9 @@ class ServeSettings(BaseSettings):
         default=None, description="autoscale_on=lag: the frames topic they consume."
     )
     lag_target_per_replica: PositiveInt = Field(
-        default=2000, description="autoscale_on=lag: frames of lag one replica is worth."
+        default=2000,
+        description="autoscale_on=lag: lag one replica is worth, in Kafka messages (frames "
+        "when each message holds one; an Arrow message of N frames counts once).",
     )
     lag_target_age_s: PositiveFloat = Field(
         default=5.0,
