@@ -177,9 +177,10 @@ def test_node_killed_during_training_resumes_from_its_last_checkpoint_on_the_oth
 # -- streaming: frames through `stream run` and replicas on every node --------------------
 
 
-@pytest.fixture(scope="module")
-def spread_app(serve_port: int, served_artifact: Path, ray_cluster: LocalCluster) -> Iterator[str]:
-    """The shipped model with three replicas (0.5 CPU each), one per node."""
+@pytest.fixture
+def spread_app(serve_port: int, served_artifact: Path, three_nodes: LocalCluster) -> Iterator[str]:
+    """The shipped model with three replicas (0.5 CPU each), one per node. Per test: Serve
+    never moves a replica, so after a node's loss two would share a node."""
     from ray import serve
 
     from serving.deploy import deploy
@@ -230,6 +231,7 @@ def test_worker_node_killed_mid_stream_loses_no_frame(
         idle_exit_s=600,  # stopped by SIGTERM once every frame is labelled
     )
     before = replicas.nodes(spread_app)
+    assert len(set(before.values())) == REPLICAS, f"replicas not one per node: {before}"
     workers = set(_worker_nodes(three_nodes))
     on_workers = sorted(set(before.values()) & workers)
     assert on_workers, f"no replica on a worker node: {before}, workers {workers}"
@@ -291,6 +293,7 @@ def test_worker_node_killed_mid_stream_loses_no_frame(
         serve_calls_retried=dict(retried),
         labelled_by_stream_run=totals["labelled"],
         labelled_before_kill=labelled_at_kill,
+        nodes_with_replicas_before=len(set(before.values())),
         replicas_on_killed_node=list(before.values()).count(victim),
         replicas_after=len(after),
         node_marked_dead_s=round(node_dead_s, 1),
