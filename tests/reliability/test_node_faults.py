@@ -168,7 +168,7 @@ def test_node_killed_during_training_resumes_from_its_last_checkpoint_on_the_oth
     # Resumed from the checkpoint of an epoch done before the kill, not restarted at 0 ...
     assert progress["resumed_from"] is not None and progress["resumed_from"] >= 1, progress
     assert progress["resumed_from"] >= fault["after_epoch"], (progress, fault)
-    # ... and finished: every epoch trained, each reported once after its checkpoint.
+    # ... and finished: every epoch trained and reported.
     assert progress["epoch"] == config.epochs
     assert [int(h["epoch"]) for h in progress["history"]] == list(range(1, config.epochs + 1))
     assert sorted(set(epochs)) == list(range(1, config.epochs + 1))
