@@ -158,7 +158,7 @@ def bench_autoscale(
     frames = 40_000 if quick else 150_000
     max_replicas = 3 if quick else 4
     delays = (2.0, 10.0) if quick else (5.0, 30.0)
-    target_lag = 2000
+    target_lag = 1000 if quick else 2000
     log_dir = settings.home / "reports" / "bench" / "autoscale-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     names = topic_names(fresh_topics(settings, bootstrap, partitions=PARTITIONS))
@@ -203,7 +203,7 @@ def bench_autoscale(
             console.print(f"  burst: {frames} frames flat out into {names['frames']}",
                           highlight=False)
             produced = produce_in_subprocess(settings, bootstrap, names["frames"], cameras=8,
-                                             fps=0, per_camera=frames // 8, batch=64)
+                                             fps=0, per_camera=frames // 8, batch=1)
             total = (frames // 8) * 8
             deadline = time.monotonic() + (600 if quick else 1200)
             while time.monotonic() < deadline:
