@@ -131,3 +131,19 @@ def test_lag_scaling_without_its_inputs_is_refused_naming_them() -> None:
         policy_config(ServeSettings(autoscale_on="lag", lag_bootstrap_servers="k:9092"))
     with pytest.raises(ValueError, match="autoscale_on"):
         ServeSettings(autoscale_on="cpu")
+
+
+def test_serve_deploy_fills_the_lag_inputs_from_the_rest_of_the_settings() -> None:
+    from cluster.lag_autoscale import with_lag_inputs
+    from cluster.settings import load_settings
+
+    settings = load_settings(kafka={"bootstrap_servers": "k:9092"}, serve={"autoscale_on": "lag"},
+                             stream={"group": "cams", "frames_topic": "frames.hd"})
+    serve = with_lag_inputs(settings)
+    assert (serve.lag_bootstrap_servers, serve.lag_group, serve.lag_topic) == (
+        "k:9092", "cams", "frames.hd")
+    given = load_settings(kafka={"bootstrap_servers": "k:9092"},
+                          serve={"autoscale_on": "lag", "lag_group": "other"})
+    assert with_lag_inputs(given).lag_group == "other"
+    plain = load_settings(kafka={"bootstrap_servers": "k:9092"})
+    assert with_lag_inputs(plain).lag_bootstrap_servers is None  # requests: left alone
