@@ -696,6 +696,9 @@ def bench(
         help="scaling: comma-separated Serve replica counts.")] = "1,2",
     classifiers: Annotated[str, typer.Option(
         help="scaling: comma-separated classifier process counts (at most 4).")] = "1,2",
+    pipelines: Annotated[str | None, typer.Option(
+        help="peers: comma-separated pipelines (default all: framecast, http, floor, quix, "
+        "bytewax or faust).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 
@@ -730,6 +733,13 @@ def bench(
     if what not in ("all", "model", "serve", "pipeline", "scaling", "peers"):
         fail(f"unknown bench {what!r}; expected all, model, serve, pipeline, scaling or peers",
              EXIT_USAGE)
+    if pipelines is not None:
+        from cluster.bench.peers import chosen_pipelines
+
+        try:
+            chosen_pipelines(pipelines)
+        except FramecastError as error:
+            fail(str(error), EXIT_USAGE)
     counts: dict[str, list[int]] = {}
     for name, text in (("replicas", replicas), ("classifiers", classifiers)):
         try:
@@ -793,7 +803,7 @@ def bench(
 
                         console.rule(f"framecast bench peers{' (quick)' if quick else ''}")
                         results[part] = bench_peers(settings, artifact, console, quick=quick,
-                                                    command=command)
+                                                    command=command, only=pipelines)
                         written[part] = report.write_peers_outputs(out_dir, results[part])
                     elif part == "scaling":
                         from cluster.bench.scaling import bench_scaling

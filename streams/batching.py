@@ -1,9 +1,11 @@
 """Micro-batches: consumed items grouped into Serve calls, bounded by frames, bytes and time.
 
 A batch is cut when it holds ``max_frames`` frames or ``max_bytes`` of frame data, or when
-its oldest item has waited ``max_wait_ms``. A message of many rows may be cut across batches:
-its offset is recorded on the batch that holds its last row, and batches complete in the
-order they were cut, so an offset is committed only once every row before it is done.
+its oldest item has waited ``max_wait_ms``; the classifier also cuts it at once whenever
+no Serve call is out (waiting then only adds latency). A message of many rows may be cut
+across batches: its offset is recorded on the batch that holds its last row, and batches
+complete in the order they were cut, so an offset is committed only once every row before it
+is done.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class Batcher:
         """The current batch, replaced by an empty one."""
         batch, self.current = self.current, Batch()
         return batch
+
+    def holding(self) -> bool:
+        """Whether the current batch holds any item or offset."""
+        return bool(self.current.items or self.current.offsets)
 
     def due(self, now: float | None = None) -> bool:
         """Whether the current batch holds anything and has waited long enough."""

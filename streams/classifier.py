@@ -294,12 +294,15 @@ class StreamClassifier:
                 # A poll of a backlog can hold 100k frames: cut it into Serve calls as it
                 # is read, so inference overlaps labelling.
                 self._submit(batch)
-        if self.batcher.due():
-            self._submit(self.batcher.cut())
         # Label what Serve has answered, oldest first, without waiting for the rest:
         # polling goes on meanwhile, so frames do not wait in the broker for a slow call.
         while self.pending and self.serve.done(self.pending[0]):
             self._complete(self.pending.popleft())
+        # A batch waits for more frames only while Serve is busy: with no call out, waiting
+        # would add its whole wait to every frame's latency and save nothing. Under load the
+        # frames that arrive during one call become the next call's batch.
+        if self.batcher.due() or (not self.pending and self.batcher.holding()):
+            self._submit(self.batcher.cut())
         self.output.poll()  # delivery reports of failed sends
         if self.checkpoint.due():
             self._commit("interval")

@@ -264,7 +264,11 @@ class ClassifierConfig(BaseSettings):
         description="How far captured_at_ns may be behind Kafka's timestamp (a camera "
         "holding frames) before it is not trusted, as for max_clock_skew_ms.",
     )
-    max_batch_wait_ms: NonNegativeInt = Field(default=10, description="Micro-batch wait.")
+    max_batch_wait_ms: NonNegativeInt = Field(
+        default=10,
+        description="Longest a batch waits for more frames while Serve calls are out (with "
+        "none out it is sent at once).",
+    )
     max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
     commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")
     fetch_wait_ms: NonNegativeInt = Field(

@@ -49,6 +49,7 @@ from rich.console import Console
 from cluster import stack
 from cluster.bench.runs import drop_topics, fresh_topics, label_summary, percentile, read_labels
 from cluster.cameras import produce_in_subprocess
+from cluster.exceptions import SettingsError
 from cluster.settings import FramecastSettings
 from jobs.machine import describe
 from streams.topics import topic_names
@@ -617,10 +618,23 @@ def _http_pipeline(bench: _Bench, argv: list[str]) -> dict[str, Any]:
                                  flat_frames=bench.options.http_flat_frames)
 
 
+def chosen_pipelines(only: str | None) -> tuple[str, ...]:
+    """The pipelines named in `only` (comma-separated), in run order; all when None."""
+    if only is None:
+        return PIPELINES
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    unknown = sorted(names - set(PIPELINES))
+    if unknown or not names:
+        raise SettingsError(f"--pipelines: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"expected some of {', '.join(PIPELINES)}")
+    return tuple(n for n in PIPELINES if n in names)
+
+
 def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Console, *,
-                quick: bool, command: str = "") -> dict[str, Any]:
-    """Every pipeline's flat-out frames/s, frames per CPU-second, p50/p99 at fixed loads and
-    capacity at p99 <= 15 / 50 ms, on the running stack."""
+                quick: bool, command: str = "", only: str | None = None) -> dict[str, Any]:
+    """Every pipeline's (or those in `only`) flat-out frames/s, frames per CPU-second,
+    p50/p99 at fixed loads and capacity at p99 <= 15 / 50 ms, on the running stack."""
+    wanted = chosen_pipelines(only)
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
 
@@ -656,15 +670,18 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
             update={"num_cpus": 1.0, "min_replicas": 1, "max_replicas": 1})
         deploy(artifact, serve_settings, address=None, namespace=settings.ray.namespace)
         bench.settings = settings.model_copy(update={"serve": serve_settings})
-        attempt("framecast", lambda: _kafka_pipeline(bench, "framecast", None))
+        if "framecast" in wanted:
+            attempt("framecast", lambda: _kafka_pipeline(bench, "framecast", None))
         http_argv, why = peer_program("http")
-        if http_argv is None:
+        if "http" not in wanted:
+            pass
+        elif http_argv is None:
             by_name["http"] = {"name": "http", "skipped": why}
         else:
             attempt("http", lambda: _http_pipeline(bench, http_argv))
         serve_shutdown(serve_settings.app_name, address=None, namespace=settings.ray.namespace)
         # The peers run with no Serve replica beside them.
-        others = [n for n in PIPELINES if n not in ("framecast", "http")]
+        others = [n for n in wanted if n not in ("framecast", "http")]
         for name in others:
             argv, why = peer_program(name)
             if name == "faust" and "bytewax" in by_name and "skipped" not in by_name["bytewax"]:

@@ -197,3 +197,15 @@ def test_captured_rate_is_the_cameras_real_rate():
     labels = [{"captured_at_ns": t * 10_000_000} for t in range(11)]  # 11 frames 10 ms apart
     assert peers.captured_rate(labels) == 100.0
     assert peers.captured_rate(labels[:1]) is None
+
+
+def test_chosen_pipelines_keeps_run_order_and_names_unknown_ones() -> None:
+    from cluster.bench.peers import PIPELINES, chosen_pipelines
+    from cluster.exceptions import SettingsError
+
+    assert chosen_pipelines(None) == PIPELINES
+    assert chosen_pipelines("floor, framecast") == ("framecast", "floor")
+    with pytest.raises(SettingsError, match="unknown kafka-streams"):
+        chosen_pipelines("framecast,kafka-streams")
+    with pytest.raises(SettingsError, match="empty list"):
+        chosen_pipelines(" , ")
