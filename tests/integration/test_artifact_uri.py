@@ -34,7 +34,7 @@ from serving.deploy import deploy
 from serving.fashion_mnist import load_fashion_mnist
 from serving.storage import cache_key, check_out, fetch, parse_location, verify_remote
 from streams.config import KafkaSettings
-from tests.conftest import SHIPPED_MODEL, run_cli
+from tests.conftest import SHIPPED_MODEL, LocalCluster, run_cli
 
 BUCKET = "framecast-models"
 REGION = "us-east-1"
@@ -142,6 +142,7 @@ def test_serve_deploy_s3_via_the_cli_classifies_and_keeps_the_secret(
     s3_endpoint: str,
     serve_port: int,
     ray_head: RayHeadInfo,
+    ray_cluster: LocalCluster,
     kafka_settings: KafkaSettings,
     tmp_path: Path,
 ) -> None:
@@ -189,7 +190,8 @@ def test_serve_deploy_s3_via_the_cli_classifies_and_keeps_the_secret(
         assert SECRET_KEY not in str(serve.status())
         needle = SECRET_KEY.encode()
         scanned = 0
-        for path in Path(ray_head.temp_dir).rglob("*"):
+        # Every node's logs: a replica on a worker node logs under that node's temp dir.
+        for path in (p for d in ray_cluster.temp_dirs() for p in d.rglob("*")):
             if path.is_file() and not path.is_symlink() and path.stat().st_size < 256 << 20:
                 with contextlib.suppress(OSError):
                     assert needle not in path.read_bytes(), path
