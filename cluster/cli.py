@@ -571,6 +571,11 @@ def stream_run(
     on_ray: Annotated[int | None, typer.Option(
         "--on-ray", min=1, help="Run N classifiers as Ray actors spread over the nodes (same "
         "group); this process waits for them (SIGTERM, --max-frames in all, or idle).")] = None,
+    local_model: Annotated[str | None, typer.Option(
+        help="Classify in this process with this artifact's int8 LiteRT model (a directory "
+        "or an s3://, gs://, file:// URI) instead of calling Serve: no Ray needed.")] = None,
+    local_threads: Annotated[int, typer.Option(
+        min=1, help="--local-model: the interpreter's threads.")] = 1,
 ) -> None:
     """Run the stream classifier in the foreground (until SIGTERM/SIGINT or --max-frames).
 
@@ -598,17 +603,34 @@ def stream_run(
 
         start_http_server(metrics_port, addr=metrics_host)
     if on_ray:
+        if local_model:
+            fail("--local-model and --on-ray: choose one (actors call Serve)", EXIT_USAGE)
         _stream_run_on_ray(settings, on_ray)
         return
     try:
         bootstrap = stack.kafka_bootstrap(settings)
-        with stack.ray_connection(settings), StreamRun(
-            settings.kafka, bootstrap, settings.topics, config, settings.serve
-        ) as run:
+        with contextlib.ExitStack() as wiring:
+            classify = None
+            if local_model:
+                from serving.inference import CallLimits, LocalClassify
+
+                serve = settings.serve
+                classify = LocalClassify(
+                    local_model, settings.storage, threads=local_threads,
+                    limits=CallLimits(max_batch_size=serve.max_batch_size,
+                                      max_call_frames=serve.max_call_frames,
+                                      max_call_bytes=serve.max_call_bytes))
+            else:
+                wiring.enter_context(stack.ray_connection(settings))
+            run = wiring.enter_context(StreamRun(
+                settings.kafka, bootstrap, settings.topics, config, settings.serve,
+                classify=classify))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: run.stop())
+            where = f", model in process: {local_model}" if local_model else ""
             err_console.print(f"stream classifier {config.consumer_id}: {config.frames_topic} -> "
-                              f"{config.labels_topic} ({config.guarantee})", highlight=False)
+                              f"{config.labels_topic} ({config.guarantee}{where})",
+                              highlight=False)
             totals = run.run()
     except FramecastError as error:
         fail(str(error))
@@ -697,8 +719,8 @@ def bench(
     classifiers: Annotated[str, typer.Option(
         help="scaling: comma-separated classifier process counts (at most 4).")] = "1,2",
     pipelines: Annotated[str | None, typer.Option(
-        help="peers: comma-separated pipelines (default all: framecast, http, floor, quix, "
-        "bytewax or faust).")] = None,
+        help="peers: comma-separated pipelines (default all: framecast, framecast-local, "
+        "floor, quix, bytewax or faust, http).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 

@@ -25,7 +25,6 @@ import hmac
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -38,7 +37,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.requests import ClientDisconnect
 
-from serving.artifacts import ArtifactError, LoadedArtifact
+from serving.artifacts import ArtifactError
 from serving.config import ServeSettings, StorageSettings
 from serving.frames import (
     ARROW_CONTENT_TYPE,
@@ -47,17 +46,16 @@ from serving.frames import (
     RowError,
     decode_frame_rows,
 )
+from serving.inference import CallLimits, FrameClassifier, LoadedModel
 from serving.preprocess import (
     CONTENT_TYPES,
     DecodeLimits,
     FrameDecodeError,
-    batch_input,
-    frame_pixels,
     image_pixels,
     to_model_input,
 )
 from serving.results import ClassifyResult, FrameAnswer, FrameError
-from serving.runtimes import HealthSample, ModelRuntime, select_runtime
+from serving.runtimes import select_runtime
 from serving.storage import is_uri, load_location, verify_location
 
 log = logging.getLogger("ray.serve")
@@ -73,7 +71,6 @@ _STATUS_BY_REASON = {
     "unsupported_format": 415,
 }
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-TOPK = 3
 TOKEN_ENV = "FRAMECAST_SERVE_HTTP_TOKEN"  # noqa: S105 - a variable name, not a token
 
 # No /docs, /redoc or /openapi.json unless serve.http_docs: the routes below serve them then.
@@ -84,49 +81,6 @@ http = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
-
-
-class LoadedModel:
-    """An artifact and the runtime that runs it, swapped as one unit on reconfigure."""
-
-    def __init__(self, artifact: LoadedArtifact, runtime: ModelRuntime) -> None:
-        self.artifact = artifact.model_copy(update={"contents": {}})  # the runtime has them
-        self.runtime = runtime
-        manifest = artifact.manifest
-        self.classes = list(manifest.classes)
-        self.health = HealthSample(runtime, len(self.classes))  # runs the model once
-        primary = manifest.files.get(manifest.primary)
-        self.info = {
-            "name": manifest.name,
-            "version": manifest.version,
-            "sha256": primary.sha256 if primary else None,
-            "runtime": runtime.kind,
-            "precision": runtime.precision,
-        }
-
-    def results(
-        self, probs: np.ndarray, inference_ms: float, topk: bool = True
-    ) -> list[ClassifyResult]:
-        """The answer for each row of class probabilities (without ``topk`` when ``topk`` is
-        False: the stream classifier labels with the top class only)."""
-        # One argsort for the whole batch (highest first; ties to the lower class id, as
-        # argmax): a replica answers thousands of frames per second.
-        order = np.argsort(-probs, axis=1, kind="stable")[:, : TOPK if topk else 1]
-        scores = np.take_along_axis(probs, order, axis=1).tolist()
-        classes, info, ms = self.classes, self.info, round(inference_ms, 3)
-        out = []
-        for ids, row_scores in zip(order.tolist(), scores, strict=True):
-            best, score = ids[0], row_scores[0]
-            top = (
-                [
-                    {"class_id": i, "label": classes[i], "score": s}
-                    for i, s in zip(ids, row_scores, strict=True)
-                ]
-                if topk
-                else None
-            )
-            out.append(ClassifyResult(best, classes[best], score, info, ms, top))
-        return out
 
 
 def _error(
@@ -284,6 +238,7 @@ class Classifier:
             "Model time per call (ms).",
             boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500],
         )
+        self.inference = FrameClassifier(on_refused=self._refused, on_batch=self._observe_batch)
 
     # -- life cycle -------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -367,39 +322,20 @@ class Classifier:
             raise RuntimeError("no user_config applied")
         return self.config
 
-    def _predict(self, model: LoadedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        probs = model.runtime.predict(batch)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        self.batch_sizes.observe(len(batch))
+    def _refused(self, reason: str) -> None:
+        self.errors.inc(tags={"reason": reason})
+
+    def _observe_batch(self, size: int, elapsed_ms: float) -> None:
+        self.batch_sizes.observe(size)
         self.inference_ms.observe(elapsed_ms)
-        return probs, elapsed_ms
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _infer_one(self, tensors: list[np.ndarray]) -> list[ClassifyResult]:
         model = self._require_model()
-        probs, ms = await asyncio.to_thread(self._predict, model, np.stack(tensors))
+        probs, ms = await asyncio.to_thread(
+            self.inference.predict, model, np.stack(tensors)
+        )
         return model.results(probs, ms)
-
-    def _prepare(
-        self, model: LoadedModel, frames: list[FrameRecord], decode_ms: list[float]
-    ) -> tuple[list[np.ndarray | None], list[FrameError | None]]:
-        """Each frame's uint8 model input or its error; its decoding ms into ``decode_ms``."""
-        hwc = model.runtime.input_hwc
-        tensors: list[np.ndarray | None] = []
-        errors: list[FrameError | None] = []
-        clock = time.perf_counter
-        for frame in frames:
-            try:
-                started = clock()
-                tensors.append(frame_pixels(frame, self.limits, hwc))
-                decode_ms.append((clock() - started) * 1000)
-                errors.append(None)
-            except FrameDecodeError as error:
-                tensors.append(None)
-                errors.append(FrameError(error.reason, error.detail))
-                self.errors.inc(tags={"reason": error.reason})
-        return tensors, errors
 
     async def classify_frames(
         self, frames: list[FrameRecord], topk: bool = True
@@ -421,64 +357,17 @@ class Classifier:
             self.frames.inc(len(frames) - good, tags={"outcome": "refused"})
         return results
 
-    def _admit(
-        self, config: ReplicaConfig, frames: list[FrameRecord], answers: list[Any]
-    ) -> list[int]:
-        """Indices of the frames within the call's bounds; the others get their FrameError."""
-        admitted: list[int] = []
-        total = 0
-        for i, frame in enumerate(frames):
-            total += len(frame.data)
-            if i >= config.max_call_frames:
-                answers[i] = FrameError(
-                    "too_many_frames",
-                    f"frame {i} of a call of {len(frames)}: over the limit of "
-                    f"{config.max_call_frames} frames per call",
-                )
-            elif total > config.max_call_bytes:
-                answers[i] = FrameError(
-                    "too_large",
-                    f"frame {i}: the call's frames reach {total} bytes, over the limit of "
-                    f"{config.max_call_bytes} bytes per call",
-                )
-            else:
-                admitted.append(i)
-                continue
-            self.errors.inc(tags={"reason": answers[i].reason})
-        return admitted
-
     def _classify(
         self, model: LoadedModel, config: ReplicaConfig, frames: list[FrameRecord], topk: bool
     ) -> tuple[list[FrameAnswer], int]:
-        """(one answer per frame, how many frames were classified) - in a worker thread.
-
-        Frames are decoded and run ``max_batch_size`` at a time: the decoded tensors of a
-        call never exceed one chunk (a 1024-frame call of 224x224x3 float32 would be 600 MB
-        at once), and only one frame is ever decoded at full size.
-        """
-        answers: list[Any] = [None] * len(frames)  # every None is replaced below
-        admitted = self._admit(config, frames, answers)
-        classified = 0
-        for start in range(0, len(admitted), config.max_batch_size):
-            chunk = admitted[start : start + config.max_batch_size]
-            decode_ms: list[float] = []  # of the decoded frames, in order
-            tensors, errors = self._prepare(model, [frames[i] for i in chunk], decode_ms)
-            good = []
-            for k, error in enumerate(errors):
-                if error is None:
-                    good.append(k)
-                else:
-                    answers[chunk[k]] = error
-            if good:
-                batch = batch_input([tensors[k] for k in good])  # type: ignore[misc]
-                del tensors  # the stacked batch is all that is needed now
-                probs, ms = self._predict(model, batch)
-                results = model.results(probs, ms, topk)
-                for k, result, spent in zip(good, results, decode_ms, strict=True):
-                    result.decode_ms = round(spent, 3)
-                    answers[chunk[k]] = result
-                classified += len(good)
-        return answers, classified
+        """(one answer per frame, how many frames were classified) - in a worker thread."""
+        limits = CallLimits(
+            max_batch_size=config.max_batch_size,
+            max_call_frames=config.max_call_frames,
+            max_call_bytes=config.max_call_bytes,
+            decode=self.limits,
+        )
+        return self.inference.classify(model, limits, frames, topk)
 
     # -- HTTP -------------------------------------------------------------------------------
     @http.post("/classify")

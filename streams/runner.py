@@ -1,7 +1,8 @@
 """One way to start a stream classifier: its topics, its Serve client and the classifier.
 
 ``framecast stream run``, the demo and the benchmarks all go through :class:`StreamRun`
-(Ray must be connected: ``cluster.stack.ray_connection``)::
+(Ray must be connected: ``cluster.stack.ray_connection``; or, with ``classify`` given - e.g.
+``serving.inference.LocalClassify``, the model in this process - no Ray at all)::
 
     with StreamRun(kafka, bootstrap, topics, config, serve) as run:
         totals = run.run()              # in the foreground, until stop() or a limit
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from serving.config import ServeSettings
+from serving.frames import FrameRecord
 from streams.classifier import StreamClassifier
 from streams.client import admin_client
 from streams.config import ClassifierConfig, KafkaSettings, TopicSettings
 from streams.exceptions import StreamsError
-from streams.serve_client import ServeClassify, serve_classify_fn
+from streams.serve_client import serve_classify_fn
 from streams.topics import default_topic_specs, ensure_topics
 
 
@@ -50,8 +52,18 @@ def check_serve_app(app_name: str) -> None:
         raise StreamsError(f"Serve application {app_name!r} is {status.status}, not RUNNING")
 
 
+class Classify(Protocol):
+    """What the classifier calls per batch: ``classify(frames)`` gives a response whose
+    ``result(timeout_s=...)`` is one answer per frame; ``close()`` when done."""
+
+    def __call__(self, frames: list[FrameRecord]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class StreamRun:
-    """A stream classifier wired to its topics and its Serve application."""
+    """A stream classifier wired to its topics and its Serve application (or to the
+    ``classify`` it is given)."""
 
     def __init__(
         self,
@@ -62,13 +74,15 @@ class StreamRun:
         serve: ServeSettings,
         *,
         create_topics: bool = True,
+        classify: Classify | None = None,
     ) -> None:
         self.kafka, self.bootstrap = kafka, bootstrap
         self.topics = topics
         self.config = config.follow_topics(topics)
         self.serve = serve
         self.create_topics = create_topics
-        self.classify: ServeClassify | None = None
+        self.given = classify  # closed here too: the run owns it
+        self.classify: Classify | None = None
         self.classifier: StreamClassifier | None = None
         self._thread: threading.Thread | None = None
         self._outcome: dict[str, Any] = {}
@@ -88,8 +102,15 @@ class StreamRun:
             )
             with admin_client(self.kafka, self.bootstrap) as admin:
                 ensure_topics(admin, default_topic_specs(names))
-        check_serve_app(self.serve.app_name)
-        classify, retriable = serve_classify_fn(self.serve.app_name, self.serve.handle_transport)
+        classify: Classify
+        retriable: tuple[type[BaseException], ...]
+        if self.given is not None:
+            classify, retriable = self.given, ()  # no Serve: every failure is the frames'
+        else:
+            check_serve_app(self.serve.app_name)
+            classify, retriable = serve_classify_fn(
+                self.serve.app_name, self.serve.handle_transport
+            )
         self.classify = classify
         try:
             classify([]).result(timeout_s=60)  # the handle's first call, before any clock

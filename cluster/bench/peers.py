@@ -58,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STREAM_MODEL = ROOT / "models" / "fashion_mnist_stream"
 PEERS_DIR = ROOT / "peers"
 PEER_VENVS = ROOT / ".venv-peers"
-PIPELINES = ("framecast", "floor", "quix", "bytewax", "faust", "http")
+# framecast-local: `stream run --local-model`, the model in the classifier's process (no Serve).
+PIPELINES = ("framecast", "framecast-local", "floor", "quix", "bytewax", "faust", "http")
 BOUNDS_MS = (15.0, 50.0)
 MAX_FPS_PER_CAMERA = 30.0
 MAX_CAMERAS = 64
@@ -539,7 +540,8 @@ def _kafka_cameras(bench: _Bench, topic: str
 
 
 def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[str, Any]:
-    """framecast's stream classifier (argv None) or a Kafka peer, measured on fresh topics."""
+    """framecast's stream classifier (argv None; `framecast-local`: with the model in its own
+    process) or a Kafka peer, measured on fresh topics."""
     from streams.client import admin_client
     from streams.exceptions import StreamsError
 
@@ -549,7 +551,9 @@ def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[st
             program = Program([*bench.cli(), "stream", "run", "--frames", names["frames"],
                                "--labels", names["labels"], "--latency", names["latency"],
                                "--dlq", names["dlq"], "--group", group,
-                               "--idle-exit-s", "900"])
+                               "--idle-exit-s", "900",
+                               *(["--local-model", str(bench.artifact)]
+                                 if name == "framecast-local" else [])])
             admin = cleanup.enter_context(admin_client(bench.settings.kafka, bench.bootstrap))
 
             def ready() -> bool:
@@ -572,7 +576,7 @@ def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[st
         def counted() -> list[psutil.Process]:
             own = tree(program.process)
             return [*own, *([bench.broker] if bench.broker else []),
-                    *(bench.ray_processes() if argv is None else [])]
+                    *(bench.ray_processes() if name == "framecast" else [])]
 
         result = _measure_pipeline(bench, name, counted=counted,
                                    run_frames=_kafka_cameras(bench, names["frames"]),
@@ -646,8 +650,9 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
         "command": command, "artifact": str(artifact), "quick": quick,
         "options": asdict(options), "pipelines": [],
         "counted_cpu": "the broker + the pipeline's processes (framecast: the classifier "
-                       "process and every process of the local Ray head; http: the Ray head's; "
-                       "peers: the peer's process tree); the cameras are the load, not counted",
+                       "process and every process of the local Ray head; framecast-local: the "
+                       "classifier process; http: the Ray head's; peers: the peer's process "
+                       "tree); the cameras are the load, not counted",
     }
     bench = _Bench(settings, artifact, options, console)
     if bench.broker is None or not bench.ray_local:
@@ -680,8 +685,11 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
         else:
             attempt("http", lambda: _http_pipeline(bench, http_argv))
         serve_shutdown(serve_settings.app_name, address=None, namespace=settings.ray.namespace)
-        # The peers run with no Serve replica beside them.
-        others = [n for n in wanted if n not in ("framecast", "http")]
+        # The peers (and framecast with its model in process) run with no Serve replica
+        # beside them.
+        if "framecast-local" in wanted:
+            attempt("framecast-local", lambda: _kafka_pipeline(bench, "framecast-local", None))
+        others = [n for n in wanted if n not in ("framecast", "framecast-local", "http")]
         for name in others:
             argv, why = peer_program(name)
             if name == "faust" and "bytewax" in by_name and "skipped" not in by_name["bytewax"]:
