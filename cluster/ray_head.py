@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,38 @@ def use_ray_auth_env(env: dict[str, str]) -> None:
 def _ray_executable() -> str:
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else "ray"
+
+
+def run_ray_start(
+    cmd: list[str],
+    env: dict[str, str],
+    log_file: Path,
+    what: str,
+    processes: Callable[[], list[psutil.Process]],
+    timeout: float,
+) -> None:
+    """Run a `ray start` command to its end, its output into log_file; on a failure or a
+    timeout stop what it started (``processes()``) and raise RayHeadError naming ``what``."""
+    with log_file.open("wb") as log_handle:
+        try:
+            result = subprocess.run(
+                cmd,
+                env=env,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            terminate(processes(), 10)
+            raise RayHeadError(f"{what} did not finish within {timeout:.0f}s") from None
+    if result.returncode != 0:
+        terminate(processes(), 10)
+        raise RayHeadError(
+            f"{what} failed (exit {result.returncode}); last lines of "
+            f"{log_file}:\n{log_tail(log_file)}"
+        )
 
 
 class LocalRayHead:
@@ -168,28 +201,7 @@ class LocalRayHead:
             "--labels=framecast.node=head",
         ]
         env = {**os.environ, **self.client_env(create=True)}
-        with self.log_file.open("wb") as log_handle:
-            try:
-                result = subprocess.run(
-                    cmd,
-                    env=env,
-                    stdout=log_handle,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                terminate(self.processes(), 10)
-                raise RayHeadError(
-                    f"`ray start --head` did not finish within {timeout:.0f}s"
-                ) from None
-        if result.returncode != 0:
-            terminate(self.processes(), 10)
-            raise RayHeadError(
-                f"`ray start --head` failed (exit {result.returncode}); last lines of "
-                f"{self.log_file}:\n{log_tail(self.log_file)}"
-            )
+        run_ray_start(cmd, env, self.log_file, "`ray start --head`", self.processes, timeout)
         info = RayHeadInfo(
             address=f"127.0.0.1:{s.gcs_port}",
             gcs_port=s.gcs_port,

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from pathlib import Path
 import psutil
 
 from cluster.exceptions import RayHeadError
-from cluster.processes import free_port, log_tail, read_json, terminate, write_json
-from cluster.ray_head import LocalRayHead, _ray_executable
+from cluster.processes import free_port, read_json, terminate, write_json
+from cluster.ray_head import LocalRayHead, _ray_executable, run_ray_start
 
 NODE_LABEL = "framecast.node"
 NODE_RESOURCE = "framecast_node"
@@ -152,28 +151,8 @@ class LocalRayWorker:
         ]
         env = {**os.environ, **self.head.client_env()}
         self.head.dir.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("wb") as log_handle:
-            try:
-                result = subprocess.run(
-                    cmd,
-                    env=env,
-                    stdout=log_handle,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                terminate(self.processes(), 10)
-                raise RayHeadError(
-                    f"`ray start` of {self.name} did not finish within {timeout:.0f}s"
-                ) from None
-        if result.returncode != 0:
-            terminate(self.processes(), 10)
-            raise RayHeadError(
-                f"`ray start` of {self.name} failed (exit {result.returncode}); last lines of "
-                f"{self.log_file}:\n{log_tail(self.log_file)}"
-            )
+        run_ray_start(cmd, env, self.log_file, f"`ray start` of {self.name}", self.processes,
+                      timeout)
         info = WorkerNodeInfo(
             index=self.index,
             name=self.name,
