@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from datetime import datetime
 from typing import Any
 
@@ -144,26 +143,12 @@ def main() -> None:
                                                m.offset, m.timestamp[1], consumed_ns)
             except common.BadFrame:
                 skipped[0] += 1
-        started_ns = common.now_ns()
-        began = time.perf_counter()
-        good, pixels = [], []
-        for frame in frames:
-            try:
-                pixels.append(model.prepare(frame))
-                good.append(frame)
-            except common.BadFrame:
-                skipped[0] += 1
-        decoded = time.perf_counter()
-        ids, scores = model.classify(pixels) if pixels else ([], [])
-        inference_ms = (time.perf_counter() - decoded) * 1e3
-        decode_ms = (decoded - began) * 1e3
-        labeled_ns = common.now_ns()
+        labelled, bad = model.label_frames(frames)
+        skipped[0] += bad
         return [
-            (frame.stream_id.encode(),
-             common.encode(common.label(frame, model, class_id, score, labeled_ns, common.timings(
-                 frame, started_ns, labeled_ns, decode_ms, inference_ms))),
+            (frame.stream_id.encode(), common.encode(record),
              (frame.topic, frame.partition, frame.offset))
-            for frame, class_id, score in zip(good, ids, scores, strict=True)
+            for frame, record in labelled
         ]
 
     flow = Dataflow("framecast-peer")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from collections import deque
 from functools import partial
 from typing import Any
@@ -96,25 +95,11 @@ def main() -> None:
                     message.timestamp()[1], consumed_ns)
             except common.BadFrame:
                 skipped += 1
-        started_ns = common.now_ns()
-        began = time.perf_counter()
-        good, pixels = [], []
-        for frame in frames:
-            try:
-                pixels.append(model.prepare(frame))
-                good.append(frame)
-            except common.BadFrame:
-                skipped += 1
-        decoded = time.perf_counter()
-        ids, scores = model.classify(pixels) if pixels else ([], [])
-        inference_ms = (time.perf_counter() - decoded) * 1e3
-        decode_ms = (decoded - began) * 1e3
-        labeled_ns = common.now_ns()
+        labelled, bad = model.label_frames(frames)
+        skipped += bad
         batch = Pending(offsets)
         batches.append(batch)
-        for frame, class_id, score in zip(good, ids, scores, strict=True):
-            record = common.label(frame, model, class_id, score, labeled_ns, common.timings(
-                frame, started_ns, labeled_ns, decode_ms, inference_ms))
+        for frame, record in labelled:
             while True:
                 try:
                     producer.produce(args.labels, common.encode(record), frame.stream_id.encode(),
@@ -123,7 +108,7 @@ def main() -> None:
                 except BufferError:
                     producer.poll(0.05)
             batch.unacked += 1
-        produced += len(good)
+        produced += len(labelled)
         producer.poll(0)
     # 1. every label acknowledged, 2. then the offsets of what they label committed.
     left = producer.flush(60)

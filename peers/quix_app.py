@@ -10,7 +10,6 @@ holds the frames of one message (one for bare images, the rows of an Arrow messa
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import common  # peers/common.py: a script's own directory is on sys.path
@@ -53,25 +52,9 @@ def main() -> None:
         except common.BadFrame:
             counts["skipped"] += 1
             return []
-        started_ns = common.now_ns()
-        began = time.perf_counter()
-        good, pixels = [], []
-        for frame in frames:
-            try:
-                pixels.append(model.prepare(frame))
-                good.append(frame)
-            except common.BadFrame:
-                counts["skipped"] += 1
-        decoded = time.perf_counter()
-        ids, scores = model.classify(pixels) if pixels else ([], [])
-        inference_ms = (time.perf_counter() - decoded) * 1e3
-        decode_ms = (decoded - began) * 1e3
-        labeled_ns = common.now_ns()
-        labels = [
-            common.label(frame, model, class_id, score, labeled_ns, common.timings(
-                frame, started_ns, labeled_ns, decode_ms, inference_ms))
-            for frame, class_id, score in zip(good, ids, scores, strict=True)
-        ]
+        labelled, bad = model.label_frames(frames)
+        counts["skipped"] += bad
+        labels = [record for _frame, record in labelled]
         counts["labelled"] += len(labels)
         if counts["labelled"] >= args.max_frames:
             app.stop()  # the loop ends after this message; its checkpoint is committed

@@ -261,17 +261,22 @@ _READERS: dict[tuple[LagTarget, float], tuple[Reader, int]] = {}
 _LOCK = threading.Lock()
 
 
+def _in_ray_actor() -> bool:
+    """Whether this process is a Ray actor's (the Serve controller), not a driver."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def acquire(target: LagTarget, interval_s: float) -> Reader:
     """The process's reader for target (made on first use); pair with release(). Inside a
     Ray worker (the Serve controller) the reader is a Ray actor of its own (RemoteLagReader);
     elsewhere a thread of this process."""
-    import ray
-
     key = (target, interval_s)
     with _LOCK:
         reader, users = _READERS.get(key, (None, 0))
         if reader is None:
-            reader = (RemoteLagReader(target, interval_s) if ray.is_initialized()
+            reader = (RemoteLagReader(target, interval_s) if _in_ray_actor()
                       else LagReader(target, interval_s))
         _READERS[key] = (reader, users + 1)
         return reader

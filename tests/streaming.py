@@ -53,7 +53,7 @@ def topics(
         latency_topic=f"latency-{tag}",
         dlq_topic=f"dlq-{tag}",
         group=f"g-{tag}",
-        idle_exit_s=4.0,
+        idle_exit_s=6.0,  # from assignment: a loaded broker's first fetch has taken > 4 s
         latency_window_s=1.0,
     )
     common = {"replication_factor": replication_factor, "config": topic_config or {}}

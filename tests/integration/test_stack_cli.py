@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.processes import free_port
+from cluster.processes import free_port, wait_until
 from streams.config import KafkaSettings
 from tests.conftest import run_cli
 from tests.integration.test_kafka_broker import consume_all, produce
@@ -78,8 +78,10 @@ def test_data_survives_a_broker_restart(tmp_path: Path, kafka_home: dict[str, st
         described = run_cli("topics", "describe", "frames", "--json", home=tmp_path, env=kafka_home)
         assert json.loads(described.stdout)[0]["partitions"] == 4
     finally:
-        run_cli("down", home=tmp_path, env=kafka_home)
-    assert _broker_pids(tmp_path) == []
+        down = run_cli("down", home=tmp_path, env=kafka_home)
+    # A SIGKILLed JVM can take a moment to go; a broker left running would stay.
+    wait_until(lambda: not _broker_pids(tmp_path), timeout=30)
+    assert _broker_pids(tmp_path) == [], down.stdout + down.stderr
 
 
 def test_status_json_against_existing_clusters_redacts_secrets(
