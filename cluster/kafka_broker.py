@@ -316,7 +316,9 @@ class EmbeddedKafka:
             info = BrokerInfo(**state)
         except TypeError:
             return None
-        return info if process_alive(info.pid, info.create_time) else None
+        # Its config file names this broker alone (a pid reused by another process does not).
+        marker = str(self.config_file.resolve())
+        return info if process_alive(info.pid, info.create_time, marker) else None
 
     @property
     def bootstrap_servers(self) -> str:

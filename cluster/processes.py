@@ -42,15 +42,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def process_alive(pid: int | None, create_time: float | None = None) -> bool:
-    """True when pid runs and (if given) was created at create_time, so a reused pid is no match."""
+def process_alive(
+    pid: int | None, create_time: float | None = None, marker: str | None = None
+) -> bool:
+    """True when pid runs and (if given) was created at create_time, so a reused pid is no match.
+
+    A process's create time is wall-clock based (boot time + ticks since boot), and the boot
+    time moves when the wall clock steps (a VM resumed from a pause, NTP): a broker started
+    minutes ago then reads 46 s off. So a mismatch alone does not prove a reused pid; with
+    ``marker`` (a string only our process's command line holds, e.g. its config file) the
+    command line decides.
+    """
     if not pid:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
+        if create_time is None or abs(proc.create_time() - create_time) < 1.0:
+            return True
+        return marker is not None and marker in " ".join(proc.cmdline())
     except psutil.Error:
         return False
 
