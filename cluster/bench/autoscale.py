@@ -139,7 +139,11 @@ def summarize(rows: list[dict[str, Any]], burst_at: float, min_replicas: int,
         "time_to_first_scale_up_s": first(lambda r: r["replicas"] > min_replicas, after),
         "time_to_peak_replicas_s": first(lambda r: r["replicas"] >= peak_replicas, after),
         "time_to_drain_s": drain,
-        "time_back_to_min_s": first(lambda r: r["replicas"] <= min_replicas, drained_rows),
+        # Back at min: after the last time it held its peak (not before a late scale-up).
+        "time_back_to_min_s": first(lambda r: r["replicas"] <= min_replicas, [
+            r for r in drained_rows
+            if peak_replicas > min_replicas and r["t"] >= max(
+                (x["t"] for x in after if x["replicas"] >= peak_replicas), default=0.0)]),
         "peak_labelled_fps": max((r["labelled_fps"] for r in after), default=0.0),
     }
 
@@ -206,11 +210,19 @@ def bench_autoscale(
                                              fps=0, per_camera=frames // 8, batch=1)
             total = (frames // 8) * 8
             deadline = time.monotonic() + (600 if quick else 1200)
+            drained_at: float | None = None
             while time.monotonic() < deadline:
                 rows = sampler.rows
-                if rows and rows[-1]["labelled"] >= total and rows[-1]["lag"] == 0 and (
-                        rows[-1]["replicas"] <= 1):
-                    break
+                if rows and rows[-1]["labelled"] >= total and rows[-1]["lag"] == 0:
+                    drained_at = drained_at or time.monotonic()
+                    scaled = any(r["replicas"] > 1 for r in rows)
+                    # Back at min after having scaled up; or, if it never did, long enough
+                    # after the drain for a late scale-up (replicas Serve asked for during
+                    # the burst can start after it) and its downscale to show.
+                    if (scaled and rows[-1]["replicas"] <= 1) or (
+                            not scaled and time.monotonic() - drained_at
+                            > serve_settings.downscale_delay_s + 30):
+                        break
                 time.sleep(1)
             time.sleep(2)
             timeline = sampler.stop()

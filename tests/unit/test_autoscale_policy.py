@@ -147,3 +147,21 @@ def test_serve_deploy_fills_the_lag_inputs_from_the_rest_of_the_settings() -> No
     assert with_lag_inputs(given).lag_group == "other"
     plain = load_settings(kafka={"bootstrap_servers": "k:9092"})
     assert with_lag_inputs(plain).lag_bootstrap_servers is None  # requests: left alone
+
+
+def test_bench_autoscale_summary_counts_back_to_min_only_after_the_peak() -> None:
+    from cluster.bench.autoscale import summarize
+
+    def row(t: float, lag: int, replicas: int, labelled: int) -> dict[str, object]:
+        return {"t": t, "lag": lag, "age_s": 0.0, "replicas": replicas, "labelled": labelled,
+                "labelled_fps": 0.0}
+
+    # Replicas Serve asked for during the burst start only after it drained (seen on 2 cores).
+    late = [row(0, 0, 1, 0), row(3, 500, 1, 100), row(6, 0, 1, 1000), row(8, 0, 3, 1000),
+            row(20, 0, 3, 1000), row(22, 0, 1, 1000)]
+    s = summarize(late, burst_at=1.0, min_replicas=1, total=1000)
+    assert (s["peak_lag"], s["peak_replicas"], s["time_to_drain_s"]) == (500, 3, 5.0)
+    assert s["time_to_first_scale_up_s"] == 7.0
+    assert s["time_back_to_min_s"] == 21.0  # not 5.0: the replica count at the drain
+    never = [row(0, 0, 1, 0), row(3, 500, 1, 100), row(6, 0, 1, 1000)]
+    assert summarize(never, burst_at=1.0, min_replicas=1, total=1000)["time_back_to_min_s"] is None
