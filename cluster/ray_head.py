@@ -94,6 +94,23 @@ def run_ray_start(
         )
 
 
+def stop_processes(processes: Callable[[], list[psutil.Process]], timeout: float) -> bool:
+    """Stop what ``processes()`` finds (SIGTERM, then SIGKILL), sweeping until a scan comes
+    back empty: some helpers (the Ray Client proxy) are spawned a moment after `ray start`
+    returns. False if nothing was running; RayHeadError if processes survive SIGKILL."""
+    stopped = False
+    for _ in range(5):
+        procs = processes()
+        if not procs:
+            return stopped
+        terminate(procs, timeout)
+        stopped = True
+    leftovers = processes()
+    if leftovers:
+        raise RayHeadError(f"Ray processes survived SIGKILL: {[p.pid for p in leftovers]}")
+    return stopped
+
+
 class LocalRayHead:
     """A Ray head node on this machine whose state lives under ``home/ray``."""
 
@@ -216,16 +233,4 @@ class LocalRayHead:
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop every process of this head; False if none was running."""
         self.state_file.unlink(missing_ok=True)
-        stopped = False
-        # Some helpers (the Ray Client proxy) are spawned a moment after `ray start`
-        # returns, so sweep until a scan comes back empty.
-        for _ in range(5):
-            procs = self.processes()
-            if not procs:
-                return stopped
-            terminate(procs, timeout)
-            stopped = True
-        leftovers = self.processes()
-        if leftovers:
-            raise RayHeadError(f"Ray processes survived SIGKILL: {[p.pid for p in leftovers]}")
-        return stopped
+        return stop_processes(self.processes, timeout)

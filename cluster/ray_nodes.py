@@ -21,9 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from cluster.exceptions import RayHeadError
-from cluster.processes import free_port, read_json, terminate, write_json
-from cluster.ray_head import LocalRayHead, _ray_executable, run_ray_start
+from cluster.processes import free_port, read_json, write_json
+from cluster.ray_head import LocalRayHead, _ray_executable, run_ray_start, stop_processes
 
 NODE_LABEL = "framecast.node"
 NODE_RESOURCE = "framecast_node"
@@ -168,17 +167,7 @@ class LocalRayWorker:
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop every process of this node (SIGTERM, then SIGKILL); False if none ran."""
         self.state_file.unlink(missing_ok=True)
-        stopped = False
-        for _ in range(5):
-            procs = self.processes()
-            if not procs:
-                return stopped
-            terminate(procs, timeout)
-            stopped = True
-        leftovers = self.processes()
-        if leftovers:
-            raise RayHeadError(f"Ray processes survived SIGKILL: {[p.pid for p in leftovers]}")
-        return stopped
+        return stop_processes(self.processes, timeout)
 
     def kill(self) -> list[int]:
         """SIGKILL the node's raylet and all its processes at once: a crash, not a drain."""
