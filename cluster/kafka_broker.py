@@ -50,6 +50,7 @@ from cluster.processes import (
     port_is_free,
     process_alive,
     read_json,
+    read_state,
     terminate,
     write_json,
 )
@@ -309,12 +310,8 @@ class EmbeddedKafka:
     # -- inspection -------------------------------------------------------------------
     def info(self) -> BrokerInfo | None:
         """The running broker's info, or None when it is not running."""
-        state = read_json(self.state_file)
-        if state is None:
-            return None
-        try:
-            info = BrokerInfo(**state)
-        except TypeError:
+        info = read_state(self.state_file, BrokerInfo)
+        if info is None:
             return None
         # Its config file names this broker alone (a pid reused by another process does not).
         marker = str(self.config_file.resolve())

@@ -8,9 +8,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -87,6 +87,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+T = TypeVar("T")
+
+
+def read_state(path: Path, kind: Callable[..., T]) -> T | None:
+    """The state file at path as a ``kind`` (a dataclass); None when missing, unreadable or
+    of another shape (written by another version)."""
+    state = read_json(path)
+    if state is None:
+        return None
+    try:
+        return kind(**state)
+    except TypeError:
+        return None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

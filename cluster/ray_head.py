@@ -25,7 +25,7 @@ from cluster.processes import (
     log_tail,
     port_answers,
     port_is_free,
-    read_json,
+    read_state,
     terminate,
     write_json,
 )
@@ -169,12 +169,8 @@ class LocalRayHead:
 
     def info(self) -> RayHeadInfo | None:
         """The running head's info, or None when it is not running."""
-        state = read_json(self.state_file)
-        if state is None:
-            return None
-        try:
-            info = RayHeadInfo(**state)
-        except TypeError:
+        info = read_state(self.state_file, RayHeadInfo)
+        if info is None:
             return None
         if not port_answers(info.gcs_port) or not self.processes():
             return None

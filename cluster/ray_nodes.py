@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from cluster.processes import free_port, read_json, write_json
+from cluster.processes import free_port, read_state, write_json
 from cluster.ray_head import LocalRayHead, _ray_executable, run_ray_start, stop_processes
 
 NODE_LABEL = "framecast.node"
@@ -117,12 +117,8 @@ class LocalRayWorker:
 
     def info(self) -> WorkerNodeInfo | None:
         """The running node's info, or None when its raylet does not run."""
-        state = read_json(self.state_file)
-        if state is None:
-            return None
-        try:
-            info = WorkerNodeInfo(**state)
-        except TypeError:
+        info = read_state(self.state_file, WorkerNodeInfo)
+        if info is None:
             return None
         return info if self.node_id() is not None else None
 

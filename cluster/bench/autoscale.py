@@ -105,19 +105,6 @@ class Sampler(threading.Thread):
         return self.rows
 
 
-def _classifier_argv(settings: FramecastSettings, bootstrap: str, names: dict[str, str],
-                     group: str) -> list[str]:
-    """One `framecast stream run` on the run's topics, calling the lag-scaled app."""
-    return [
-        sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
-        "--bootstrap-servers", bootstrap, "stream", "run",
-        "--frames", names["frames"], "--labels", names["labels"],
-        "--latency", names["latency"], "--dlq", names["dlq"], "--group", group,
-        "--app-name", APP, "--max-batch", "512", "--max-wait-ms", "5",
-        "--consumer-id", f"{group}-0",
-    ]
-
-
 def summarize(rows: list[dict[str, Any]], burst_at: float, min_replicas: int,
               total: int) -> dict[str, Any]:
     """The figures of a timeline, in seconds from the burst's start."""
@@ -154,7 +141,7 @@ def bench_autoscale(
     """Deploy with the lag policy, burst, record the timeline until back to min replicas."""
     import ray
 
-    from cluster.bench.scaling import _group_members
+    from cluster.bench.scaling import _group_members, classifier_argv
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
 
@@ -191,7 +178,7 @@ def bench_autoscale(
         try:
             with log_path.open("wb") as log:
                 child = subprocess.Popen(
-                    _classifier_argv(settings, bootstrap, names, group),
+                    classifier_argv(settings, bootstrap, names, group, 0, app=APP),
                     stdout=subprocess.PIPE, stderr=log,
                 )
             deadline = time.monotonic() + 240

@@ -48,15 +48,17 @@ def _group_members(settings: FramecastSettings, bootstrap: str, group: str) -> i
     return len(group_info.members) if group_info.stable else 0
 
 
-def _classifier_argv(
-    settings: FramecastSettings, bootstrap: str, names: dict[str, str], group: str, index: int
+def classifier_argv(
+    settings: FramecastSettings, bootstrap: str, names: dict[str, str], group: str, index: int,
+    app: str = APP,
 ) -> list[str]:
+    """`framecast stream run` number ``index`` of a bench's group, calling Serve app ``app``."""
     return [
         sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
         "--bootstrap-servers", bootstrap, "stream", "run",
         "--frames", names["frames"], "--labels", names["labels"],
         "--latency", names["latency"], "--dlq", names["dlq"], "--group", group,
-        "--app-name", APP, "--max-batch", "512", "--max-wait-ms", "5",
+        "--app-name", app, "--max-batch", "512", "--max-wait-ms", "5",
         "--consumer-id", f"{group}-{index}",
     ]
 
@@ -82,7 +84,7 @@ def _run(
             log_path = log_dir / f"{names['frames']}-{index}.log"
             with log_path.open("wb") as log:
                 child = subprocess.Popen(
-                    _classifier_argv(settings, bootstrap, names, group, index),
+                    classifier_argv(settings, bootstrap, names, group, index),
                     stdout=subprocess.PIPE, stderr=log,
                 )
             processes.append((child, log_path))
