@@ -34,6 +34,7 @@ class CameraProcess:
         encoding: str,
         batch: int = 1,
         linger_ms: int = 5,
+        frame_size: str | None = None,
     ) -> None:
         self.command = [
             sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
@@ -42,6 +43,8 @@ class CameraProcess:
             "--count", str(per_camera), "--encoding", encoding, "--batch", str(batch),
             "--linger-ms", str(linger_ms), "--json",
         ]
+        if frame_size is not None:  # e.g. "640x480" (the source's default when None)
+            self.command += ["--frame-size", frame_size]
         self.child: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
         self._err: IO[bytes] | None = None
