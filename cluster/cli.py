@@ -1000,22 +1000,36 @@ def submit_stop(ctx: typer.Context, job_id: str) -> None:
 @app.command()
 def demo(
     ctx: typer.Context,
-    cameras: Annotated[int, typer.Option(min=1, help="Simulated camera streams.")] = 8,
-    fps: Annotated[float, typer.Option(min=0.1, help="Frames per second per camera.")] = 30.0,
-    seconds: Annotated[float, typer.Option(min=1, help="Length of the video (s).")] = 60.0,
+    preset: Annotated[str | None, typer.Option(
+        help="scenes (8 cameras x 15 fps of 640x480 RGB JPEG scenes, models/scenes) | "
+             "fashion-mnist (8 x 30 fps of 32 px PNG garments, "
+             "models/fashion_mnist_optimized); default: fashion-mnist.")] = None,
+    cameras: Annotated[int | None, typer.Option(
+        min=1, help="Simulated camera streams (default: the preset's).")] = None,
+    fps: Annotated[float | None, typer.Option(
+        min=0.1, help="Frames per second per camera (default: the preset's).")] = None,
+    seconds: Annotated[float | None, typer.Option(
+        min=1, help="Length of the video in s (default: the preset's).")] = None,
+    frame_size: Annotated[str | None, typer.Option(
+        help="The cameras' frame size, WxH (scenes; default: the preset's).")] = None,
     deadline_ms: Annotated[int | None, typer.Option(
         help="Drop frames older than this (counted, labelled as dropped).")] = None,
     artifact: Annotated[Path | None, typer.Option(
-        help="Artifact to serve (default: models/fashion_mnist_optimized).")] = None,
+        help="Artifact to serve (default: the preset's shipped model).")] = None,
     keep_running: Annotated[bool, typer.Option(
         "--keep-running", help="Leave the stack and the Serve app running afterwards.")] = False,
 ) -> None:
-    """The main job: synthetic cameras -> Kafka -> Ray Serve -> Kafka, live, with a report."""
-    from cluster.demo import run_demo
+    """The main job: simulated cameras -> Kafka -> Ray Serve -> Kafka, live, with a report."""
+    from cluster.demo import PRESETS, run_demo
 
+    if preset is not None and preset not in PRESETS:
+        fail(f"--preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}",
+             EXIT_USAGE)
     try:
-        report = run_demo(_opts(ctx).settings(), console, cameras=cameras, fps=fps,
-                          seconds=seconds, deadline_ms=deadline_ms, artifact=artifact,
+        report = run_demo(_opts(ctx).settings(), console,
+                          preset=PRESETS[preset] if preset else None,
+                          cameras=cameras, fps=fps, seconds=seconds, frame_size=frame_size,
+                          deadline_ms=deadline_ms, artifact=artifact,
                           keep_running=keep_running)
     except FramecastError as error:
         fail(str(error))

@@ -1,9 +1,11 @@
 """`framecast demo`: the main job, end to end, on the embedded stack.
 
 1. start the stack (a real Kafka broker + a local Ray head), unless it already runs;
-2. deploy the shipped optimized int8 model on Ray Serve;
-3. produce a synthetic video (garments moving across a camera frame, ground truth in every
-   frame) from several cameras, in real time, into this run's own frames topic;
+2. deploy the preset's shipped int8 model on Ray Serve;
+3. produce the preset's video (ground truth in every frame) from several cameras, in real
+   time, into this run's own frames topic: ``scenes`` (the default) 640x480 RGB JPEG camera
+   scenes through ``models/scenes``; ``fashion-mnist`` garments drifting across a 32 px PNG
+   frame through ``models/fashion_mnist_optimized``;
 4. classify it with the stream classifier (Kafka -> Serve -> Kafka) while a reader of the
    labels topic shows live progress: frames in/out, fps, latency p50/p99, online accuracy;
 5. print a summary and write a report (JSON, Markdown, latency histogram PNG);
@@ -13,11 +15,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
+import resource
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +38,47 @@ from cluster.settings import FramecastSettings
 if TYPE_CHECKING:
     from cluster.dashboard.process import DashboardProcess
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_optimized"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+SHIPPED_MODEL = MODELS / "fashion_mnist_optimized"  # the benchmarks' model, too
+SCENES_MODEL = MODELS / "scenes"
 WINDOW_S = 10.0  # the report's latency-over-time windows
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """What one demo runs: its cameras (a ``framecast produce`` source) and its model."""
+
+    name: str
+    source: str  # produce --source
+    encoding: str  # produce --encoding
+    frame_size: str | None  # produce --frame-size (None: the source's own default)
+    artifact: Path
+    cameras: int
+    fps: float
+    seconds: float
+    what: str  # one line for people
+
+    def problem(self, artifact: Path | None = None) -> str | None:
+        """Why this preset cannot run here (None when it can): a part not shipped yet."""
+        model = artifact or self.artifact
+        if not (model / "manifest.json").is_file():
+            return f"the {self.name} preset's model {model} is not there (no manifest.json)"
+        if self.source == "scenes" and importlib.util.find_spec("streams.scene_source") is None:
+            return "the scenes camera (streams/scene_source.py, produce --source scenes) is missing"
+        return None
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "scenes": DemoPreset(
+        "scenes", source="scenes", encoding="jpeg", frame_size="640x480",
+        artifact=SCENES_MODEL, cameras=8, fps=15.0, seconds=90.0,
+        what="640x480 RGB JPEG camera scenes, the shipped RGB int8 model (models/scenes)"),
+    "fashion-mnist": DemoPreset(
+        "fashion-mnist", source="synthetic", encoding="png", frame_size=None,
+        artifact=SHIPPED_MODEL, cameras=8, fps=30.0, seconds=60.0,
+        what="garments drifting across a 32 px PNG frame, models/fashion_mnist_optimized"),
+}
+DEFAULT_PRESET = "fashion-mnist"  # scenes once its camera and model are on main
 
 
 class _LabelReader:
@@ -49,6 +93,7 @@ class _LabelReader:
         self.offsets = group_free_consumer(settings.kafka, bootstrap, log)
         self.timeout_s = settings.kafka.request_timeout_ms / 1000
         self.latencies: list[float] = []
+        self.decode_ms: list[float] = []  # each label's timings_ms.decode (0 where absent)
         self.labelled_at_ns: list[int] = []
         self.labelled = 0
         self.dropped = 0
@@ -73,6 +118,7 @@ class _LabelReader:
                     continue
                 self.labelled += 1
                 self.latencies.append(record["timings_ms"]["end_to_end"])
+                self.decode_ms.append(record["timings_ms"].get("decode", 0.0))
                 self.labelled_at_ns.append(record["labeled_at_ns"])
                 if record["ground_truth"] is not None:
                     self.with_truth += 1
@@ -131,14 +177,21 @@ def run_demo(
     settings: FramecastSettings,
     console: Console,
     *,
-    cameras: int,
-    fps: float,
-    seconds: float,
-    deadline_ms: int | None,
-    artifact: Path | None,
-    keep_running: bool,
+    preset: DemoPreset | None = None,
+    cameras: int | None = None,
+    fps: float | None = None,
+    seconds: float | None = None,
+    frame_size: str | None = None,
+    deadline_ms: int | None = None,
+    artifact: Path | None = None,
+    keep_running: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report (also written under HOME/reports/demo/)."""
+    """Run the demo; returns the report (also written under HOME/reports/demo/).
+
+    ``preset`` (default: scenes) gives the cameras, the model and the defaults of
+    ``cameras``, ``fps``, ``seconds`` and ``frame_size``; the arguments given override it.
+    """
+    from cluster.exceptions import PrerequisiteError
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
     from streams.client import admin_client
@@ -146,16 +199,29 @@ def run_demo(
     from streams.runner import StreamRun
     from streams.topics import run_topics, topic_names
 
-    artifact = artifact or SHIPPED_MODEL
+    preset = preset or PRESETS[DEFAULT_PRESET]
+    why_not = preset.problem(artifact)
+    if why_not is not None:
+        others = ", ".join(name for name, p in PRESETS.items() if p.problem() is None)
+        raise PrerequisiteError(f"{why_not}; presets that can run here: {others or 'none'}")
+    artifact = artifact or preset.artifact
+    cameras = cameras or preset.cameras
+    fps = fps or preset.fps
+    seconds = seconds or preset.seconds
+    frame_size = frame_size or preset.frame_size
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     topics = run_topics(settings.topics, "demo", partitions=max(2, min(cameras, 8)))
     names = topic_names(topics)
     per_camera = max(1, int(fps * seconds))
     total = per_camera * cameras
     t0 = time.monotonic()
-    console.rule("[bold]framecast demo")
+    console.rule(f"[bold]framecast demo ({preset.name}: {preset.what})")
     report: dict[str, Any] = {
         "run_id": run_id,
+        "preset": preset.name,
+        "source": preset.source,
+        "encoding": preset.encoding,
+        "frame_size": frame_size,
         "cameras": cameras,
         "fps_per_camera": fps,
         "frames_planned": total,
@@ -215,9 +281,13 @@ def run_demo(
                     if not run.wait_assigned(timeout_s=120):
                         raise StreamsError("the classifier did not join its group in 120 s")
                 # The cameras are a process of their own, as cameras are (cluster/cameras.py).
+                # Their CPU is reported apart from the pipeline's: the child's rusage, counted
+                # once it is reaped (no other child of this process ends meanwhile).
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cameras_process = CameraProcess(
-                    settings, bootstrap, names["frames"], source="synthetic", cameras=cameras,
-                    fps=fps, per_camera=per_camera, encoding="png",
+                    settings, bootstrap, names["frames"], source=preset.source,
+                    cameras=cameras, fps=fps, per_camera=per_camera, encoding=preset.encoding,
+                    frame_size=frame_size,
                 ).start()
                 cleanup.callback(cameras_process.stop)
                 totals = run.member.totals
@@ -233,6 +303,9 @@ def run_demo(
                             break
                         time.sleep(0.25)
                 produced = cameras_process.wait(timeout_s=60)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                produced["cpu_seconds"] = round(
+                    after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
                 run.stop()
                 run.finish(timeout_s=60)
                 # The page as it was at the end, while the stack is still up.
@@ -291,8 +364,33 @@ def _summarize(
         "online_accuracy": stats["accuracy"],
         "latency_ms": {f"p{q}": round(float(np.percentile(values, q)), 2) for q in (50, 95, 99)},
         "latency_ms_by_window": latency_by_window(reader.latencies, reader.labelled_at_ns),
+        "decode": decode_summary(reader.decode_ms, reader.latencies),
+        "cameras_cpu_seconds": produced.get("cpu_seconds"),
         "notes": produced.get("notes", []),
     }
+
+
+def decode_summary(decode_ms: list[float], latencies: list[float]) -> dict[str, Any] | None:
+    """The replicas' decoding of the labelled frames (label ``timings_ms.decode``): p50 and
+    mean ms per frame, and its share of the frames' end-to-end latency (sum over sum, %)."""
+    if not decode_ms or not latencies:
+        return None
+    values = np.asarray(decode_ms, dtype=float)
+    total = float(np.sum(latencies))
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "mean_ms": round(float(values.mean()), 3),
+        "share_of_end_to_end_pct": round(100 * float(values.sum()) / total, 2) if total else None,
+    }
+
+
+def _decode_text(report: dict[str, Any]) -> str:
+    decode = report.get("decode")
+    if not decode:
+        return "-"
+    share = decode["share_of_end_to_end_pct"]
+    return (f"{decode['p50_ms']} ms p50 / {decode['mean_ms']} ms mean a frame"
+            + (f", {share:g} % of end-to-end" if share is not None else ""))
 
 
 def latency_by_window(
@@ -356,6 +454,10 @@ def _write_report(out_dir: Path, report: dict[str, Any], latencies: list[float])
     (out_dir / "demo.md").write_text(
         f"# framecast demo {report['run_id']}\n\n"
         f"| measure | value |\n|---|---|\n"
+        f"| preset (source, encoding, frame size) | {report.get('preset')} "
+        f"({report.get('source')}, {report.get('encoding')}, "
+        f"{report.get('frame_size') or 'default'}) |\n"
+        f"| model | {_model_text(report)} |\n"
         f"| cameras x fps | {report['cameras']} x {report['fps_per_camera']:g} |\n"
         f"| frames produced / labelled | {report.get('frames_produced')} / "
         f"{report.get('labels')} |\n"
@@ -365,6 +467,8 @@ def _write_report(out_dir: Path, report: dict[str, Any], latencies: list[float])
         f"| latency p50 / p95 / p99 (ms) | {lat.get('p50')} / {lat.get('p95')} / "
         f"{lat.get('p99')} |\n"
         f"| label throughput | {report.get('label_fps')} frames/s |\n"
+        f"| decoding in the replicas | {_decode_text(report)} |\n"
+        f"| cameras' CPU (apart from the pipeline) | {report.get('cameras_cpu_seconds')} s |\n"
         f"| total time | {report.get('seconds')} s |\n\n"
         "![latency histogram](latency_histogram.png)\n\n"
         + ("The dashboard (`framecast dashboard`) at the end of the run:\n\n"
@@ -378,6 +482,11 @@ def _write_report(out_dir: Path, report: dict[str, Any], latencies: list[float])
     )
 
 
+def _model_text(report: dict[str, Any]) -> str:
+    model = report.get("model") or {}
+    return f"{model.get('name')} {model.get('version')} ({model.get('runtime')})"
+
+
 def _print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> None:
     table = Table(title="demo summary", show_header=False)
     table.add_column(style="bold")
@@ -385,12 +494,11 @@ def _print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> N
     lat = report.get("latency_ms", {})
     accuracy = report.get("online_accuracy")
     rows = [
-        (
-            "model",
-            f"{report.get('model', {}).get('name')} {report.get('model', {}).get('version')}",
-        ),
+        ("preset", f"{report.get('preset')} ({report.get('source')}, {report.get('encoding')}"
+                   f"{', ' + report['frame_size'] if report.get('frame_size') else ''})"),
+        ("model", _model_text(report)),
         ("cameras", f"{report['cameras']} at {report['fps_per_camera']:g} fps each"),
-        ("frames produced / labelled", f"{report.get('frames_produced')} / {report.get('labels')}"),
+        ("frames sent / labelled", f"{report.get('frames_produced')} / {report.get('labels')}"),
         ("dropped (deadline) / DLQ", f"{report.get('dropped_deadline')} / {report.get('dlq')}"),
         ("unaccounted (lost)", str(report.get("unaccounted"))),
         ("label throughput", f"{report.get('label_fps')} frames/s"),
@@ -399,7 +507,9 @@ def _print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> N
             f"p99 by {WINDOW_S:g} s of the run",
             " / ".join(f"{w['p99']:.0f}" for w in report.get("latency_ms_by_window", [])) + " ms",
         ),
-        ("online accuracy", f"{accuracy:.2%}" if accuracy is not None else "-"),
+        ("online accuracy (vs ground truth)", f"{accuracy:.2%}" if accuracy is not None else "-"),
+        ("decoding in the replicas", _decode_text(report)),
+        ("cameras' CPU (apart)", f"{report.get('cameras_cpu_seconds')} s"),
         ("total time", f"{report.get('seconds')} s"),
     ]
     for key, value in rows:

@@ -34,7 +34,7 @@ def test_demo_labels_every_frame_writes_its_report_and_leaves_no_process(tmp_pat
     markers = (str(tmp_path), str(LocalRayHead(tmp_path, RaySettings()).temp_dir))
     try:
         done = run_cli(
-            "demo", "--cameras", "3", "--fps", "20", "--seconds", "4",
+            "demo", "--preset", "fashion-mnist", "--cameras", "3", "--fps", "20", "--seconds", "4",
             home=tmp_path, env=env, timeout=420,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -58,6 +58,8 @@ def test_demo_labels_every_frame_writes_its_report_and_leaves_no_process(tmp_pat
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
     assert sum(w["frames"] for w in report["latency_ms_by_window"]) == 240
+    assert report["preset"] == "fashion-mnist"
+    assert report["decode"]["p50_ms"] > 0  # the replicas decode each PNG frame
     assert (report_dir / "latency_histogram.png").stat().st_size > 1000
     assert "| frames produced / labelled | 240 / 240 |" in (report_dir / "demo.md").read_text()
     assert "demo summary" in done.stdout

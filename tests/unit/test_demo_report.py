@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from cluster.demo import latency_by_window
+from dataclasses import replace
+from pathlib import Path
+
+from cluster.demo import PRESETS, decode_summary, latency_by_window
 
 
 def test_windows_split_labels_by_label_time_and_give_each_its_percentiles() -> None:
@@ -21,3 +24,18 @@ def test_windows_split_labels_by_label_time_and_give_each_its_percentiles() -> N
 
 def test_no_labels_no_windows() -> None:
     assert latency_by_window([], []) == []
+
+
+def test_decode_summary_gives_the_replicas_decode_time_and_its_share_of_end_to_end() -> None:
+    decode = decode_summary([1.0, 2.0, 3.0, 2.0], [10.0, 10.0, 10.0, 10.0])
+    assert decode == {"p50_ms": 2.0, "mean_ms": 2.0, "share_of_end_to_end_pct": 20.0}
+    assert decode_summary([], []) is None
+
+
+def test_a_preset_whose_model_is_missing_says_so(tmp_path: Path) -> None:
+    missing = replace(PRESETS["fashion-mnist"], artifact=tmp_path / "nothing")
+    assert "no manifest.json" in (missing.problem() or "")
+    assert PRESETS["fashion-mnist"].problem() is None  # shipped
+    assert set(PRESETS) == {"scenes", "fashion-mnist"}
+    assert (PRESETS["scenes"].cameras, PRESETS["scenes"].fps,
+            PRESETS["scenes"].frame_size) == (8, 15.0, "640x480")
