@@ -162,7 +162,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     strategy = _strategy(tf, world)
 
-    data = load_dataset(config.dataset, limit=config.limit, test_limit=1, seed=config.seed)
+    data = load_dataset(config.dataset, limit=config.limit, test_limit=1, seed=config.seed,
+                        input_size=config.input_size)
     x_train, y_train, x_val, y_val = split_train_val(
         data.x_train, data.y_train, config.val_fraction, config.seed)
     steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
@@ -313,7 +314,13 @@ def run_ray_training(config: TrainConfig,
     resources: dict[str, float] = {"CPU": float(cpus)}
     if config.gpus_per_worker > 0:
         resources["GPU"] = config.gpus_per_worker
-    board = _progress_actor_class().remote()
+    # On the driver's node: the board outlives the loss of any other node (the driver's own
+    # loss ends the run anyway), so a lost worker node does not take the progress with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    board = _progress_actor_class().options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
     storage = config.storage_path or str(Path(os.environ.get("FRAMECAST_HOME", ".framecast"))
                                          .resolve() / "train")
     name = config.run_name or f"{config.model}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
@@ -389,7 +396,7 @@ def train_artifact(config: TrainConfig,
     from jobs.data import array_sha256, calibration_sample, load_dataset, split_train_val
 
     data = load_dataset(config.dataset, limit=config.limit, test_limit=config.test_limit,
-                        seed=config.seed)
+                        seed=config.seed, input_size=config.input_size)
     x_train, y_train, _, _ = split_train_val(data.x_train, data.y_train, config.val_fraction,
                                              config.seed)
     checkpoint_source: Any

@@ -40,7 +40,11 @@ pytestmark = pytest.mark.timeout(420)
 SPREAD_APP = "nodefaults"
 # Ray Train V2 names the checkpoints it registered here, under storage_path/run_name.
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
-REPLICAS = 3  # one per node: Serve spreads a deployment's replicas over the nodes
+REPLICAS = 3
+# At most two per node: the three replicas then cover at least two nodes, so one of them is
+# a worker node (Serve's own spreading is best effort: a loaded run put two on one node and
+# left the third node empty), and after a node's loss the survivors still hold all three.
+PER_NODE = 2
 
 
 def _wait(condition: Callable[[], Any], what: str, timeout_s: float = 180) -> float:
@@ -179,14 +183,15 @@ def test_node_killed_during_training_resumes_from_its_last_checkpoint_on_the_oth
 
 @pytest.fixture
 def spread_app(serve_port: int, served_artifact: Path, three_nodes: LocalCluster) -> Iterator[str]:
-    """The shipped model with three replicas (0.5 CPU each), one per node. Per test: Serve
-    never moves a replica, so after a node's loss two would share a node."""
+    """The shipped model with three replicas (0.5 CPU each) over at least two nodes. Per
+    test: Serve never moves a replica, so after a node's loss two would share a node."""
     from ray import serve
 
     from serving.deploy import deploy
 
     settings = reliability_settings(serve_port, SPREAD_APP).model_copy(
-        update={"min_replicas": REPLICAS, "max_replicas": REPLICAS}
+        update={"min_replicas": REPLICAS, "max_replicas": REPLICAS,
+                "max_replicas_per_node": PER_NODE}
     )
     deploy(served_artifact, settings, address=None, namespace="framecast-tests", timeout_s=300)
     yield SPREAD_APP
@@ -231,7 +236,7 @@ def test_worker_node_killed_mid_stream_loses_no_frame(
         idle_exit_s=600,  # stopped by SIGTERM once every frame is labelled
     )
     before = replicas.nodes(spread_app)
-    assert len(set(before.values())) == REPLICAS, f"replicas not one per node: {before}"
+    assert len(set(before.values())) >= 2, f"replicas not spread over the nodes: {before}"
     workers = set(_worker_nodes(three_nodes))
     on_workers = sorted(set(before.values()) & workers)
     assert on_workers, f"no replica on a worker node: {before}, workers {workers}"
