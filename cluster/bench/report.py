@@ -364,7 +364,9 @@ def peers_markdown(results: dict[str, Any]) -> str:
     lines += ["", "Capacity: the highest offered frames/s (cameras x fps, each step "
               f"{results['options']['step_seconds']:g} s) at which every frame was labelled and "
               "the p99 end-to-end (labeled_at - captured_at) stayed within the bound: a ladder "
-              "of loads, then bisection.", "", *notes, ""]
+              "of loads, then bisection. A step failing even the 50 ms bound is measured once "
+              "more and the second measurement counts (one stall does not end a ladder; "
+              "`loads[].note` in the JSON says which were re-measured).", "", *notes, ""]
     return "\n".join(lines) + "\n"
 
 

@@ -69,6 +69,29 @@ def test_capacity_search_reuses_the_ladder_and_notes_open_ends():
     assert [s.offered_fps for s in none_pass.steps] == [100, 50, 25]
 
 
+def test_capacity_search_re_measures_a_failing_load_so_one_stall_does_not_end_the_ladder():
+    log: list[float] = []
+    smooth = pipeline_with_knee(330, 700)
+    stalls = {200.0}  # the first measurement at 200 frames/s stalls (p99 266 ms)
+
+    def measure(load: float) -> Step:
+        log.append(load)
+        if load in stalls:
+            stalls.discard(load)
+            return Step(load, *camera_split(load), frames=100, labelled=100, p50_ms=5.0,
+                        p99_ms=266.0)
+        return smooth(load)
+
+    search = capacity_search(measure, [100, 200, 400, 800], bisections=0, retries=1)
+    assert log == [100, 200, 200, 400, 800, 800]  # 800 fails twice: a real knee, not a stall
+    assert search.capacity[50.0].fps == 400 and search.capacity[15.0].fps == 200
+    retried = [s for s in search.steps if "re-measured" in s.note]
+    assert [s.offered_fps for s in retried] == [200, 800]
+
+    without = capacity_search(pipeline_with_knee(330, 700), [100, 200, 400], retries=0)
+    assert not any("re-measured" in s.note for s in without.steps)
+
+
 def test_capacity_search_stops_bisecting_at_the_resolution():
     log: list[float] = []
     capacity_search(pipeline_with_knee(103, 103, log), [100, 108], bisections=5,
