@@ -468,7 +468,10 @@ def serve_shutdown(
 @app.command()
 def produce(
     ctx: typer.Context,
-    source: Annotated[str, typer.Option(help="synthetic | fashion-mnist | VIDEO_PATH")],
+    source: Annotated[str, typer.Option(
+        help="synthetic | fashion-mnist | VIDEO_PATH (H.264/H.265 in MP4/MKV) | "
+        "rtsp://[user:password@]host[:port]/path (credentials better in FRAMECAST_RTSP_USER "
+        "and FRAMECAST_RTSP_PASSWORD; never shown)")],
     topic: Annotated[
         str | None, typer.Option(help="Frames topic (default: the configured frames topic).")
     ] = None,
@@ -489,9 +492,14 @@ def produce(
     frame_size: Annotated[
         int, typer.Option(min=28, help="Side of the synthetic camera frame (28 = no motion).")
     ] = 32,
-    max_side: Annotated[
-        int, typer.Option(min=2, help="Video files: shrink frames to this longest side.")
-    ] = 320,
+    max_side: Annotated[int, typer.Option(
+        min=0, help="Video files and rtsp://: shrink frames to this longest side (0 = native).")
+    ] = 0,
+    jpeg_quality: Annotated[int, typer.Option(
+        min=1, max=95, help="JPEG quality of --encoding jpeg (1-95).")] = 90,
+    reconnect_timeout: Annotated[float, typer.Option(
+        min=1, help="rtsp://: give up after this long without a frame, reconnecting with "
+        "back-off meanwhile (s).")] = 60.0,
     linger_ms: Annotated[int, typer.Option(
         min=0, help="How long the client may hold a frame to batch it with others (ms).")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -508,6 +516,7 @@ def produce(
             encoding=encoding,
             message_format=message_format,
             batch=batch,
+            jpeg_quality=jpeg_quality,
         )
     except UserError as error:
         fail(str(error), EXIT_USAGE)
@@ -528,6 +537,8 @@ def produce(
                 seed=seed,
                 frame_size=frame_size,
                 max_side=max_side,
+                jpeg_quality=jpeg_quality,
+                reconnect_timeout_s=reconnect_timeout,
                 data_dir=settings.data_dir,
                 topic_settings=settings.topics,
                 progress=advance,

@@ -44,6 +44,7 @@ from streams.exceptions import (
     ProducerError,
     ProducerOptionError,
     SourceError,
+    StreamsError,
 )
 from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames, warm_up
 from streams.topics import apply_topic_specs, default_topic_specs
@@ -169,13 +170,49 @@ def frames_producer(
     return producer
 
 
+# What a record adds to its key, value and headers in a record batch, at most (varints,
+# attributes, the batch header shared by the batch): a message is refused before it is sent
+# when its bytes plus this exceed the limit, not by the broker after.
+RECORD_OVERHEAD_BYTES = 128
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588  # a topic's max.message.bytes when not set on it
+
+
+def topic_message_limit(
+    settings: KafkaSettings, bootstrap: str | None, topic: str, producer_limit: int
+) -> tuple[int, str]:
+    """The largest message ``topic`` takes from this producer, and the setting that says so.
+
+    The smaller of the topic's ``max.message.bytes`` (as set on the topic; Kafka's default
+    1048588 when not) and the producer's ``message.max.bytes`` (topics.max_message_bytes). A
+    cluster that will not describe the topic's configs (ACLs) leaves the producer's limit.
+    """
+    producer_name = f"the producer's message.max.bytes ({producer_limit:,} bytes)"
+    try:
+        with admin_client(settings, bootstrap) as admin:
+            configs = admin.topic_configs([topic]).get(topic, {})
+    except StreamsError as error:
+        log.info("cannot read max.message.bytes of topic %s (%s)", topic, error)
+        return producer_limit, producer_name
+    topic_limit = int(configs.get("max.message.bytes", KAFKA_DEFAULT_MAX_MESSAGE_BYTES))
+    if topic_limit < producer_limit:
+        return topic_limit, f"max.message.bytes of topic {topic!r} ({topic_limit:,} bytes)"
+    return producer_limit, producer_name
+
+
 class _Sender:
     """Sends frame messages and counts what the broker confirmed or refused."""
 
-    def __init__(self, producer: Producer, topic: str, message_format: MessageFormat):
+    def __init__(
+        self,
+        producer: Producer,
+        topic: str,
+        message_format: MessageFormat,
+        limit: tuple[int, str] | None = None,
+    ):
         self.producer = producer
         self.topic = topic
         self.message_format = message_format
+        self.limit = limit
         self.messages = 0
         self.bytes = 0
         self.failures: list[str] = []
@@ -193,6 +230,7 @@ class _Sender:
         else:
             value = encode_frames(frames)
             headers = [("content-type", ARROW_CONTENT_TYPE.encode())]
+        self._check_size(frames, value, headers)
         while True:
             try:
                 self.producer.produce(
@@ -212,6 +250,30 @@ class _Sender:
         self.producer.poll(0)  # delivery reports (failures) of earlier messages
         self.messages += 1
         self.bytes += len(value)
+
+    def _check_size(
+        self, frames: list[FrameRecord], value: bytes, headers: list[tuple[str, Any]]
+    ) -> None:
+        if self.limit is None:
+            return
+        limit, which = self.limit
+        size = (
+            len(value)
+            + len(frames[0].stream_id)
+            + sum(len(key) + len(header or b"") for key, header in headers)
+        )
+        if size + RECORD_OVERHEAD_BYTES <= limit:
+            return
+        first = frames[0]
+        what = f"frame {first.frame_index} of {first.stream_id}" + (
+            f" (and {len(frames) - 1} more in its message)" if len(frames) > 1 else ""
+        )
+        raise ProducerError(
+            f"{what} is too large for {self.topic}: a {first.width}x{first.height} "
+            f"{first.encoding} frame makes a {size:,}-byte message, over {which}; lower "
+            "--max-side or --jpeg-quality (or --batch), or raise the limit "
+            "(topics.max_message_bytes and the topic's max.message.bytes)"
+        )
 
     def flush(self, timeout_s: float) -> None:
         left = self.producer.flush(timeout_s)
@@ -255,6 +317,7 @@ def produce_frames(
     max_side: int = DEFAULT_MAX_SIDE,
     jpeg_quality: int = 90,
     data_dir: Path | None = None,
+    reconnect_timeout_s: float = 60.0,
     stream_prefix: str = "cam",
     topic_settings: TopicSettings | None = None,
     create_topic: bool = True,
@@ -264,7 +327,10 @@ def produce_frames(
 ) -> dict[str, Any]:
     """Produce ``count`` frames from each of ``streams`` cameras to ``topic``; return a summary.
 
-    ``source`` is ``synthetic``, ``fashion-mnist``, a video file path, or a FrameSource.
+    ``source`` is ``synthetic``, ``fashion-mnist``, an rtsp:// URL, a video file path, or a
+    FrameSource. A message larger than the topic takes (its max.message.bytes or the
+    producer's message.max.bytes) is refused with a ProducerError naming the limit. Sources
+    that reconnect (rtsp://) report ``reconnects`` and ``dropped`` in the summary.
     ``progress`` is called with the number of frames each sent message holds. The summary has
     ``frames``, ``messages``, ``bytes``, ``seconds``, ``fps`` (achieved, all cameras),
     ``stream_ids``, ``topic_created`` and ``notes``. Raises ProducerError, SourceError or
@@ -288,6 +354,7 @@ def produce_frames(
             hold_frames=hold_frames,
             max_side=max_side,
             data_dir=data_dir,
+            reconnect_timeout_s=reconnect_timeout_s,
         )
         if isinstance(source, str)
         else source
@@ -300,12 +367,21 @@ def produce_frames(
     # Each camera's first shot is taken before the clock starts: a source that opens lazily
     # (a dataset loaded, a video file opened on first read) would otherwise put the schedule
     # behind, and the cameras would catch up in a burst no real camera sends.
-    iterators = [_primed(frame_source.stream(k), frame_source.name) for k in range(streams)]
+    try:
+        iterators = [_primed(frame_source.stream(k), frame_source.name) for k in range(streams)]
+    except BaseException:
+        _close_source(frame_source)
+        raise
     pending: list[list[FrameRecord]] = [[] for _ in range(streams)]
-    producer = frames_producer(
-        settings, bootstrap, linger_ms=linger_ms, max_request_size=topic_settings.max_message_bytes
-    )
-    sender = _Sender(producer, topic, message_format)
+    limit = topic_message_limit(settings, bootstrap, topic, topic_settings.max_message_bytes)
+    try:
+        producer = frames_producer(
+            settings, bootstrap, linger_ms=linger_ms, max_request_size=limit[0]
+        )
+    except BaseException:
+        _close_source(frame_source)
+        raise
+    sender = _Sender(producer, topic, message_format, limit)
     warm_up()
     frames = 0
     start = time.perf_counter()
@@ -347,6 +423,7 @@ def produce_frames(
         producer.flush(5)  # what an interrupted run already sent gets 5 s to be delivered,
         producer.purge()  # then the rest is dropped rather than waited for
         producer.close()
+        _close_source(frame_source)
     if sender.failures:
         raise ProducerError(
             f"{len(sender.failures)} of {sender.messages} messages to {topic} were not "
@@ -367,7 +444,22 @@ def produce_frames(
         "seconds": round(seconds, 3),
         "fps": round(frames / seconds, 1) if seconds > 0 else 0.0,
         "target_fps": fps * streams,
+        **_source_counts(frame_source),
         "notes": list(frame_source.notes),
+    }
+
+
+def _close_source(source: FrameSource) -> None:
+    """Stop a source's own threads (an rtsp:// camera's readers), if it has any."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+def _source_counts(source: FrameSource) -> dict[str, int]:
+    """``reconnects`` and ``dropped`` of a live source (rtsp://); nothing for the others."""
+    return {
+        key: int(getattr(source, key)) for key in ("reconnects", "dropped") if hasattr(source, key)
     }
 
 
@@ -378,6 +470,11 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"{summary['source']} to {summary['topic']}: {summary['messages']} messages, "
         f"{summary['bytes']:,} bytes in {summary['seconds']:.2f} s = {summary['fps']:,.1f} "
         f"frames/s ({summary['format']}, {summary['encoding']})"
+        + (
+            f"; {summary['reconnects']} reconnect(s), {summary['dropped']} frame(s) dropped"
+            if "reconnects" in summary
+            else ""
+        )
     )
 
 

@@ -8,8 +8,11 @@ encodes them. Pixels are uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (RGB).
   dark, noisy camera frame; the garment changes every ``hold_frames`` frames and every frame
   carries its ground-truth label. Deterministic for a given seed and camera.
 * :class:`FashionMnistReplay` — the test images themselves, as 28x28 frames with labels.
-* :class:`VideoFileSource` — a real video file decoded with PyAV, sampled at the requested
-  frame rate, shrunk to a maximum side (aspect kept); no labels.
+* :class:`VideoFileSource` — a real video file (H.264/H.265/... in MP4/MKV/...) decoded with
+  PyAV, sampled at the requested frame rate, at native resolution or shrunk to a maximum side
+  (aspect kept); no labels.
+* :class:`streams.rtsp.RtspSource` — a live RTSP camera (``rtsp://...``), sampled likewise,
+  reconnecting when the stream drops.
 
 No TensorFlow here: numpy, Pillow and PyAV only.
 """
@@ -31,7 +34,7 @@ from streams.exceptions import SourceError
 GARMENT = 28
 DEFAULT_FRAME_SIZE = 32
 DEFAULT_HOLD_FRAMES = 30
-DEFAULT_MAX_SIDE = 320
+DEFAULT_MAX_SIDE = 0  # native resolution
 SOURCE_NAMES = ("synthetic", "fashion-mnist")
 
 
@@ -250,7 +253,10 @@ class FashionMnistReplay:
 
 
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) shrunk to fit max_side with the aspect kept; even, never enlarged."""
+    """(width, height) shrunk to fit max_side with the aspect kept; even, never enlarged;
+    max_side 0 keeps the native size."""
+    if max_side <= 0:
+        return width, height
     scale = min(1.0, max_side / max(width, height))
     new_w = max(2, round(width * scale) // 2 * 2)
     new_h = max(2, round(height * scale) // 2 * 2)
@@ -263,14 +269,14 @@ class VideoFileSource:
     Sampling is sample-and-hold on the stream's timestamps: sample i is the frame on screen at
     ``i / fps`` seconds (frames are skipped when the file is faster, repeated when slower);
     ``fps=0`` takes every decoded frame. Frames larger than ``max_side`` are shrunk with the
-    aspect kept. Each camera plays the file from the start and loops it.
+    aspect kept (0: native size). Each camera plays the file from the start and loops it.
     """
 
     def __init__(self, path: Path, *, fps: float, max_side: int = DEFAULT_MAX_SIDE) -> None:
         import av
 
-        if max_side < 2:
-            raise ValueError(f"max_side must be >= 2, got {max_side}")
+        if max_side != 0 and max_side < 2:
+            raise ValueError(f"max_side must be 0 (native) or >= 2, got {max_side}")
         self.path = Path(path)
         self.name = str(self.path)
         self.notes: list[str] = []
@@ -342,8 +348,14 @@ def open_source(
     hold_frames: int = DEFAULT_HOLD_FRAMES,
     max_side: int = DEFAULT_MAX_SIDE,
     data_dir: Path | None = None,
+    reconnect_timeout_s: float = 60.0,
 ) -> FrameSource:
-    """The source named by ``--source``: synthetic, fashion-mnist, or a video file path."""
+    """The source named by ``--source``: synthetic, fashion-mnist, an rtsp:// camera (given
+    up after ``reconnect_timeout_s`` without a frame) or a video file path."""
+    from streams.rtsp import RtspSource, is_stream_url, redact_url
+
+    if is_stream_url(source):
+        return RtspSource(source, fps=fps, max_side=max_side, give_up_s=reconnect_timeout_s)
     if source == "synthetic":
         return SyntheticSource(
             seed=seed, frame_size=frame_size, hold_frames=hold_frames, data_dir=data_dir
@@ -353,6 +365,7 @@ def open_source(
     path = Path(source)
     if not path.is_file():
         raise SourceError(
-            f"--source {source!r} is neither {' nor '.join(SOURCE_NAMES)} nor a video file"
+            f"--source {redact_url(source)!r} is neither {' nor '.join(SOURCE_NAMES)} "
+            "nor an rtsp:// URL nor a video file"
         )
     return VideoFileSource(path, fps=fps, max_side=max_side)
