@@ -1,12 +1,18 @@
-"""Datasets (fashion-mnist, folder:PATH, synthetic) as numpy arrays, and the tf.data pipeline.
+"""Datasets (fashion-mnist, scenes, folder:PATH, synthetic) as numpy arrays, and tf.data.
 
 Loading (:func:`load_dataset`) is numpy/Pillow only, so it is cheap to call from the driver
 and from every Ray Train worker. :func:`make_tf_dataset` imports TensorFlow lazily.
+
+``scenes`` and ``scenes:heldout`` are rendered on demand by :mod:`serving.scenes` (RGB camera
+scenes of the Fashion-MNIST garments, ``docs/scenes.md``) at ``input_size`` (default 224);
+sets of more than a few hundred images are kept in a cache under
+``$FRAMECAST_HOME/datasets/scenes`` keyed by every parameter and the generator's version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,15 +23,21 @@ from jobs.exceptions import DatasetError, OptionError
 from jobs.names import validate_dataset_name
 from serving.exceptions import DatasetFormatError, DatasetNotFoundError
 from serving.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from serving.scenes import SCENES_VERSION, GarmentSplit, render_scenes
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-DATASET_KINDS = ("fashion-mnist", "folder:PATH", "synthetic")
+DATASET_KINDS = ("fashion-mnist", "scenes", "scenes:heldout", "folder:PATH", "synthetic")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 FOLDER_IMAGE_SIZE = (28, 28)
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
 SYNTHETIC_CLASSES = tuple(f"pattern-{i}" for i in range(10))
+SCENES_TRAIN, SCENES_TEST = 10_000, 2_000
+DEFAULT_SCENES_SIZE = 224
+# Sets smaller than this many pixels render faster than a cache would pay for (tests).
+SCENES_CACHE_MIN_PIXELS = 500 * 224 * 224
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,33 @@ def _validate_limit(limit: int | None) -> None:
         raise OptionError(f"limit must be >= 1 when given, got {limit}")
 
 
+def _validate_input_size(input_size: int | None) -> None:
+    if input_size is not None and not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE:
+        raise OptionError(f"input_size must be in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} when "
+                          f"given, got {input_size}")
+
+
 def load_dataset(name: str, limit: int | None = None, test_limit: int | None = None,
-                 seed: int = 0) -> Dataset:
-    """Load a dataset by name; limit caps the training images, test_limit the test images."""
+                 seed: int = 0, input_size: int | None = None) -> Dataset:
+    """Load a dataset by name; limit caps the training images, test_limit the test images.
+
+    ``input_size`` is the side of the images: scenes are rendered at it (default 224); the
+    other datasets are resized to it when it is given (their channels kept).
+    """
     validate_dataset_name(name)
     _validate_limit(limit)
     _validate_limit(test_limit)
+    _validate_input_size(input_size)
+    if name in ("scenes", "scenes:heldout"):
+        return _load_scenes(name, limit, test_limit, seed, input_size or DEFAULT_SCENES_SIZE)
+    data = _load_named(name, limit, test_limit, seed)
+    if input_size is None or data.input_shape[:2] == (input_size, input_size):
+        return data
+    return Dataset(data.name, data.classes, resize_images(data.x_train, input_size),
+                   data.y_train, resize_images(data.x_test, input_size), data.y_test)
+
+
+def _load_named(name: str, limit: int | None, test_limit: int | None, seed: int) -> Dataset:
     if name == "fashion-mnist":
         try:
             x_train, y_train = load_fashion_mnist("train", limit=limit)
@@ -72,6 +105,63 @@ def load_dataset(name: str, limit: int | None = None, test_limit: int | None = N
         x_test, y_test = synthetic_images(test_n, seed=seed + 1)
         return Dataset(name, SYNTHETIC_CLASSES, x_train, y_train, x_test, y_test)
     return _load_folder(Path(name[len("folder:"):]), limit, test_limit, seed)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC images resized to size x size (bilinear), channels kept."""
+    from PIL import Image
+
+    channels = images.shape[3]
+    out = np.empty((len(images), size, size, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        pixels = image[..., 0] if channels == 1 else image
+        resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+        out[index] = np.asarray(resized).reshape(size, size, channels)
+    return out
+
+
+def _load_scenes(name: str, limit: int | None, test_limit: int | None, seed: int,
+                 size: int) -> Dataset:
+    style = "heldout" if name == "scenes:heldout" else "train"
+    try:
+        x_train, y_train = _scenes_split(limit or SCENES_TRAIN, size, seed, style, "train")
+        x_test, y_test = _scenes_split(test_limit or SCENES_TEST, size, seed, style, "test")
+    except (DatasetNotFoundError, DatasetFormatError) as error:
+        raise DatasetError(f"{name} needs the Fashion-MNIST garments: {error}") from error
+    return Dataset(name, FASHION_MNIST_CLASSES, x_train, y_train, x_test, y_test)
+
+
+def scenes_cache_dir() -> Path:
+    """Where rendered scenes sets are kept: ``$FRAMECAST_HOME/datasets/scenes``."""
+    return Path(os.environ.get("FRAMECAST_HOME", ".framecast")) / "datasets" / "scenes"
+
+
+def _scenes_split(count: int, size: int, seed: int, style: str,
+                  garments: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split of a scenes set, from the cache when it was rendered before."""
+    split: GarmentSplit = "train" if garments == "train" else "test"
+    if count * size * size < SCENES_CACHE_MIN_PIXELS:
+        return render_scenes(count, size=(size, size), seed=seed, style=style, garments=split)
+    key = f"v{SCENES_VERSION}-{style}-{split}-seed{seed}-{size}px-{count}"
+    path = scenes_cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as cached:
+                images, labels = cached["images"], cached["labels"]
+            if images.shape == (count, size, size, 3) and labels.shape == (count,):
+                return images, labels
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable (a crash mid-write elsewhere): render again below
+    images, labels = render_scenes(count, size=(size, size), seed=seed, style=style,
+                                   garments=split)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, images=images, labels=labels)
+        os.replace(partial, path)  # atomic: readers never see half a file
+    except OSError:
+        pass  # a read-only home: the set is simply rendered again next time
+    return images, labels
 
 
 def synthetic_images(count: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:

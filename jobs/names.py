@@ -23,7 +23,7 @@ QUANTIZE_MODES: tuple[QuantizeMode, ...] = get_args(QuantizeMode)
 # The schedules that take a target sparsity (2:4 always prunes 2 of every 4 weights).
 TARGETED_SCHEDULES: tuple[PruneSchedule, ...] = ("polynomial", "constant")
 DEFAULT_TARGET_SPARSITY = 0.5
-DATASETS = ("fashion-mnist", "folder:PATH", "synthetic")
+DATASETS = ("fashion-mnist", "scenes", "scenes:heldout", "folder:PATH", "synthetic")
 
 
 def validate_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -50,8 +50,9 @@ def validate_prune_options(schedule: str, target_sparsity: float | None) -> None
 
 
 def validate_dataset_name(name: str) -> None:
-    """Raise DatasetError unless name is fashion-mnist, synthetic or folder:PATH."""
-    if name in ("fashion-mnist", "synthetic"):
+    """Raise DatasetError unless name is fashion-mnist, scenes[:heldout], synthetic or
+    folder:PATH."""
+    if name in ("fashion-mnist", "scenes", "scenes:heldout", "synthetic"):
         return
     if name.startswith("folder:") and len(name) > len("folder:"):
         return

@@ -1,0 +1,113 @@
+"""Camera scenes (serving/scenes.py), the scenes datasets and the scenes camera."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.data import load_dataset
+from jobs.exceptions import DatasetError, OptionError
+from serving.fashion_mnist import FASHION_MNIST_CLASSES
+from serving.scenes import garment_set, render_scenes
+
+
+@pytest.mark.parametrize("size", [(224, 224), (64, 48), (40, 96)])
+@pytest.mark.parametrize("style", ["train", "heldout"])
+def test_scenes_have_the_asked_shape_dtype_and_labels(size: tuple[int, int], style: str) -> None:
+    images, labels = render_scenes(12, size=size, seed=3, style=style)
+    width, height = size
+    assert images.shape == (12, height, width, 3)
+    assert images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert labels.min() >= 0 and labels.max() <= 9
+    assert sorted(labels[:10].tolist()) == list(range(10))  # every class once per ten
+    assert images.std() > 10  # not a blank frame
+
+
+def test_scenes_are_deterministic_per_seed_and_prefix_stable() -> None:
+    first, first_labels = render_scenes(6, size=(64, 64), seed=7)
+    again, again_labels = render_scenes(6, size=(64, 64), seed=7)
+    longer, longer_labels = render_scenes(9, size=(64, 64), seed=7)
+    other, _ = render_scenes(6, size=(64, 64), seed=8)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first_labels, again_labels)
+    np.testing.assert_array_equal(first, longer[:6])
+    np.testing.assert_array_equal(first_labels, longer_labels[:6])
+    assert not np.array_equal(first, other)
+
+
+def _border_and_hue_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean saturation of the frames (backgrounds dominate) and share of blue-ish pixels."""
+    rgb = images.reshape(-1, 3).astype(np.float32)
+    saturation = (rgb.max(axis=1) - rgb.min(axis=1)) / np.maximum(rgb.max(axis=1), 1.0)
+    blue = (rgb[:, 2] > rgb[:, 0] + 20) & (rgb[:, 2] > rgb[:, 1])
+    return float(saturation.mean()), float(blue.mean())
+
+
+def test_heldout_is_another_distribution_than_train() -> None:
+    train, _ = render_scenes(40, size=(64, 64), seed=0, style="train")
+    heldout, _ = render_scenes(40, size=(64, 64), seed=0, style="heldout")
+    train_sat, _ = _border_and_hue_stats(train)
+    heldout_sat, _ = _border_and_hue_stats(heldout)
+    # Heldout backgrounds are vivid (tiles, rings, sky and grass), train ones muted.
+    assert heldout_sat > train_sat + 0.1
+    # And the frames' high-frequency energy differs (tiles, grass and stronger noise).
+    def detail(images: np.ndarray) -> float:
+        grey = images.astype(np.float32).mean(axis=3)
+        return float(np.abs(np.diff(grey, axis=2)).mean())
+    assert detail(heldout) > detail(train)
+
+
+def test_train_and_test_garments_are_disjoint() -> None:
+    train_images, _, _ = garment_set("train")
+    test_images, _, _ = garment_set("test")
+    train_hashes = {image.tobytes() for image in train_images}
+    shared = sum(image.tobytes() in train_hashes for image in test_images)
+    # Fashion-MNIST itself has a handful of byte-identical images across its splits; the
+    # scenes sets take train-split garments for train and test-split garments for test.
+    assert shared < 20
+
+
+def test_unknown_style_and_bad_size_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown scene style 'night'"):
+        render_scenes(1, style="night")
+    with pytest.raises(ValueError, match="sides must be in"):
+        render_scenes(1, size=(8, 8))
+
+
+def test_load_dataset_scenes_renders_at_input_size() -> None:
+    data = load_dataset("scenes", limit=20, test_limit=10, input_size=48)
+    assert data.x_train.shape == (20, 48, 48, 3)
+    assert data.x_test.shape == (10, 48, 48, 3)
+    assert data.classes == FASHION_MNIST_CLASSES
+    assert data.input_shape == (48, 48, 3)
+    # The test split is the same style drawn with test-split garments: other images.
+    assert not np.array_equal(data.x_train[:10], data.x_test[:10])
+    heldout = load_dataset("scenes:heldout", limit=10, test_limit=10, input_size=48)
+    assert heldout.name == "scenes:heldout"
+    assert not np.array_equal(heldout.x_test, data.x_test)
+
+
+def test_input_size_resizes_other_datasets_keeping_channels() -> None:
+    data = load_dataset("fashion-mnist", limit=5, test_limit=3, input_size=56)
+    assert data.x_train.shape == (5, 56, 56, 1)
+    assert data.x_test.shape == (3, 56, 56, 1)
+    with pytest.raises(OptionError, match="input_size must be in"):
+        load_dataset("synthetic", limit=5, input_size=4)
+    with pytest.raises(DatasetError, match="unknown dataset 'scenes:night'"):
+        load_dataset("scenes:night")
+
+
+def test_large_scenes_sets_are_cached_under_framecast_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMECAST_HOME", str(tmp_path))
+    monkeypatch.setattr("jobs.data.SCENES_CACHE_MIN_PIXELS", 1)
+    first = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
+    cached = sorted(p.name for p in (tmp_path / "datasets" / "scenes").iterdir())
+    assert len(cached) == 2 and all(name.endswith("32px-4.npz") or name.endswith("32px-2.npz")
+                                    for name in cached)
+    again = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
+    np.testing.assert_array_equal(first.x_train, again.x_train)
+    np.testing.assert_array_equal(first.y_test, again.y_test)
