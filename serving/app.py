@@ -52,7 +52,6 @@ from serving.preprocess import (
     DecodeLimits,
     FrameDecodeError,
     image_pixels,
-    to_model_input,
 )
 from serving.results import ClassifyResult, FrameAnswer, FrameError
 from serving.runtimes import select_runtime
@@ -191,8 +190,9 @@ def _decode_arrow(body: bytes, max_rows: int) -> list[FrameRecord]:
 def _image_input(
     body: bytes, encoding: str, limits: DecodeLimits, hwc: tuple[int, int, int]
 ) -> np.ndarray:
-    """One JPEG/PNG body as model input (in a worker thread: decoding takes milliseconds)."""
-    return to_model_input(image_pixels(body, encoding, limits, hwc), *hwc)
+    """One JPEG/PNG body as the model's uint8 pixels (in a worker thread: decoding takes
+    milliseconds); the batch converts them to the model's input dtype at once."""
+    return image_pixels(body, encoding, limits, hwc)
 
 
 # Module functions the class uses are defined above it: serve.ingress pickles the class
@@ -332,9 +332,7 @@ class Classifier:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _infer_one(self, tensors: list[np.ndarray]) -> list[ClassifyResult]:
         model = self._require_model()
-        probs, ms = await asyncio.to_thread(
-            self.inference.predict, model, np.stack(tensors)
-        )
+        probs, ms = await asyncio.to_thread(self.inference.predict, model, list(tensors))
         return model.results(probs, ms)
 
     async def classify_frames(

@@ -27,7 +27,7 @@ import numpy as np
 from serving.artifacts import ArtifactError, LoadedArtifact
 from serving.config import StorageSettings
 from serving.frames import FrameRecord
-from serving.preprocess import DecodeLimits, FrameDecodeError, batch_input, frame_pixels
+from serving.preprocess import DecodeLimits, FrameDecodeError, frame_pixels
 from serving.results import ClassifyResult, FrameAnswer, FrameError
 from serving.runtimes import HealthSample, ModelRuntime, select_runtime
 
@@ -107,10 +107,16 @@ class FrameClassifier:
         self.on_refused = on_refused
         self.on_batch = on_batch
 
-    def predict(self, model: LoadedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """Class probabilities of a batch, and the model's ms for it."""
+    def predict(
+        self, model: LoadedModel, batch: np.ndarray | list[np.ndarray]
+    ) -> tuple[np.ndarray, float]:
+        """Class probabilities of a batch, and the model's ms for it: a float32 batch in
+        [0, 1], or a list of uint8 frames (converted straight to the model's input dtype)."""
         started = time.perf_counter()
-        probs = model.runtime.predict(batch)
+        if isinstance(batch, list):
+            probs = model.runtime.predict_pixels(batch)
+        else:
+            probs = model.runtime.predict(batch)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_batch(len(batch), elapsed_ms)
         return probs, elapsed_ms
@@ -190,9 +196,9 @@ class FrameClassifier:
                 else:
                     answers[chunk[k]] = error
             if good:
-                batch = batch_input([tensors[k] for k in good])  # type: ignore[misc]
-                del tensors  # the stacked batch is all that is needed now
-                probs, ms = self.predict(model, batch)
+                pixels: list[np.ndarray] = [tensors[k] for k in good]  # type: ignore[misc]
+                del tensors  # the good frames are all that is needed now
+                probs, ms = self.predict(model, pixels)
                 results = model.results(probs, ms, topk)
                 for k, result, spent in zip(good, results, decode_ms, strict=True):
                     result.decode_ms = round(spent, 3)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from serving.artifacts import ArtifactError, LoadedArtifact
+from serving.preprocess import PixelConverter, batch_input
 
 
 class ModelRuntime(Protocol):
@@ -27,6 +29,11 @@ class ModelRuntime(Protocol):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a float32 [N, H, W, C] batch in [0, 1]."""
+        ...
+
+    def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities for uint8 [H, W, C] frames at the model's size (the same as
+        ``predict(batch_input(pixels))``)."""
         ...
 
 
@@ -63,6 +70,8 @@ class LiteRTRuntime:
         self.precision = "int8" if self.input_dtype in (np.int8, np.uint8) else "float32"
         self._in_q = inp["quantization"]
         self._out_q = out["quantization"]
+        self.converter = PixelConverter(self.input_dtype, None if self.input_dtype == np.float32
+                                        else self._quantize)
 
     def _interpreter(self, batch: int) -> Any:
         interp = self._interpreters.get(batch)
@@ -105,13 +114,28 @@ class LiteRTRuntime:
                     [chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
                 )
             )
-            with self._lock:  # an interpreter is not thread-safe
-                interp = self._interpreter(size)
-                interp.set_tensor(interp.get_input_details()[0]["index"], self._quantize(padded))
-                interp.invoke()
-                raw = interp.get_tensor(interp.get_output_details()[0]["index"])
-            outputs.append(self._dequantize(raw[: len(chunk)]))
+            outputs.append(self._invoke(self._quantize(padded), len(chunk)))
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+    def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities for uint8 [H, W, C] frames at the model's size: each frame
+        converted straight into its row of the interpreter's input (no float32 batch; the
+        same input as ``predict(batch_input(pixels))``: serving.preprocess.PixelConverter)."""
+        outputs = []
+        for start in range(0, len(pixels), self.max_batch):
+            chunk = pixels[start : start + self.max_batch]
+            batch = self.converter.batch(chunk, rows=_bucket(len(chunk)))
+            outputs.append(self._invoke(batch, len(chunk)))
+        return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+    def _invoke(self, batch: np.ndarray, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of the model's output for an input-dtype batch."""
+        with self._lock:  # an interpreter is not thread-safe
+            interp = self._interpreter(len(batch))
+            interp.set_tensor(interp.get_input_details()[0]["index"], batch)
+            interp.invoke()
+            raw = interp.get_tensor(interp.get_output_details()[0]["index"])
+        return self._dequantize(raw[:rows])
 
 
 GPU_PRECISIONS = ("float16", "float32")
@@ -156,6 +180,10 @@ class SavedModelRuntime:
         tensor = self._tf.constant(batch.astype(np.float32))
         out = self._fn(**{self._input_name: tensor})[self._output_name]
         return np.asarray(out, dtype=np.float32)
+
+    def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities for uint8 [H, W, C] frames at the model's size."""
+        return self.predict(batch_input(pixels))
 
 
 def select_runtime(
