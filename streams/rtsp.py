@@ -189,9 +189,13 @@ class _Reader:
         base: float | None = None
         last: float | None = None
         next_time = 0.0
+        untimed_first = False
         for frame in container.decode(video):
             if frame.time is not None:
                 when = float(frame.time)
+            elif last is None and not untimed_first:
+                untimed_first = True  # FFmpeg's RTSP client hands out the probed first frame
+                continue  # untimed, then again with its timestamp
             else:
                 when = last + 1.0 / rate if last is not None else 0.0
             last = when
@@ -251,7 +255,9 @@ class RtspSource:
         self.notes: list[str] = []
         self.fps = fps
         self.max_side = max_side
-        self.options = {"rtsp_transport": transport}
+        # FFmpeg probes a stream for 5 s by default before the first frame comes out, and the
+        # frames of those seconds then arrive in a burst, late: 0.5 s finds H.264/H.265 params.
+        self.options = {"rtsp_transport": transport, "analyzeduration": "500000"}
         self.open_timeout_s = open_timeout_s
         self.read_timeout_s = read_timeout_s
         self.backoff_s = backoff_s
