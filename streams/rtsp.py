@@ -124,10 +124,9 @@ class _Reader:
         import av
 
         source = self.source
-        first = True
         delay = source.backoff_s
         silent_since = time.monotonic()
-        last_error = "the stream ended"
+        connected_before = False
         while not self._stop.is_set():
             try:
                 container = av.open(
@@ -136,48 +135,46 @@ class _Reader:
                     timeout=(source.open_timeout_s, source.read_timeout_s),
                 )
             except (av.FFmpegError, OSError) as error:
-                reason = redact_url(str(error))
-                if first:
+                reason = redact_url(str(error)) or type(error).__name__
+                if not connected_before:  # a wrong URL or camera: fail at start-up
                     self._put(SourceError(f"cannot open {source.name}: {reason}"))
                     return
-                last_error = reason
-                waited = time.monotonic() - silent_since
-                if waited >= source.give_up_s:
-                    self._put(
-                        SourceError(
-                            f"{source.name} dropped and did not come back within "
-                            f"{source.give_up_s:g} s ({self.reconnects} reconnects so far); "
-                            f"last error: {last_error}"
-                        )
-                    )
+            else:
+                if connected_before:
+                    self.reconnects += 1
+                    log.info("camera %d: reconnected to %s", self.index, source.name)
+                connected_before = True
+                reason = "the stream ended"
+                try:
+                    with container:
+                        for pixels in self._samples(container):
+                            self._put(pixels)
+                            silent_since = time.monotonic()
+                            delay = source.backoff_s
+                            if self._stop.is_set():
+                                return
+                except (av.FFmpegError, OSError, EOFError) as error:
+                    reason = redact_url(str(error)) or type(error).__name__
+                if self._stop.is_set():
                     return
-                log.info(
-                    "camera %d: reconnecting to %s in %.2f s (%s)",
-                    self.index,
-                    source.name,
-                    delay,
-                    last_error,
+            if time.monotonic() - silent_since >= source.give_up_s:
+                self._put(
+                    SourceError(
+                        f"{source.name} dropped and did not come back within "
+                        f"{source.give_up_s:g} s ({self.reconnects} reconnects); last error: "
+                        f"{reason}"
+                    )
                 )
-                self._stop.wait(delay)
-                delay = min(delay * 2, source.backoff_max_s)
-                continue
-            if not first:
-                self.reconnects += 1
-                log.info("camera %d: reconnected to %s", self.index, source.name)
-            first = False
-            try:
-                with container:
-                    for pixels in self._samples(container):
-                        self._put(pixels)
-                        silent_since = time.monotonic()
-                        delay = source.backoff_s
-                        if self._stop.is_set():
-                            return
-                last_error = "the stream ended"
-            except (av.FFmpegError, OSError, EOFError) as error:
-                last_error = redact_url(str(error)) or type(error).__name__
-            if not self._stop.is_set():
-                log.info("camera %d: %s dropped (%s)", self.index, source.name, last_error)
+                return
+            log.info(
+                "camera %d: %s: %s; reconnecting in %.2f s",
+                self.index,
+                source.name,
+                reason,
+                delay,
+            )
+            self._stop.wait(delay)
+            delay = min(delay * 2, source.backoff_max_s)
 
     def _samples(self, container: Any) -> Iterator[np.ndarray]:
         """The sampled frames of one connection, RGB, shrunk to max_side."""

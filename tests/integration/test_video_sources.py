@@ -324,3 +324,20 @@ def test_a_frame_too_large_for_the_topic_is_refused_naming_the_limit(
     size = re.search(r"makes a ([\d,]+)-byte message", message)
     assert size is not None and 320 * 240 * 3 < int(size[1].replace(",", "")) < 240_000
     assert len(read_topic(kafka_settings, topic)) == 1  # nothing more was sent
+
+
+@needs_rtsp
+def test_a_camera_that_stays_down_is_given_up_with_the_last_error(
+    rtsp_server: RtspServer,
+) -> None:
+    source = RtspSource(rtsp_server.url(), fps=5, give_up_s=1.5)
+    frames = source.stream(0)
+    try:
+        next(frames)
+        rtsp_server.kill()
+        with pytest.raises(SourceError, match=r"did not come back within 1\.5 s.*last error"):
+            for _ in range(100):  # what was buffered, then the error
+                next(frames)
+    finally:
+        source.close()
+    assert source.reconnects == 0
