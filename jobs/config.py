@@ -43,13 +43,18 @@ class TrainConfig(BaseModel):
 
     # -- what to train, on what, and where the artifact goes
     model: ModelName = Field(description="Model architecture to train.")
-    dataset: str = Field(description="fashion-mnist | folder:PATH | synthetic.")
+    dataset: str = Field(description="fashion-mnist | folder:PATH | synthetic | scenes | "
+                                     "scenes:heldout.")
     epochs: PositiveInt = Field(description="Training epochs (early stopping may end sooner).")
     out: str = Field(description="Artifact directory, or s3://, gs://, file:// URI, to write.")
     limit: PositiveInt | None = Field(
         default=None, description="Use only N training images (default: all).")
     test_limit: PositiveInt | None = Field(
         default=None, description="Evaluate on N test images (default: all).")
+    input_size: int | None = Field(
+        default=None, ge=16, le=1024,
+        description="Train on N x N images: scenes are rendered at N (default 224), other "
+                    "datasets resized to N (default: the dataset's own size).")
     # -- Ray Train resources
     workers: PositiveInt = Field(default=1, description="Ray Train workers.")
     gpus_per_worker: NonNegativeFloat = Field(default=0.0, description="GPUs per worker.")

@@ -257,7 +257,10 @@ def evaluate_artifact(directory: Path, dataset: str | None = None, limit: int | 
     """Verify an artifact and evaluate it on the test split of dataset (default: its own)."""
     artifact = load_artifact(directory)
     name = dataset or artifact.manifest.training.dataset
-    data = load_dataset(name, limit=1, test_limit=limit, seed=artifact.manifest.training.seed)
+    # At the model's own input size (scenes are rendered at it, other datasets resized).
+    height, width = artifact.manifest.input.shape[1:3]
+    data = load_dataset(name, limit=1, test_limit=limit, seed=artifact.manifest.training.seed,
+                        input_size=height if height == width else None)
     if len(data.classes) != len(artifact.manifest.classes):
         raise DatasetError(f"dataset {name} has {len(data.classes)} classes, the model "
                          f"{len(artifact.manifest.classes)}")

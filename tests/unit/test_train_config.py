@@ -37,7 +37,8 @@ def test_every_flag_is_a_field_and_defaults_to_unset() -> None:
 
 
 def test_the_zoo_and_the_choices_come_from_the_literals() -> None:
-    assert MODEL_NAMES == ("baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn")
+    assert MODEL_NAMES == ("baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn",
+                           "camera_cnn")
     assert PRUNE_SCHEDULES == ("none", "polynomial", "constant", "2:4")
     assert QUANTIZE_MODES == ("none", "int8", "float16", "dynamic")
     options = {p.name: p for p in _train_command().params}
@@ -70,6 +71,7 @@ def test_unset_flags_take_the_models_defaults() -> None:
         ({"prune": "polynomial", "target_sparsity": "1"}, "train.target_sparsity",
          "--target-sparsity must be in (0, 1)"),
         ({"val_fraction": "0.5"}, "train.val_fraction", "Input should be less than 0.5"),
+        ({"input_size": "8"}, "train.input_size", "Input should be greater than or equal to 16"),
     ],
 )
 def test_a_refused_flag_is_named_as_its_field(flags: dict[str, Any], field: str,
