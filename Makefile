@@ -8,7 +8,7 @@ KAFKA_LIBS := .framecast/kafka/libs
 FMNIST := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: setup prereqs dataset browser demo test lint soak clean help chart-check peers
+.PHONY: setup prereqs dataset browser rtsp-server demo test lint soak clean help chart-check peers
 
 help:
 	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
@@ -16,7 +16,7 @@ help:
 	@echo "make test   - setup + the whole test suite"
 	@echo "make lint   - ruff + mypy"
 
-setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset browser peers
+setup: prereqs $(STAMP) $(KAFKA_LIBS)/.resolved dataset browser rtsp-server peers
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null || { echo "missing: $(PYTHON) (Python 3.11)"; exit 1; }
@@ -52,6 +52,17 @@ browser:
 	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; \
 	else echo "note: /usr/bin/chromium not found; the dashboard's browser test is skipped (apt-get install chromium)"; fi
+
+# Debian's GStreamer RTSP server (run by Debian's python3): the tests' real RTSP camera
+# (tests/rtsp_server.py serving H.264/H.265 files; docs/camera-sources.md).
+RTSP_PACKAGES := gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+rtsp-server:
+	@if /usr/bin/python3 tests/rtsp_server.py --check 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing GStreamer's RTSP server"; \
+	  (apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES) >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES) >/dev/null)) ; \
+	else echo "note: GStreamer's RTSP server not found; the RTSP camera tests are skipped (apt-get install $(RTSP_PACKAGES))"; fi
 
 # The peer pipelines of `framecast bench peers`, each in its own venv from exact pins
 # (peers/README.md): Quix Streams 3.28 needs older confluent-kafka and pydantic than framecast.

@@ -9,7 +9,8 @@ Run with Debian's ``/usr/bin/python3`` (python3-gi and gir1.2-gst-rtsp-server-1.
 Like GStreamer's ``test-launch`` example: every client that connects gets its own pipeline
 that plays the file from its start, in real time (H.264 or H.265, in MP4 or MKV), packed as
 RTP. With ``--user`` the mount asks for HTTP basic credentials. Prints ``ready`` on stdout
-once it listens; stops on SIGTERM/SIGINT.
+once it listens; stops on SIGTERM/SIGINT. ``--check`` exits 0 when everything it needs is
+installed (the GStreamer elements below), 1 saying what is missing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,28 @@ def launch_line(path: str, codec: str) -> str:
     )
 
 
+ELEMENTS = (
+    "filesrc",
+    "qtdemux",
+    "matroskademux",
+    "h264parse",
+    "h265parse",
+    "rtph264pay",
+    "rtph265pay",
+)
+
+
+def missing_elements() -> list[str]:
+    Gst.init(None)
+    return [name for name in ELEMENTS if Gst.ElementFactory.find(name) is None]
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--check"]:
+        missing = missing_elements()
+        if missing:
+            print(f"missing GStreamer elements: {', '.join(missing)}", file=sys.stderr)
+        return 1 if missing else 0
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--file", required=True)

@@ -46,26 +46,20 @@ def _gst_rtsp_missing() -> str | None:
     if not Path(SYSTEM_PYTHON).exists():
         return f"{SYSTEM_PYTHON} not found"
     probe = subprocess.run(
-        [
-            SYSTEM_PYTHON,
-            "-c",
-            "import gi; gi.require_version('GstRtspServer', '1.0'); "
-            "from gi.repository import GstRtspServer",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        [SYSTEM_PYTHON, str(LAUNCHER), "--check"], capture_output=True, text=True, check=False
     )
     if probe.returncode != 0:
+        said = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return (
-            "GStreamer's RTSP server is not installed (as root: make setup, or apt-get install "
-            "gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-good "
+            f"GStreamer's RTSP server is not installed ({said}; as root: make setup, or "
+            "apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-good "
             "gstreamer1.0-plugins-bad)"
         )
     return None
 
 
-needs_rtsp = pytest.mark.skipif(_gst_rtsp_missing() is not None, reason=str(_gst_rtsp_missing()))
+_RTSP_MISSING = _gst_rtsp_missing()
+needs_rtsp = pytest.mark.skipif(_RTSP_MISSING is not None, reason=str(_RTSP_MISSING))
 
 
 def write_clip(path: Path, frames: int, codec: str = "libx264") -> Path:
