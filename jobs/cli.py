@@ -70,12 +70,18 @@ def run_evaluate(artifact: Path, dataset: str | None, limit: int | None, runtime
     console.print(_metrics_table(metrics, title=str(artifact)))
 
 
-def run_report_paper(out: Path, quick: bool, console: Console, fail: Fail) -> None:
+def run_report_paper(out: Path, quick: bool, console: Console, fail: Fail,
+                     dataset: str = "fashion-mnist", input_size: int | None = None) -> None:
     """Train and evaluate the three models and write the paper's table, side by side."""
-    from jobs.report import write_paper_report
+    from jobs.report import report_spec, write_paper_report
 
     try:
-        paths = write_paper_report(out, quick=quick, console=console)
+        report_spec(dataset, quick, input_size)  # refuses bad options before any work
+    except UserError as error:
+        fail(str(error), EXIT_USAGE)
+    try:
+        paths = write_paper_report(out, quick=quick, console=console, dataset=dataset,
+                                   input_size=input_size)
     except FramecastError as error:
         fail(str(error))
     for path in paths:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs.report import PAPER_CLAIMS, paper_table, plot_accuracy_latency, table_markdown
+from jobs.exceptions import OptionError
+from jobs.report import (
+    PAPER_CLAIMS,
+    paper_table,
+    plot_accuracy_latency,
+    report_spec,
+    table_markdown,
+)
 
 
 def _row(model: str, accuracy: float, latency: float, size: int) -> dict:
@@ -44,3 +51,38 @@ def test_table_compares_against_the_baseline(tmp_path: Path) -> None:
     assert "| optimized_cnn |" in text and "95.00 (92.0)" in text
     plot_accuracy_latency(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scenes_report_at_224_shortens_and_says_so() -> None:
+    spec = report_spec("scenes", quick=False, input_size=224)
+    assert [p.model for p in spec.plans] == ["baseline_cnn", "mobilenet_v2", "camera_cnn"]
+    baseline = spec.plans[0]
+    assert baseline.train_size is not None and baseline.train_size < 224
+    assert any("latency measured at 224x224" in line for line in spec.shortened)
+    quick = report_spec("scenes", quick=True)
+    assert quick.input_size == 32 and quick.plans[0].train_size == 16
+    with pytest.raises(OptionError, match="--dataset"):
+        report_spec("synthetic")
+    with pytest.raises(OptionError, match="multiple of 32"):
+        report_spec("scenes", input_size=100)
+
+
+def test_scenes_table_uses_the_latency_at_the_report_size_and_sits_beside_fashion_mnist() -> None:
+    spec = report_spec("scenes", quick=False, input_size=224)
+    baseline = _row("baseline_cnn", 0.5, 4.0, 2_000_000)
+    baseline["train_size"] = 64
+    baseline["latency_at_size"] = {"latency_ms_p50": 200.0, "latency_ms_p99": 250.0,
+                                   "peak_rss_mb": 900.0, "input_size": 224}
+    rows = [baseline, _row("mobilenet_v2", 0.6, 20.0, 9_000_000),
+            _row("camera_cnn", 0.7, 2.0, 200_000)]
+    table = paper_table(rows)
+    assert table[0]["ms_per_image_p50"] == 200.0  # measured at 224, not at 64
+    assert table[0]["ms_per_image_at_train_size"] == 4.0
+    assert table[2]["speedup_vs_baseline"] == pytest.approx(100.0)
+    assert table[2]["paper"] == PAPER_CLAIMS["optimized_cnn"]
+    text = table_markdown(table, quick=False, spec=spec)
+    assert "Camera scenes at 224x224 RGB" in text
+    assert "Beside the Fashion-MNIST table" in text
+    assert "| camera_cnn / optimized_cnn (int8) | 70.00, 2.000" in text
+    assert "trained at its training size 64x64" not in text
+    assert "4.000 ms/image at its training size 64x64; 200.000 at 224x224" in text
