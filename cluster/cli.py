@@ -474,8 +474,7 @@ def serve_shutdown(
 def produce(
     ctx: typer.Context,
     source: Annotated[str, typer.Option(
-        help="synthetic | fashion-mnist | scenes | scenes:heldout (RGB camera scenes, "
-        "--frame-size WxH) | VIDEO_PATH (H.264/H.265 in MP4/MKV) | "
+        help="synthetic | fashion-mnist | VIDEO_PATH (H.264/H.265 in MP4/MKV) | "
         "rtsp://[user:password@]host[:port]/path (credentials better in FRAMECAST_RTSP_USER "
         "and FRAMECAST_RTSP_PASSWORD; never shown)")],
     topic: Annotated[
@@ -495,9 +494,9 @@ def produce(
     ] = "arrow",
     batch: Annotated[int, typer.Option(min=1, help="Frames per Arrow message.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic video.")] = 0,
-    frame_size: Annotated[str | None, typer.Option(
-        help="Camera frame size: WxH for scenes (default 640x480, up to 1920x1080 and more), "
-        "or one number N for a square (synthetic: default 32, 28 = no motion).")] = None,
+    frame_size: Annotated[
+        int, typer.Option(min=28, help="Side of the synthetic camera frame (28 = no motion).")
+    ] = 32,
     max_side: Annotated[int, typer.Option(
         min=0, help="Video files and rtsp://: shrink frames to this longest side (0 = native).")
     ] = 0,
@@ -513,10 +512,8 @@ def produce(
     """Produce video frames to Kafka."""
     from cluster.stack import kafka_bootstrap
     from streams.producers import check_options, produce_frames, progress_bar, summary_line
-    from streams.scene_source import parse_frame_size
 
     try:
-        size = None if frame_size is None else parse_frame_size(frame_size)
         check_options(
             fps=fps,
             streams=streams,
@@ -543,7 +540,7 @@ def produce(
                 message_format="bare" if message_format == "bare" else "arrow",
                 batch=batch,
                 seed=seed,
-                frame_size=size,
+                frame_size=frame_size,
                 max_side=max_side,
                 jpeg_quality=jpeg_quality,
                 reconnect_timeout_s=reconnect_timeout,
@@ -740,14 +737,6 @@ def bench(
     pipelines: Annotated[str | None, typer.Option(
         help="peers: comma-separated pipelines (default all: framecast, framecast-local, "
         "floor, quix, bytewax or faust, http).")] = None,
-    input_size: Annotated[int | None, typer.Option(
-        min=16, max=1024, help="model: the models at SIZE x SIZE x 3 (e.g. 224).")] = None,
-    random_weights: Annotated[bool, typer.Option(
-        "--random-weights", help="model: no training, no accuracy - latency only (e.g. "
-        "mobilenet_v2:1.0 at 224).")] = False,
-    frame_size: Annotated[str | None, typer.Option(
-        help="pipeline: RGB JPEG camera frames WxH (e.g. 640x480), pre-encoded, through an "
-        "RGB model (default: models/scenes, else a random-weight bench model).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 
@@ -789,13 +778,6 @@ def bench(
             chosen_pipelines(pipelines)
         except FramecastError as error:
             fail(str(error), EXIT_USAGE)
-    if frame_size is not None:
-        from cluster.bench.camera import parse_frame_size
-
-        try:
-            parse_frame_size(frame_size)
-        except ValueError as error:
-            fail(str(error), EXIT_USAGE)
     counts: dict[str, list[int]] = {}
     for name, text in (("replicas", replicas), ("classifiers", classifiers)):
         try:
@@ -825,15 +807,10 @@ def bench(
         options.dataset, options.artifact = dataset, str(artifact or SHIPPED_MODEL)
         if models is not None:
             options.models = [m.strip() for m in models.split(",") if m.strip()]
-        if input_size is not None or random_weights:
-            from cluster.bench.model import camera_options
-
-            options = camera_options(options, input_size, random_weights)
-        from cluster.bench.model import check_models
-
-        unknown = check_models(options.models, options.random_weights)
+        unknown = [m for m in options.models
+                   if m not in ("baseline_cnn", "mobilenet_v2", "optimized_cnn")]
         if unknown or not options.models:
-            fail(f"--models: {'; '.join(unknown) or '(none given)'}", EXIT_USAGE)
+            fail(f"--models: unknown {', '.join(unknown) or '(none given)'}", EXIT_USAGE)
         for key, value in (("epochs", epochs), ("limit", limit), ("test_limit", test_limit)):
             if value is not None:
                 setattr(options, key, value)
@@ -880,16 +857,6 @@ def bench(
                         from cluster.bench.serve import bench_serve
 
                         console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
-                        if part == "pipeline" and frame_size is not None:
-                            from cluster.bench.pipeline import bench_pipeline_camera
-
-                            results[part] = bench_pipeline_camera(
-                                settings, artifact, console, frame_size=frame_size,
-                                quick=quick)
-                            written[part] = report.write_pipeline_camera_outputs(
-                                out_dir, results[part], command)
-                            seconds[part] = time.perf_counter() - clock
-                            continue
                         run = bench_serve if part == "serve" else bench_pipeline
                         results[part] = run(
                             settings, artifact or SHIPPED_MODEL, console, quick=quick)
