@@ -474,7 +474,8 @@ def serve_shutdown(
 def produce(
     ctx: typer.Context,
     source: Annotated[str, typer.Option(
-        help="synthetic | fashion-mnist | VIDEO_PATH (H.264/H.265 in MP4/MKV) | "
+        help="synthetic | fashion-mnist | scenes | scenes:heldout (RGB camera scenes, "
+        "--frame-size WxH) | VIDEO_PATH (H.264/H.265 in MP4/MKV) | "
         "rtsp://[user:password@]host[:port]/path (credentials better in FRAMECAST_RTSP_USER "
         "and FRAMECAST_RTSP_PASSWORD; never shown)")],
     topic: Annotated[
@@ -494,9 +495,9 @@ def produce(
     ] = "arrow",
     batch: Annotated[int, typer.Option(min=1, help="Frames per Arrow message.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic video.")] = 0,
-    frame_size: Annotated[
-        int, typer.Option(min=28, help="Side of the synthetic camera frame (28 = no motion).")
-    ] = 32,
+    frame_size: Annotated[str | None, typer.Option(
+        help="Camera frame size: WxH for scenes (default 640x480, up to 1920x1080 and more), "
+        "or one number N for a square (synthetic: default 32, 28 = no motion).")] = None,
     max_side: Annotated[int, typer.Option(
         min=0, help="Video files and rtsp://: shrink frames to this longest side (0 = native).")
     ] = 0,
@@ -512,8 +513,10 @@ def produce(
     """Produce video frames to Kafka."""
     from cluster.stack import kafka_bootstrap
     from streams.producers import check_options, produce_frames, progress_bar, summary_line
+    from streams.scene_source import parse_frame_size
 
     try:
+        size = None if frame_size is None else parse_frame_size(frame_size)
         check_options(
             fps=fps,
             streams=streams,
@@ -540,7 +543,7 @@ def produce(
                 message_format="bare" if message_format == "bare" else "arrow",
                 batch=batch,
                 seed=seed,
-                frame_size=frame_size,
+                frame_size=size,
                 max_side=max_side,
                 jpeg_quality=jpeg_quality,
                 reconnect_timeout_s=reconnect_timeout,

@@ -47,6 +47,12 @@ from streams.exceptions import (
     StreamsError,
 )
 from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames, warm_up
+from streams.scene_source import (
+    DEFAULT_SCENES_FRAME_SIZE,
+    EncodedFrame,
+    ScenesSource,
+    is_scenes_source,
+)
 from streams.topics import apply_topic_specs, default_topic_specs
 from streams.video import (
     DEFAULT_FRAME_SIZE,
@@ -312,7 +318,7 @@ def produce_frames(
     message_format: MessageFormat = "arrow",
     batch: int = 1,
     seed: int = 0,
-    frame_size: int = DEFAULT_FRAME_SIZE,
+    frame_size: int | tuple[int, int] | None = None,
     hold_frames: int = DEFAULT_HOLD_FRAMES,
     max_side: int = DEFAULT_MAX_SIDE,
     jpeg_quality: int = 90,
@@ -345,12 +351,18 @@ def produce_frames(
         batch=batch,
         jpeg_quality=jpeg_quality,
     )
+    if isinstance(source, str) and is_scenes_source(source):
+        # scenes cameras render and encode their clip once, in the encoding asked for
+        source = ScenesSource(
+            source, frame_size=_frame_size_wh(frame_size), seed=seed, hold_frames=hold_frames,
+            encoding=encoding, jpeg_quality=jpeg_quality, data_dir=data_dir,
+        )
     frame_source = (
         open_source(
             source,
             fps=fps,
             seed=seed,
-            frame_size=frame_size,
+            frame_size=_square_side(frame_size),
             hold_frames=hold_frames,
             max_side=max_side,
             data_dir=data_dir,
@@ -385,6 +397,7 @@ def produce_frames(
     warm_up()
     frames = 0
     start = time.perf_counter()
+    cpu_start = time.process_time()
     try:
         for index in range(count):
             for k, stream_id in enumerate(stream_ids):
@@ -405,7 +418,7 @@ def produce_frames(
                         height=int(pixels.shape[0]),
                         width=int(pixels.shape[1]),
                         channels=1 if pixels.ndim == 2 else int(pixels.shape[2]),
-                        data=encode_pixels(pixels, encoding, jpeg_quality),
+                        data=_shot_bytes(shot, encoding, jpeg_quality),
                         label=shot.label,
                     )
                 )
@@ -420,6 +433,7 @@ def produce_frames(
         raise ProducerError(f"producing to {topic} failed: {rdkafka_reason(error)}") from None
     finally:
         seconds = time.perf_counter() - start
+        cpu_s = time.process_time() - cpu_start
         producer.flush(5)  # what an interrupted run already sent gets 5 s to be delivered,
         producer.purge()  # then the rest is dropped rather than waited for
         producer.close()
@@ -445,6 +459,11 @@ def produce_frames(
         "fps": round(frames / seconds, 1) if seconds > 0 else 0.0,
         "target_fps": fps * streams,
         **_source_counts(frame_source),
+        # This process's CPU while sending (encoding included unless the source pre-encoded);
+        # a pre-encoding source's render and encode time before the clock started, apart.
+        "cpu_s": round(cpu_s, 3),
+        **({"prerender_s": round(frame_source.prerender_s, 3)}
+           if isinstance(frame_source, ScenesSource) else {}),
         "notes": list(frame_source.notes),
     }
 
@@ -461,6 +480,37 @@ def _source_counts(source: FrameSource) -> dict[str, int]:
     return {
         key: int(getattr(source, key)) for key in ("reconnects", "dropped") if hasattr(source, key)
     }
+
+
+def _frame_size_wh(frame_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """--frame-size as (width, height) for the scenes cameras (one number: a square)."""
+    if frame_size is None:
+        return DEFAULT_SCENES_FRAME_SIZE
+    return (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
+
+
+def _square_side(frame_size: int | tuple[int, int] | None) -> int:
+    """--frame-size as the synthetic camera's side: its frames are square."""
+    if frame_size is None:
+        return DEFAULT_FRAME_SIZE
+    if isinstance(frame_size, int):
+        return frame_size
+    width, height = frame_size
+    if width != height:
+        raise ProducerOptionError(
+            f"--frame-size {width}x{height}: the synthetic camera's frames are square "
+            "(give one number); WxH is for --source scenes")
+    return width
+
+
+def _shot_bytes(shot: SourceFrame, encoding: str, jpeg_quality: int) -> bytes:
+    """A pre-encoded shot's bytes (the scenes cameras' clips), else its pixels encoded now."""
+    if isinstance(shot, EncodedFrame):
+        if shot.encoding != encoding:
+            raise SourceError(f"the source encoded its frames as {shot.encoding}, "
+                              f"not {encoding}")
+        return shot.data
+    return encode_pixels(shot.pixels, encoding, jpeg_quality)
 
 
 def summary_line(summary: dict[str, Any]) -> str:

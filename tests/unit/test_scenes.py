@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jobs.data import load_dataset
 from jobs.exceptions import DatasetError, OptionError
 from serving.fashion_mnist import FASHION_MNIST_CLASSES
 from serving.scenes import garment_set, render_scenes
+from streams.exceptions import ProducerOptionError, SourceError
+from streams.scene_source import EncodedFrame, ScenesSource, ScenesVideo, parse_frame_size
 
 
 @pytest.mark.parametrize("size", [(224, 224), (64, 48), (40, 96)])
@@ -111,3 +115,53 @@ def test_large_scenes_sets_are_cached_under_framecast_home(
     again = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
     np.testing.assert_array_equal(first.x_train, again.x_train)
     np.testing.assert_array_equal(first.y_test, again.y_test)
+
+
+def test_scenes_video_is_deterministic_and_changes_garment_every_hold() -> None:
+    video = ScenesVideo(size=(96, 64), stream_index=1, seed=4, hold_frames=5)
+    again = ScenesVideo(size=(96, 64), stream_index=1, seed=4, hold_frames=5)
+    frames = [video.frame(t) for t in range(15)]
+    assert all(f.pixels.shape == (64, 96, 3) and f.pixels.dtype == np.uint8 for f in frames)
+    np.testing.assert_array_equal(frames[7].pixels, again.frame(7).pixels)
+    assert frames[7].label == again.frame(7).label
+    for k in range(3):  # one garment (and label) per segment of hold_frames frames
+        assert len({f.label for f in frames[5 * k:5 * k + 5]}) == 1
+        assert video.segment(k).label == frames[5 * k].label
+    assert all(0 <= f.label <= 9 for f in frames if f.label is not None)
+    # The garment moves: consecutive frames of a segment differ.
+    assert not np.array_equal(frames[1].pixels, frames[3].pixels)
+    other_camera = ScenesVideo(size=(96, 64), stream_index=2, seed=4, hold_frames=5)
+    assert not np.array_equal(other_camera.frame(0).pixels, frames[0].pixels)
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png"])
+def test_scenes_source_loops_a_pre_encoded_clip_with_labels(encoding: str) -> None:
+    source = ScenesSource("scenes", frame_size=(80, 48), hold_frames=4, clip_frames=8,
+                          encoding=encoding)
+    stream = source.stream(0)
+    shots = [next(stream) for _ in range(20)]
+    assert source.clip_frames == 8 and source.prerender_s > 0
+    assert all(isinstance(s, EncodedFrame) and s.encoding == encoding for s in shots)
+    assert [s.data for s in shots[:8]] == [s.data for s in shots[8:16]]  # looped
+    assert [s.label for s in shots[:8]] == [s.label for s in shots[8:16]]
+    video = ScenesVideo(size=(80, 48), hold_frames=4)
+    assert [s.label for s in shots[:8]] == [video.frame(t).label for t in range(8)]
+    with Image.open(io.BytesIO(shots[3].data)) as image:
+        assert image.format == {"jpeg": "JPEG", "png": "PNG"}[encoding]
+        assert image.size == (80, 48) and image.mode == "RGB"
+        if encoding == "png":  # lossless: exactly the rendered frame
+            np.testing.assert_array_equal(np.asarray(image), video.frame(3).pixels)
+    assert shots[0].pixels.shape == (48, 80, 3)
+
+
+def test_frame_size_options_are_parsed_or_refused_naming_the_option() -> None:
+    assert parse_frame_size("640x480") == (640, 480)
+    assert parse_frame_size("1920X1080") == (1920, 1080)
+    assert parse_frame_size("32") == 32
+    for bad in ("10", "8x8", "wide", "640x"):
+        with pytest.raises(ProducerOptionError, match="--frame-size"):
+            parse_frame_size(bad)
+    with pytest.raises(ProducerOptionError, match="--frame-size"):
+        ScenesSource("scenes", frame_size=(5000, 100))
+    with pytest.raises(SourceError, match="unknown scenes source"):
+        ScenesSource("scenes:night")
