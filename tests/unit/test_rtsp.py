@@ -63,3 +63,16 @@ def test_a_camera_that_is_not_there_fails_at_once_without_its_password(
         next(source.stream(0))
     source.close()
     assert "Hunter2" not in str(refused.value) + caplog.text
+
+
+def test_the_summary_line_tells_reconnects_and_drops_of_a_live_source() -> None:
+    from streams.producers import summary_line
+
+    summary = {
+        "frames": 30, "streams": 1, "source": "rtsp://***@cam/x", "topic": "frames",
+        "messages": 30, "bytes": 1000, "seconds": 2.0, "fps": 15.0, "format": "arrow",
+        "encoding": "jpeg", "reconnects": 2, "dropped": 3,
+    }  # fmt: skip
+    assert summary_line(summary).endswith("(arrow, jpeg); 2 reconnect(s), 3 frame(s) dropped")
+    del summary["reconnects"], summary["dropped"]
+    assert summary_line(summary).endswith("(arrow, jpeg)")
