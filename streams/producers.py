@@ -48,6 +48,7 @@ from streams.exceptions import (
 )
 from streams.frames import ARROW_CONTENT_TYPE, ENCODINGS, FrameRecord, encode_frames, warm_up
 from streams.scene_source import (
+    DEFAULT_CLIP_FRAMES,
     DEFAULT_SCENES_FRAME_SIZE,
     EncodedFrame,
     ScenesSource,
@@ -356,6 +357,7 @@ def produce_frames(
         source = ScenesSource(
             source, frame_size=_frame_size_wh(frame_size), seed=seed, hold_frames=hold_frames,
             encoding=encoding, jpeg_quality=jpeg_quality, data_dir=data_dir,
+            clip_frames=min(count, DEFAULT_CLIP_FRAMES),
         )
     frame_source = (
         open_source(

@@ -182,7 +182,7 @@ class ScenesVideo:
 class ScenesSource:
     """``--source scenes`` / ``scenes:heldout``: one :class:`ScenesVideo` per camera, each
     rendered and encoded once into a clip of about ``clip_frames`` frames (whole garment
-    passes) that the camera then loops."""
+    passes) that the camera then loops. The producer asks for no more frames than it sends."""
 
     def __init__(
         self,
@@ -216,7 +216,10 @@ class ScenesSource:
         self.jpeg_quality = jpeg_quality
         self.data_dir = data_dir
         self.prerender_s = 0.0
-        self.clip_frames = max(1, round(clip_frames / hold_frames)) * hold_frames
+        # Whole garment passes, so that the loop's seam is a garment change; a run shorter
+        # than one pass (clip_frames < hold_frames) renders just its frames.
+        self.clip_frames = (max(1, round(clip_frames / hold_frames)) * hold_frames
+                            if clip_frames >= hold_frames else clip_frames)
         width, height = self.frame_size
         if encoding == "raw" and self.clip_frames * width * height * 3 > MAX_CLIP_BYTES:
             self.clip_frames = max(1, MAX_CLIP_BYTES // (width * height * 3))
