@@ -49,7 +49,7 @@ _SPLIT_ID = {"train": 1, "test": 2}
 _NOISE_MARGIN = 32
 # Bumped whenever the images a (seed, style, size, index) renders change: cached sets
 # (jobs/data.py) are keyed by it.
-SCENES_VERSION = 1
+SCENES_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,14 +200,24 @@ def _background(rng: np.random.Generator, kind: str, width: int, height: int) ->
         return _mix(_random_colour(rng, *vivid), _random_colour(rng, *vivid), t)
     if kind == "tiles":
         tile = max(4, int(min(width, height) * rng.uniform(0.06, 0.2)))
-        yy = np.arange(height)[:, None]
-        xx = np.arange(width)[None, :]
+        grout_px = max(1, tile // 10)
         brick = bool(rng.integers(2))
-        shift = ((yy // tile) % 2) * (tile // 2) if brick else 0
-        cell = ((xx + shift) // tile + yy // tile) % 2
-        grout = (((xx + shift) % tile) < max(1, tile // 10)) | ((yy % tile) < max(1, tile // 10))
-        t = np.where(grout, 1.0, 0.35 * cell).astype(np.float32)
-        return _mix(_random_colour(rng, *vivid), _random_colour(rng, (0.0, 0.3), (0.7, 1.0)), t)
+        rows = np.arange(height)
+        cols = np.arange(width)
+        odd_row = ((rows // tile) % 2 == 1) & brick
+        # Per column, for even and odd rows of tiles (bricks shift odd rows by half a tile):
+        # 0/1 which tile colour, 2 grout.
+        def columns(shift: int) -> np.ndarray:
+            c = cols + shift
+            return np.where(c % tile < grout_px, 2, (c // tile) % 2).astype(np.uint8)
+        even, odd = columns(0), columns(tile // 2)
+        code = np.where(odd_row[:, None], odd[None, :], even[None, :])
+        code ^= ((rows // tile) % 2 == 1).astype(np.uint8)[:, None] & (code < 2)
+        code[rows % tile < grout_px] = 2
+        palette = np.stack([_random_colour(rng, *vivid), _random_colour(rng, *vivid) * 0.8,
+                            _random_colour(rng, (0.0, 0.3), (0.7, 1.0))])
+        tiled: np.ndarray = np.take(np.clip(palette, 0, 255).astype(np.uint8), code, axis=0)
+        return tiled
     if kind == "outdoor":
         split = int(height * rng.uniform(0.35, 0.65))
         sky_t = np.broadcast_to(ys[:split] / max(float(ys[split - 1, 0]), 1e-3),
@@ -250,10 +260,11 @@ def _draw_clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, kinds: tu
 
 @dataclass(frozen=True, slots=True)
 class GarmentSprite:
-    """A colourised, textured, rotated garment: RGB float32 [h, w, 3] and alpha [h, w, 1]."""
+    """A colourised, textured, rotated garment, ready to composite:
+    ``frame = frame * see_through + rgb``."""
 
-    rgb: np.ndarray
-    alpha: np.ndarray
+    rgb: np.ndarray           # float32 [h, w, 3], premultiplied by alpha
+    see_through: np.ndarray   # float32 [h, w, 1], 1 - alpha
 
     @property
     def width(self) -> int:
@@ -279,9 +290,7 @@ def make_sprite(rng: np.random.Generator, garment: np.ndarray, side: int, style:
     scale = side / 56.0
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                          Image.Resampling.BICUBIC)
-    shade = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-    alpha = np.clip(shade * 4.0, 0.0, 1.0)[..., None]
-    shade /= max(float(shade.max()), 1e-3)
+    grey = np.asarray(image)
     # Tint: mostly coloured within the style's hues, sometimes grey (train) or near
     # black/white (heldout).
     if rng.random() < 0.8:
@@ -292,15 +301,24 @@ def make_sprite(rng: np.random.Generator, garment: np.ndarray, side: int, style:
     else:
         tint = np.full(3, rng.choice([rng.uniform(20, 60), rng.uniform(235, 255)]),
                        dtype=np.float32)
-    lit = (np.float32(0.3) + np.float32(0.7) * shade)[..., None]
+    second = tint * np.float32(rng.uniform(0.35, 0.7))
+    # Everything per pixel comes from tables of (pattern bit, grey level): the premultiplied
+    # colour and the see-through share - one look-up each, not a chain of float operations.
+    levels = np.arange(256, dtype=np.float32)
+    alpha = np.minimum(levels * np.float32(4.0 / 255.0), np.float32(1.0))
+    brightest = max(float(grey.max()), 1.0)
+    shading = np.float32(0.3) + np.float32(0.7) * np.minimum(levels / np.float32(brightest),
+                                                             np.float32(1.0))
+    weight = (shading * alpha)[:, None]
+    colours = np.concatenate([weight * tint, weight * second]).astype(np.float32)
+    see_through = np.take(np.float32(1.0) - alpha, grey)[..., None]
     pattern = int(rng.integers(4))  # plain, stripes, checks, dots
     if pattern == 0:
-        return GarmentSprite(rgb=lit * tint, alpha=alpha)
-    second = tint * np.float32(rng.uniform(0.35, 0.7))
+        return GarmentSprite(rgb=np.take(colours, grey, axis=0), see_through=see_through)
     period = max(3.0, side * rng.uniform(0.07, 0.16))
     a = rng.uniform(0, math.pi)
-    yy = np.arange(shade.shape[0], dtype=np.float32)[:, None] / np.float32(period)
-    xx = np.arange(shade.shape[1], dtype=np.float32)[None, :] / np.float32(period)
+    yy = np.arange(grey.shape[0], dtype=np.float32)[:, None] / np.float32(period)
+    xx = np.arange(grey.shape[1], dtype=np.float32)[None, :] / np.float32(period)
     u = (xx * np.float32(math.cos(a)) + yy * np.float32(math.sin(a))) % 1.0
     if pattern == 1:
         mask = u < 0.5
@@ -308,16 +326,16 @@ def make_sprite(rng: np.random.Generator, garment: np.ndarray, side: int, style:
         v = (yy * np.float32(math.cos(a)) - xx * np.float32(math.sin(a))) % 1.0
         mask = ((u < 0.5) ^ (v < 0.5)) if pattern == 2 else (
             (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.08)
-    colour = np.where(mask[..., None], second, tint)
-    return GarmentSprite(rgb=lit * colour, alpha=alpha)
+    index = grey.astype(np.intp)
+    index[mask] += 256
+    return GarmentSprite(rgb=np.take(colours, index, axis=0), see_through=see_through)
 
 
 @dataclass(frozen=True, slots=True)
 class Lighting:
-    """A scene's light: a brightness ramp across the frame and a colour cast."""
+    """A scene's light: a brightness ramp across the frame times a colour cast."""
 
-    ramp: np.ndarray        # float32 [H, W, 1]
-    cast: np.ndarray        # float32 [3]
+    light: np.ndarray       # float32 [H, W, 3], multiplies the frame
 
     @classmethod
     def draw(cls, rng: np.random.Generator, width: int, height: int) -> Lighting:
@@ -329,18 +347,22 @@ class Lighting:
         rows = rng.uniform(0.7, 1.2) + gy * ys - vignette * ys * ys
         cols = gx * xs - vignette * xs * xs
         ramp = np.maximum(rows[:, None] + cols[None, :], np.float32(0.2))
-        cast = 1.0 + rng.uniform(-0.08, 0.08, size=3)
-        return cls(ramp=ramp[..., None].astype(np.float32), cast=cast.astype(np.float32))
+        cast = (1.0 + rng.uniform(-0.08, 0.08, size=3)).astype(np.float32)
+        return cls(light=ramp[..., None] * cast)
 
 
 @dataclass(frozen=True, slots=True)
 class Backdrop:
-    """What a camera sees before the garment: background with clutter, lit; and its sensor."""
+    """What a camera sees before the garment: background with clutter; its light and sensor."""
 
-    lit: np.ndarray         # uint8 [H, W, 3]: background and clutter under the lighting
+    pixels: np.ndarray      # uint8 [H, W, 3]: background and clutter, unlit
     lighting: Lighting
     blur: float             # optical blur in px (0 = sharp)
     noise_std: float        # sensor noise, grey levels
+
+
+# Families drawn at half resolution and scaled up (smooth ones: a quarter of the arithmetic).
+_HALF_RES = {"gradient", "room", "texture", "radial", "outdoor"}
 
 
 def make_backdrop(rng: np.random.Generator, size: tuple[int, int], style: SceneStyle
@@ -349,16 +371,17 @@ def make_backdrop(rng: np.random.Generator, size: tuple[int, int], style: SceneS
     width, height = size
     spec = _SPECS[style]
     kind = spec.backgrounds[int(rng.integers(len(spec.backgrounds)))]
-    image = Image.fromarray(_background(rng, kind, width, height))
+    if kind in _HALF_RES and min(width, height) >= 64:
+        half = _background(rng, kind, (width + 1) // 2, (height + 1) // 2)
+        image = Image.fromarray(half).resize((width, height), Image.Resampling.BILINEAR)
+    else:
+        image = Image.fromarray(_background(rng, kind, width, height))
     _draw_clutter(rng, ImageDraw.Draw(image), spec.clutter, width, height,
                   int(rng.integers(1, 7)), 0.3)
-    lighting = Lighting.draw(rng, width, height)
-    lit = np.asarray(image, dtype=np.float32)
-    lit *= lighting.ramp * lighting.cast
     blur = float(rng.uniform(*spec.blur)) if rng.random() < 0.6 else 0.0
     return Backdrop(
-        lit=np.clip(lit, 0, 255).astype(np.uint8),
-        lighting=lighting,
+        pixels=np.asarray(image),
+        lighting=Lighting.draw(rng, width, height),
         blur=blur * min(width, height) / 224.0,
         noise_std=float(rng.uniform(*spec.noise_std)),
     )
@@ -397,17 +420,14 @@ def garment_position(rng: np.random.Generator, size: tuple[int, int], sprite: Ga
 
 def compose(backdrop: Backdrop, sprite: GarmentSprite, x: int, y: int,
             noise_offset: tuple[int, int]) -> np.ndarray:
-    """One frame: the garment over the backdrop at (x, y), lit, blurred, noisy -> uint8 RGB."""
-    frame = backdrop.lit.copy()
+    """One frame: the garment over the backdrop at (x, y), blurred, lit, noisy -> uint8 RGB."""
+    frame = backdrop.pixels.copy()
     height, width = frame.shape[:2]
     x0, y0 = max(0, x), max(0, y)
     x1, y1 = min(width, x + sprite.width), min(height, y + sprite.height)
     if x1 > x0 and y1 > y0:
-        region = frame[y0:y1, x0:x1].astype(np.float32)
-        light = backdrop.lighting.ramp[y0:y1, x0:x1] * backdrop.lighting.cast
-        rgb = sprite.rgb[y0 - y:y1 - y, x0 - x:x1 - x] * light
-        alpha = sprite.alpha[y0 - y:y1 - y, x0 - x:x1 - x]
-        region += (rgb - region) * alpha
+        region = frame[y0:y1, x0:x1] * sprite.see_through[y0 - y:y1 - y, x0 - x:x1 - x]
+        region += sprite.rgb[y0 - y:y1 - y, x0 - x:x1 - x]
         frame[y0:y1, x0:x1] = np.clip(region, 0, 255)
     if backdrop.blur > 0.05:
         # Optical blur as a camera's softness: down by (1 + blur) and back up (bilinear).
@@ -418,12 +438,14 @@ def compose(backdrop: Backdrop, sprite: GarmentSprite, x: int, y: int,
         image = image.resize(small, Image.Resampling.BOX).resize(
             (width, height), Image.Resampling.BILINEAR)
         frame = np.asarray(image)
-    if backdrop.noise_std <= 0:
-        return frame
-    oy, ox = noise_offset
-    noise = _noise_bank(width, height)[oy:oy + height, ox:ox + width]
-    noisy = frame + backdrop.noise_std * noise
-    return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
+    # Light, then the sensor's noise, in one float pass over the frame.
+    out = frame.astype(np.float32)
+    out *= backdrop.lighting.light
+    if backdrop.noise_std > 0:
+        oy, ox = noise_offset
+        noise = _noise_bank(width, height)[oy:oy + height, ox:ox + width]
+        out += noise * np.float32(backdrop.noise_std)
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def jpeg_round_trip(pixels: np.ndarray, quality: int) -> np.ndarray:
