@@ -527,6 +527,12 @@ def summary_line(summary: dict[str, Any]) -> str:
             if "reconnects" in summary
             else ""
         )
+        + (
+            f"; the cameras' clips were rendered and encoded beforehand in "
+            f"{summary['prerender_s']:.1f} s"
+            if "prerender_s" in summary
+            else ""
+        )
     )
 
 
