@@ -52,6 +52,11 @@ class ModelBenchOptions:
     throughput_seconds: float = 0.5
     batches: tuple[int, ...] = (1, 8, 32, 128)
     seed: int = 0
+    # Camera resolution (issue 16 item 8): the models at input_size x input_size x 3;
+    # random_weights skips training and accuracy (latency does not depend on the weights).
+    input_size: int | None = None
+    random_weights: bool = False
+    calibration_samples: int = CALIBRATION_SAMPLES
 
     @classmethod
     def quick(cls, **overrides: Any) -> ModelBenchOptions:
@@ -61,6 +66,104 @@ class ModelBenchOptions:
         for key, value in overrides.items():
             setattr(base, key, value)
         return base
+
+
+def model_spec(name: str) -> Any:
+    """The ModelSpec of a bench model name: ``mobilenet_v2:1.0`` is MobileNetV2 at alpha 1.0."""
+    from jobs.models import ModelSpec
+
+    base, _, alpha = name.partition(":")
+    return ModelSpec(base, alpha=float(alpha)) if alpha else ModelSpec(base)
+
+
+def check_models(names: list[str], random_weights: bool) -> list[str]:
+    """Problems with bench model names (an unknown model; an alpha where training, which
+    builds the default alpha, would run)."""
+    from jobs.names import MODEL_NAMES
+
+    problems = []
+    for name in names:
+        base, _, alpha = name.partition(":")
+        if base not in MODEL_NAMES:
+            problems.append(f"unknown model {name!r} (models: {', '.join(MODEL_NAMES)})")
+        elif alpha and base != "mobilenet_v2":
+            problems.append(f"{name!r}: only mobilenet_v2 takes an alpha")
+        elif alpha:
+            try:
+                float(alpha)
+            except ValueError:
+                problems.append(f"{name!r}: alpha {alpha!r} is not a number")
+            else:
+                if not random_weights:
+                    problems.append(f"{name!r}: an alpha needs --random-weights (training "
+                                    "here builds the default alpha 0.35)")
+    return problems
+
+
+@dataclass
+class BenchData:
+    """What the children measure on: uint8 NHWC images and their labels."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+    classes: tuple[str, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.x_test.shape[1:])  # type: ignore[return-value]
+
+
+def camera_images(count: int, size: int, seed: int = 0) -> Any:
+    """``count`` camera-like RGB images (cluster.bench.decode.camera_jpeg, decoded) of
+    size x size: 16 distinct frames, repeated."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cluster.bench.decode import camera_jpeg
+
+    distinct = [np.asarray(Image.open(io.BytesIO(camera_jpeg(size, size, seed=seed + k))))
+                for k in range(min(16, count))]
+    return np.stack([distinct[k % len(distinct)] for k in range(count)])
+
+
+def bench_data(options: ModelBenchOptions, limit: int | None,
+               test_limit: int | None) -> BenchData:
+    """The dataset (at input_size when given), or camera-like images with random weights."""
+    import numpy as np
+
+    if options.random_weights:
+        from serving.fashion_mnist import FASHION_MNIST_CLASSES
+
+        size = options.input_size or 224
+        train = camera_images(min(limit or 64, 64), size, options.seed)
+        test = camera_images(test_limit or 64, size, options.seed + 100)
+        return BenchData(train, np.zeros(len(train), np.int64), test,
+                         np.zeros(len(test), np.int64), tuple(FASHION_MNIST_CLASSES))
+    from jobs.data import load_dataset
+
+    extra = {} if options.input_size is None else {"input_size": options.input_size}
+    data = load_dataset(options.dataset, limit=limit, test_limit=test_limit, seed=options.seed,
+                        **extra)
+    return BenchData(data.x_train, data.y_train, data.x_test, data.y_test,
+                     tuple(data.classes))
+
+
+def camera_options(options: ModelBenchOptions, input_size: int | None,
+                   random_weights: bool) -> ModelBenchOptions:
+    """Options at camera resolution: ``input_size`` (default 224 with random weights), fewer
+    timed calls and smaller batches (a 224x224 image costs ~60x a 28x28 one)."""
+    options.input_size = input_size or 224
+    options.random_weights = random_weights
+    options.latency_samples = min(options.latency_samples, 50)
+    options.batches = (1, 8, 32)
+    options.calibration_samples = 64
+    if random_weights:
+        options.limit, options.test_limit = 64, 64
+    return options
 
 
 # -- child: export + accuracy + latency (one thread) -------------------------------------------
@@ -85,10 +188,9 @@ def uses_artifact(model_name: str, options: ModelBenchOptions) -> bool:
 
 def child_prepare(model_name: str, work: Path, options: ModelBenchOptions) -> dict[str, Any]:
     """Train model_name on all cores (TensorFlow's default threads); save its weights."""
-    from jobs.data import load_dataset
     from jobs.variants import train_in_process
 
-    data = load_dataset(options.dataset, limit=options.limit, test_limit=1, seed=options.seed)
+    data = bench_data(options, options.limit, 1)
     trained = train_in_process(model_name, data.x_train, data.y_train, len(data.classes),
                                epochs=options.epochs, seed=options.seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -104,6 +206,13 @@ def _source_model(model_name: str, options: ModelBenchOptions, data: Any,
     """(float Keras model, where its weights came from)."""
     from jobs.variants import restore_from_artifact, train_in_process
 
+    if options.random_weights:
+        from jobs.models import build_model
+        from jobs.tf_env import keras
+
+        keras.utils.set_random_seed(options.seed)
+        return (build_model(model_spec(model_name), data.input_shape, len(data.classes)),
+                "random weights (latency only: no training, no accuracy)")
     if uses_artifact(model_name, options):
         assert options.artifact is not None  # noqa: S101 - uses_artifact checked it
         model, manifest = restore_from_artifact(Path(options.artifact))
@@ -111,9 +220,9 @@ def _source_model(model_name: str, options: ModelBenchOptions, data: Any,
                        f"{manifest.optimization.prune_schedule} pruning, measured sparsity "
                        f"{manifest.optimization.measured_sparsity:.2f})")
     if (work / TRAINED_WEIGHTS).is_file():
-        from jobs.models import ModelSpec, build_model
+        from jobs.models import build_model
 
-        model = build_model(ModelSpec(model_name), data.input_shape, len(data.classes))
+        model = build_model(model_spec(model_name), data.input_shape, len(data.classes))
         model.load_weights(str(work / TRAINED_WEIGHTS))
         return model, (work / TRAINED_SOURCE).read_text(encoding="utf-8")
     trained = train_in_process(model_name, data.x_train, data.y_train, len(data.classes),
@@ -162,9 +271,9 @@ def open_export(work: Path, export: str, model_name: str, input_shape: tuple[int
 
     path = export_path(work, export)
     if export == "keras":
-        from jobs.models import ModelSpec, build_model
+        from jobs.models import build_model
 
-        model = build_model(ModelSpec(model_name), input_shape,  # type: ignore[arg-type]
+        model = build_model(model_spec(model_name), input_shape,  # type: ignore[arg-type]
                             num_classes)
         model.load_weights(str(path))
         return KerasRunner(model)
@@ -178,18 +287,17 @@ def open_export(work: Path, export: str, model_name: str, input_shape: tuple[int
 def child_run(model_name: str, work: Path, options: ModelBenchOptions) -> dict[str, Any]:
     """Export model_name every way, then accuracy and batch-1 latency on one thread."""
     _set_tf_threads(1)
-    from jobs.data import calibration_sample, load_dataset
+    from jobs.data import calibration_sample
     from jobs.evaluate import classification_metrics, measure_latency, predict_all
     from jobs.models import count_macs
     from jobs.variants import EXPORTS, directory_bytes
 
-    data = load_dataset(options.dataset, limit=options.limit, test_limit=options.test_limit,
-                        seed=options.seed)
+    data = bench_data(options, options.limit, options.test_limit)
     clock = time.perf_counter()
     model, source = _source_model(model_name, options, data, work)
     prepare_seconds = time.perf_counter() - clock
-    errors = export_all(model, work, calibration_sample(data.x_train, CALIBRATION_SAMPLES,
-                                                        options.seed))
+    errors = export_all(model, work, calibration_sample(
+        data.x_train, min(options.calibration_samples, len(data.x_train)), options.seed))
     rows: list[dict[str, Any]] = []
     for export in EXPORTS:
         row: dict[str, Any] = {"model": model_name, "export": export}
@@ -203,11 +311,12 @@ def child_run(model_name: str, work: Path, options: ModelBenchOptions) -> dict[s
         try:
             runner = open_export(work, export, model_name, data.input_shape,
                                  len(data.classes), threads=1)
-            probabilities = predict_all(runner, data.x_test)
-            metrics = classification_metrics(data.y_test, probabilities.argmax(axis=1),
-                                             len(data.classes))
-            metrics.pop("confusion_matrix")
-            row.update(metrics)
+            if not options.random_weights:
+                probabilities = predict_all(runner, data.x_test)
+                metrics = classification_metrics(data.y_test, probabilities.argmax(axis=1),
+                                                 len(data.classes))
+                metrics.pop("confusion_matrix")
+                row.update(metrics)
             row.update(measure_latency(runner, data.x_test, samples=options.latency_samples))
         except Exception as error:  # a failure here is a result, not a crash
             row["error"] = f"{type(error).__name__}: {error}"
@@ -224,11 +333,9 @@ def child_throughput(model_name: str, work: Path, options: ModelBenchOptions,
     """Throughput at the best batch, all cores, for each export that ran."""
     threads = os.cpu_count() or 1
     _set_tf_threads(threads)
-    from jobs.data import load_dataset
     from jobs.evaluate import measure_throughput
 
-    data = load_dataset(options.dataset, limit=1, test_limit=max(options.batches),
-                        seed=options.seed)
+    data = bench_data(options, 1, max(options.batches))
     out: dict[str, Any] = {}
     for export in exports:
         try:
@@ -254,12 +361,25 @@ def _child(args: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def add_efficiency(row: dict[str, Any], macs: int, cpu_info: dict[str, Any]) -> None:
-    """Latency and throughput efficiency (% of peak MAC/s) of one measured row, in place."""
+def add_efficiency(row: dict[str, Any], macs: int, cpu_info: dict[str, Any],
+                   measured: dict[str, Any] | None = None) -> None:
+    """Latency and throughput efficiency (% of peak MAC/s) of one measured row, in place:
+    against the peak computed from /proc/cpuinfo and, when given, the measured one
+    (cluster.bench.peak; ``*_measured_pct``, throughput per batch size too)."""
     cpu = cpu_from(cpu_info)
     if not cpu.mhz or row.get("error"):
         return
     dtype = EXPORT_DTYPE.get(row["export"], "float32")
+    peak = (measured or {}).get("int8_gmacs_1core" if dtype == "int8" else "fp32_gmacs_1core")
+    if peak:
+        row["peak_measured_1core_gmacs"] = peak
+        if row.get("latency_ms_p50"):
+            row["efficiency_latency_measured_pct"] = efficiency_pct(
+                macs, 1000 / row["latency_ms_p50"], peak * 1e9)
+        threads = int(row.get("throughput_threads") or 1)
+        row["efficiency_by_batch_measured_pct"] = {
+            batch: efficiency_pct(macs, rate, peak * 1e9 * threads)
+            for batch, rate in (row.get("throughput_by_batch") or {}).items()}
     one, one_how = peak_mac_rate(cpu, dtype, 1)
     row["compute_dtype"] = dtype
     row["peak_1core_gmacs"] = one / 1e9
@@ -308,15 +428,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bench_model(options: ModelBenchOptions, log: Any = print) -> dict[str, Any]:
     """Run every model's two child processes; rows with efficiency, a summary, the machine."""
+    from cluster.bench.peak import measure_peak
+
     started = time.perf_counter()
     info = describe()
+    peak = measure_peak()
+    log(f"  measured peak, one core: {peak}")
     rows: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []
     common = ["--options", json.dumps(asdict(options))]
     with tempfile.TemporaryDirectory(prefix="framecast-bench-model-") as scratch:
         for name in options.models:
             work = Path(scratch) / name
-            if not uses_artifact(name, options):
+            if not uses_artifact(name, options) and not options.random_weights:
                 log(f"  {name}: training ({options.epochs} epoch(s), all cores)")
                 _child(["prepare", name, str(work), *common], timeout=7200)
             log(f"  {name}: exporting and measuring accuracy + batch-1 latency (1 thread)")
@@ -330,13 +454,14 @@ def bench_model(options: ModelBenchOptions, log: Any = print) -> dict[str, Any]:
                             "--exports", ",".join(ok)], timeout=3600)
             for row in ran["rows"]:
                 row.update(speed.get(row["export"], {}) if not row.get("error") else {})
-                add_efficiency(row, ran["macs"], info)
+                add_efficiency(row, ran["macs"], info, peak if "error" not in peak else None)
                 rows.append(row)
                 log("    " + _row_line(row))
             models.append({k: v for k, v in ran.items() if k != "rows"}
                           | {"loadavg_before": load_before,
                              "loadavg_after": describe()["loadavg"]})
-    return {"machine": info, "options": asdict(options), "models": models, "rows": rows,
+    return {"machine": info, "peak_measured": peak, "options": asdict(options),
+            "models": models, "rows": rows,
             "summary": summarize(rows), "loadavg_after": describe()["loadavg"],
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -344,7 +469,8 @@ def bench_model(options: ModelBenchOptions, log: Any = print) -> dict[str, Any]:
 def _row_line(row: dict[str, Any]) -> str:
     if row.get("error"):
         return f"{row['export']:>15}: {row['error'][:160]}"
-    return (f"{row['export']:>15}: acc {100 * row['accuracy']:.2f} %  p50 "
+    accuracy = f"{100 * row['accuracy']:.2f} %" if "accuracy" in row else "-"
+    return (f"{row['export']:>15}: acc {accuracy}  p50 "
             f"{row['latency_ms_p50']:.3f} ms  p99 {row['latency_ms_p99']:.3f} ms  "
             f"{row.get('throughput_ips', 0):,.0f} img/s @ batch {row.get('throughput_batch')}"
             f"  {row['size_bytes'] / 1024:.0f} KiB")

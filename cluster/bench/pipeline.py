@@ -38,10 +38,12 @@ def _pipeline_run(
     in_flight: int = 2,
     linger_ms: int = 5,
     artifact: Path | None = None,
+    frame_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """One measured run on fresh topics: the stream classifier (`classifier="framecast"`) or
     the naive baseline (`"naive"`, which loads `artifact` itself), cameras in a process of
-    their own."""
+    their own: Fashion-MNIST raw frames, or with ``frame_size`` (width, height) a clip of
+    RGB JPEGs encoded once and looped (cluster.bench.camera)."""
     from streams.runner import StreamRun
 
     topics = fresh_topics(settings, bootstrap, partitions=4)
@@ -82,10 +84,18 @@ def _pipeline_run(
             finish = lambda: worker.join(timeout=600)  # noqa: E731
         # The cameras are another process, as they would be: the producer does not share
         # this process's interpreter lock with the classifier.
-        produced = produce_in_subprocess(
-            settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
-            per_camera=per_camera, batch=batch, linger_ms=linger_ms,
-        )
+        if frame_size is None:
+            produced = produce_in_subprocess(
+                settings, bootstrap, names["frames"], cameras=cameras, fps=fps,
+                per_camera=per_camera, batch=batch, linger_ms=linger_ms,
+            )
+        else:
+            from cluster.bench.camera import produce_clip_in_subprocess
+
+            produced = produce_clip_in_subprocess(
+                settings, bootstrap, names["frames"], frame_size=frame_size, cameras=cameras,
+                fps=fps, per_camera=per_camera, batch=batch, linger_ms=linger_ms,
+            )
         finish()
         labels = read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
     return {
@@ -96,6 +106,7 @@ def _pipeline_run(
         "frames": total,
         "labels": len(labels),
         "produce_fps": produced.get("fps"),
+        "producer": produced,
         **label_summary(labels),
         "classifier_totals": outcome,
     }
@@ -261,4 +272,126 @@ def bench_pipeline(
     console.print(f"  naive Keras predict per frame, flat out: {run['sustained_fps']} frames/s")
     best = max((r["sustained_fps"] or 0) for r in results["runs"] if r["classifier"] == "framecast")
     results["ratio_vs_naive"] = round(best / max(run["sustained_fps"] or 1e-9, 1e-9), 1)
+    return results
+
+
+# -- camera resolution (issue 16 item 8) --------------------------------------------------------
+
+SHIPPED_RGB_MODEL = Path(__file__).resolve().parents[2] / "models" / "scenes"
+
+
+def rgb_artifact(settings: FramecastSettings, artifact: Path | None,
+                 log: Any = print) -> Path:
+    """The RGB model to measure: ``artifact``, else the shipped ``models/scenes``, else the
+    bench's random-weight MobileNetV2 0.35 at 224x224x3 int8 (built once under the home)."""
+    from serving.artifacts import ArtifactError, load_artifact
+
+    if artifact is not None:
+        return artifact
+    if (SHIPPED_RGB_MODEL / "manifest.json").is_file():
+        return SHIPPED_RGB_MODEL
+    cached = settings.home / "bench" / "rgb-mobilenet_v2-0.35-224"
+    try:
+        load_artifact(cached)
+        return cached
+    except ArtifactError:
+        pass
+    import shutil
+
+    from cluster.bench.camera import build_rgb_artifact_in_subprocess
+
+    shutil.rmtree(cached, ignore_errors=True)
+    log("  building the RGB bench model (MobileNetV2 0.35, 224x224x3 int8, random weights)")
+    return build_rgb_artifact_in_subprocess(cached)
+
+
+def model_ms_per_frame(artifact: Path, batch: int = 16, repeats: int = 20) -> dict[str, Any]:
+    """The model's own ms per frame at ``batch`` (one thread, as a replica runs it): the
+    other side of the decode share."""
+    import statistics
+
+    from serving.artifacts import load_artifact
+    from serving.runtimes import select_runtime
+
+    runtime = select_runtime(load_artifact(artifact), num_threads=1)
+    frames = [np.random.default_rng(k).integers(0, 256, runtime.input_hwc, dtype=np.uint8)
+              for k in range(batch)]
+    runtime.predict_pixels(frames)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        runtime.predict_pixels(frames)
+        times.append((time.perf_counter() - started) * 1000 / batch)
+    return {"batch": batch, "p50_ms": round(statistics.median(times), 3),
+            "input_hwc": list(runtime.input_hwc), "runtime": runtime.kind,
+            "precision": runtime.precision}
+
+
+def decode_share(labels_decode_p50: float | None, model_ms: float) -> float | None:
+    """Decoding's share of a replica's per-frame work (decode / (decode + model))."""
+    if labels_decode_p50 is None or labels_decode_p50 + model_ms <= 0:
+        return None
+    return round(labels_decode_p50 / (labels_decode_p50 + model_ms), 3)
+
+
+def bench_pipeline_camera(
+    settings: FramecastSettings, artifact: Path | None, console: Console, *, frame_size: str,
+    quick: bool, cameras: int = 8, fps: float = 15.0,
+) -> dict[str, Any]:
+    """Camera frames (RGB JPEG, WxH[,WxH...], pre-encoded) through Kafka -> Serve -> Kafka
+    with an RGB model: p50/p99 at ``cameras`` x ``fps`` offered, flat-out frames/s, and the
+    decode share, per frame size."""
+    from cluster.bench.camera import parse_frame_size
+    from serving.deploy import deploy
+    from serving.deploy import shutdown as serve_shutdown
+
+    sizes = [parse_frame_size(text.strip()) for text in frame_size.split(",") if text.strip()]
+    model = rgb_artifact(settings, artifact, log=lambda line: console.print(line))
+    bootstrap = stack.kafka_bootstrap(settings)
+    seconds = 6 if quick else 20
+    flat = 400 if quick else 4000
+    model_ms = model_ms_per_frame(model)
+    results: dict[str, Any] = {"machine": describe(), "artifact": str(model),
+                               "model_ms_per_frame": model_ms, "cameras": cameras,
+                               "fps_per_camera": fps, "sizes": []}
+    console.print(f"  {model}: model {model_ms['p50_ms']} ms/frame at batch "
+                  f"{model_ms['batch']} (one thread)", highlight=False)
+    serve_settings = settings.serve.model_copy(
+        update={"num_cpus": 1.0, "min_replicas": 1, "max_replicas": 1})
+    with stack.ray_connection(settings):
+        deploy(model, serve_settings, address=None, namespace=settings.ray.namespace)
+        settings = settings.model_copy(update={"serve": serve_settings})
+        for width, height in sizes:
+            size = (width, height)
+            warm = _pipeline_run(settings, bootstrap, cameras=cameras, fps=fps,
+                                 per_camera=int(fps * (3 if quick else 8)), batch=1,
+                                 classifier="framecast", frame_size=size)
+            offered = _pipeline_run(settings, bootstrap, cameras=cameras, fps=fps,
+                                    per_camera=int(fps * seconds), batch=1,
+                                    classifier="framecast", frame_size=size)
+            flat_run = _pipeline_run(settings, bootstrap, cameras=4, fps=0,
+                                     per_camera=flat // 4, batch=16, classifier="framecast",
+                                     frame_size=size)
+            decode_p50 = offered["p50_parts_ms"].get("decode")
+            row = {
+                "frame_size": f"{width}x{height}",
+                "jpeg_bytes_mean": offered["producer"].get("jpeg_bytes_mean"),
+                "clip": offered["producer"].get("clip"),
+                "warmup_p99_ms": warm["p99_ms"],
+                "offered": offered,
+                "flat_out": flat_run,
+                "flat_out_fps": flat_run["sustained_fps"],
+                "offered_p50_ms": offered["p50_ms"],
+                "offered_p99_ms": offered["p99_ms"],
+                "decode_p50_ms": decode_p50,
+                "flat_out_decode_p50_ms": flat_run["p50_parts_ms"].get("decode"),
+                "decode_share": decode_share(decode_p50, model_ms["p50_ms"]),
+            }
+            results["sizes"].append(row)
+            console.print(
+                f"  {row['frame_size']}: {cameras}x{fps:g} fps offered p50 "
+                f"{row['offered_p50_ms']} ms, p99 {row['offered_p99_ms']} ms; flat out "
+                f"{row['flat_out_fps']} frames/s; decode p50 {decode_p50} ms/frame "
+                f"(share {row['decode_share']})", highlight=False)
+        serve_shutdown(serve_settings.app_name, address=None, namespace=settings.ray.namespace)
     return results

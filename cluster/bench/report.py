@@ -161,6 +161,56 @@ def write_pipeline_outputs(out_dir: Path, results: dict[str, Any]) -> list[Path]
                         plot_pipeline)
 
 
+def pipeline_camera_markdown(results: dict[str, Any], command: str) -> str:
+    """bench-pipeline.md for ``--frame-size``: per frame size, the offered-load latency, the
+    flat-out rate and the decode share."""
+    model = results["model_ms_per_frame"]
+    offered = f"{results['cameras']}x{results['fps_per_camera']:g} fps"
+    lines = [
+        *_section_header("pipeline --frame-size", results),
+        f"Command: `{command}`", "",
+        f"RGB JPEG camera frames, a clip encoded once and looped by a camera process of its "
+        f"own (its CPU is reported apart); the model {model['precision']} {model['runtime']} at "
+        f"{'x'.join(str(d) for d in model['input_hwc'])}: {model['p50_ms']} ms/frame at batch "
+        f"{model['batch']} on one thread. Offered load {offered}, one frame per message; "
+        "flat out: 4 cameras, 16 frames per message. Decode share = decode p50 / (decode p50 "
+        "+ the model's ms/frame).", "",
+        f"| frame | JPEG bytes | {offered} p50 ms | p99 ms | flat-out frames/s | decode p50 "
+        "ms (offered / flat out) | decode share | cameras' CPU s (offered / flat out) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["sizes"]:
+        cpu = (row["offered"]["producer"].get("cpu_seconds"),
+               row["flat_out"]["producer"].get("cpu_seconds"))
+        lines.append(
+            f"| {row['frame_size']} | {row['jpeg_bytes_mean']} | {row['offered_p50_ms']} "
+            f"| {row['offered_p99_ms']} | {row['flat_out_fps']} | {row['decode_p50_ms']} / "
+            f"{row['flat_out_decode_p50_ms']} | {_f(row['decode_share'], '.0%')} "
+            f"| {cpu[0]} / {cpu[1]} |")
+    clips = {row["clip"] for row in results["sizes"]}
+    lines += ["", f"Frames: {', '.join(sorted(str(c) for c in clips))}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pipeline_camera(results: dict[str, Any], path: Path) -> None:
+    """Flat-out frames/s per frame size."""
+
+    def draw(axis: Any) -> None:
+        names = [row["frame_size"] for row in results["sizes"]]
+        axis.bar(names, [row["flat_out_fps"] or 0 for row in results["sizes"]])
+        axis.set_xlabel("frame size")
+        axis.set_ylabel("flat-out frames/s")
+
+    _one_axis_plot(path, "pipeline --frame-size", draw)
+
+
+def write_pipeline_camera_outputs(out_dir: Path, results: dict[str, Any],
+                                  command: str) -> list[Path]:
+    """bench-pipeline.json, .md and .png of ``bench pipeline --frame-size``."""
+    return write_report(out_dir, "bench-pipeline", {**results, "command": command},
+                        pipeline_camera_markdown(results, command), plot_pipeline_camera)
+
+
 # -- scaling ----------------------------------------------------------------------------------
 
 
@@ -243,8 +293,9 @@ def model_markdown(results: dict[str, Any], command: str) -> list[str]:
         "## Model: each export, and the peers",
         "",
         *provenance(command, results["machine"], results["loadavg_after"]),
-        f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
-        f"images. Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
+        (f"Dataset {opts['dataset']}, accuracy on the first {opts['test_limit'] or 'all'} test "
+         "images. " if not opts.get("random_weights") else "")
+        + f"Latency: batch 1, one thread, {opts['latency_samples']} timed calls after "
         "20 warm-up calls, uint8 in -> probabilities out (normalization and int8 "
         f"(de)quantization included). Throughput: best of batches {list(opts['batches'])} on "
         f"all cores, {opts['throughput_seconds']} s per batch. Keras = `model.predict`; "
@@ -252,26 +303,40 @@ def model_markdown(results: dict[str, Any], command: str) -> list[str]:
         "optimizations. Efficiency = MACs/image x images/s / peak MAC/s of the cores used.",
         "",
     ]
+    if opts.get("random_weights") or opts.get("input_size"):
+        lines += [f"Input {opts.get('input_size') or 'as the dataset'} x "
+                  f"{opts.get('input_size') or ''} RGB"
+                  + ("; random weights and camera-like images (cluster.bench.decode."
+                     "camera_jpeg): latency only, accuracy not measured"
+                     if opts.get("random_weights") else "") + ".", ""]
     for model in results["models"]:
         lines += [f"### {model['model']}", "",
                   f"Weights: {model['source']}. {model['params']:,} parameters, "
                   f"{model['macs'] / 1e6:.2f} M MACs per image. Load average before/after: "
                   f"{model['loadavg_before']} / {model['loadavg_after']}.", "",
                   "| export | accuracy % | F1 | p50 ms | p99 ms | images/s (batch) | size KiB "
-                  "| gzip KiB | eff. batch-1 % | eff. throughput % |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| gzip KiB | eff. batch-1 % | eff. throughput % | images/s by batch "
+                  "| eff. vs measured peak: batch-1 / by batch % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in results["rows"] if r["model"] == model["model"]):
             if row.get("error"):
                 lines.append(f"| {row['export']} | error: {row['error'][:200]} "
-                             "| | | | | | | | |")
+                             "| | | | | | | | | | |")
                 continue
+            accuracy = row.get("accuracy")
+            by_batch = row.get("throughput_by_batch") or {}
+            measured = row.get("efficiency_by_batch_measured_pct") or {}
             lines.append(
-                f"| {row['export']} | {100 * row['accuracy']:.2f} | {row['f1_macro']:.4f} "
+                f"| {row['export']} | {_f(None if accuracy is None else 100 * accuracy, '.2f')} "
+                f"| {_f(row.get('f1_macro'), '.4f')} "
                 f"| {row['latency_ms_p50']:.3f} | {row['latency_ms_p99']:.3f} "
                 f"| {_f(row.get('throughput_ips'), ',.0f')} ({row.get('throughput_batch')}) "
                 f"| {row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} "
                 f"| {_f(row.get('efficiency_latency_pct'), '.2f')} "
-                f"| {_f(row.get('efficiency_throughput_pct'), '.2f')} |")
+                f"| {_f(row.get('efficiency_throughput_pct'), '.2f')} "
+                f"| {', '.join(f'{b}: {v:,.0f}' for b, v in by_batch.items())} "
+                f"| {_f(row.get('efficiency_latency_measured_pct'), '.1f')} / "
+                f"{', '.join(f'{b}: {v:.1f}' for b, v in measured.items()) or '–'} |")
         s = results["summary"][model["model"]]
         lines += ["", f"Winners: batch-1 latency **{s['fastest_batch1']}**, throughput "
                       f"**{s['highest_throughput']}**, size **{s['smallest']}**, accuracy "
@@ -285,6 +350,16 @@ def model_markdown(results: dict[str, Any], command: str) -> list[str]:
              if r.get("peak_formula")}
     lines += ["Peak MAC rate per core, as computed from /proc/cpuinfo: "
               + "; ".join(f"{k}: {v}" for k, v in sorted(peaks.items())) + ".", ""]
+    peak = results.get("peak_measured") or {}
+    if "error" in peak:
+        lines += [f"Measured peak: not measured ({peak['error']}).", ""]
+    elif peak:
+        lines += [f"Measured peak, one core (cluster/bench/peak.py): int8 "
+                  f"{peak['int8_gmacs_1core']} GMAC/s ({peak['int8_macs_per_cycle']} MAC/cycle), "
+                  f"fp32 {peak['fp32_gmacs_1core']} GMAC/s ({peak['fp32_macs_per_cycle']} "
+                  f"MAC/cycle) at {peak['clock_ghz']} GHz - {peak['how']}. Throughput by batch "
+                  "runs on all cores: its efficiency is against that many times the one-core "
+                  "peak.", ""]
     return lines
 
 

@@ -76,6 +76,6 @@ def label_summary(labels: list[dict[str, Any]]) -> dict[str, Any]:
         "max_ms": round(max(e2e), 3) if e2e else None,
         "p50_parts_ms": {
             part: percentile([r["timings_ms"][part] for r in ok if part in r["timings_ms"]], 50)
-            for part in ("broker", "queue", "inference")
+            for part in ("broker", "queue", "decode", "inference")
         },
     }
