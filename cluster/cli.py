@@ -740,6 +740,14 @@ def bench(
     pipelines: Annotated[str | None, typer.Option(
         help="peers: comma-separated pipelines (default all: framecast, framecast-local, "
         "floor, quix, bytewax or faust, http).")] = None,
+    input_size: Annotated[int | None, typer.Option(
+        min=16, max=1024, help="model: the models at SIZE x SIZE x 3 (e.g. 224).")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="model: no training, no accuracy - latency only (e.g. "
+        "mobilenet_v2:1.0 at 224).")] = False,
+    frame_size: Annotated[str | None, typer.Option(
+        help="pipeline: RGB JPEG camera frames WxH (e.g. 640x480), pre-encoded, through an "
+        "RGB model (default: models/scenes, else a random-weight bench model).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 
@@ -781,6 +789,13 @@ def bench(
             chosen_pipelines(pipelines)
         except FramecastError as error:
             fail(str(error), EXIT_USAGE)
+    if frame_size is not None:
+        from cluster.bench.camera import parse_frame_size
+
+        try:
+            parse_frame_size(frame_size)
+        except ValueError as error:
+            fail(str(error), EXIT_USAGE)
     counts: dict[str, list[int]] = {}
     for name, text in (("replicas", replicas), ("classifiers", classifiers)):
         try:
@@ -810,10 +825,15 @@ def bench(
         options.dataset, options.artifact = dataset, str(artifact or SHIPPED_MODEL)
         if models is not None:
             options.models = [m.strip() for m in models.split(",") if m.strip()]
-        unknown = [m for m in options.models
-                   if m not in ("baseline_cnn", "mobilenet_v2", "optimized_cnn")]
+        if input_size is not None or random_weights:
+            from cluster.bench.model import camera_options
+
+            options = camera_options(options, input_size, random_weights)
+        from cluster.bench.model import check_models
+
+        unknown = check_models(options.models, options.random_weights)
         if unknown or not options.models:
-            fail(f"--models: unknown {', '.join(unknown) or '(none given)'}", EXIT_USAGE)
+            fail(f"--models: {'; '.join(unknown) or '(none given)'}", EXIT_USAGE)
         for key, value in (("epochs", epochs), ("limit", limit), ("test_limit", test_limit)):
             if value is not None:
                 setattr(options, key, value)
@@ -860,6 +880,16 @@ def bench(
                         from cluster.bench.serve import bench_serve
 
                         console.rule(f"framecast bench {part}{' (quick)' if quick else ''}")
+                        if part == "pipeline" and frame_size is not None:
+                            from cluster.bench.pipeline import bench_pipeline_camera
+
+                            results[part] = bench_pipeline_camera(
+                                settings, artifact, console, frame_size=frame_size,
+                                quick=quick)
+                            written[part] = report.write_pipeline_camera_outputs(
+                                out_dir, results[part], command)
+                            seconds[part] = time.perf_counter() - clock
+                            continue
                         run = bench_serve if part == "serve" else bench_pipeline
                         results[part] = run(
                             settings, artifact or SHIPPED_MODEL, console, quick=quick)
