@@ -197,7 +197,8 @@ def plot_pipeline_camera(results: dict[str, Any], path: Path) -> None:
 
     def draw(axis: Any) -> None:
         names = [row["frame_size"] for row in results["sizes"]]
-        axis.bar(names, [row["flat_out_fps"] or 0 for row in results["sizes"]])
+        axis.bar(names, [row["flat_out_fps"] or 0 for row in results["sizes"]],
+                 label="flat out, Kafka -> Serve -> Kafka")
         axis.set_xlabel("frame size")
         axis.set_ylabel("flat-out frames/s")
 

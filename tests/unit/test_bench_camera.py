@@ -4,6 +4,7 @@ against it, the frame-size option and the pipeline report."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from cluster.bench.camera import camera_clip, parse_frame_size
 from cluster.bench.model import ModelBenchOptions, add_efficiency, camera_options, check_models
 from cluster.bench.peak import measure_peak
 from cluster.bench.pipeline import decode_share
-from cluster.bench.report import pipeline_camera_markdown
+from cluster.bench.report import pipeline_camera_markdown, write_pipeline_camera_outputs
 from jobs.machine import describe
 
 
@@ -65,7 +66,9 @@ def test_a_clip_is_rgb_jpegs_of_the_size_asked() -> None:
     assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (96, 64))
 
 
-def test_the_pipeline_report_gives_each_size_its_latency_rate_and_decode_share() -> None:
+def test_the_pipeline_report_gives_each_size_its_latency_rate_and_decode_share(
+    tmp_path: Path,
+) -> None:
     assert decode_share(1.0, 3.0) == 0.25 and decode_share(None, 3.0) is None
     offered = {"producer": {"cpu_seconds": 1.5}}
     flat = {"producer": {"cpu_seconds": 2.5}}
@@ -80,3 +83,7 @@ def test_the_pipeline_report_gives_each_size_its_latency_rate_and_decode_share()
     }
     text = pipeline_camera_markdown(results, "framecast bench pipeline --frame-size 640x480")
     assert "| 640x480 | 51000 | 12.0 | 40.0 | 420.0 | 1.2 / 1.3 | 67% | 1.5 / 2.5 |" in text
+    paths = write_pipeline_camera_outputs(tmp_path, results, "framecast bench pipeline")
+    assert [p.name for p in paths] == ["bench-pipeline.json", "bench-pipeline.md",
+                                       "bench-pipeline.png"]
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
