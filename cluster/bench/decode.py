@@ -163,11 +163,58 @@ def bench_decode(
         )
     return {
         "samples": samples,
+        "batch": batch_preprocess(samples=max(10, samples // 3), sizes=sizes, hwc=hwc),
         "threads": 1,
         "turbojpeg": "measured" if "turbojpeg" in ways else turbo,
         "pillow": Image.__version__,
         "results": results,
     }
+
+
+def batch_preprocess(
+    samples: int = 100,
+    batch: int = 16,
+    sizes: tuple[tuple[int, int], ...] = SIZES,
+    hwc: tuple[int, int, int] = (224, 224, 3),
+) -> list[dict[str, Any]]:
+    """A replica's batch preprocessing, per frame (thread CPU ms, p50 of ``samples``): a
+    batch of ``batch`` different JPEGs decoded (the draft path), then made the int8 model's
+    input the float way (``batch_input`` + quantization, what replicas did before) and the
+    direct way (``PixelConverter``, what they do now; the same values)."""
+    from serving.preprocess import PixelConverter, batch_input
+
+    def quantize(floats: np.ndarray) -> np.ndarray:  # LiteRTRuntime._quantize, int8 1/255 -128
+        q: np.ndarray = np.clip(np.round(floats / (1 / 255) - 128), -128, 127).astype(np.int8)
+        return q
+
+    converter = PixelConverter(np.dtype(np.int8), quantize)
+    rows = []
+    for width, height in sizes:
+        jpegs = [camera_jpeg(width, height, seed=k) for k in range(batch)]
+        pixels = [image_pixels(data, "jpeg", LIMITS, hwc) for data in jpegs]
+        if not np.array_equal(quantize(batch_input(pixels)), converter.batch(pixels)):
+            raise AssertionError("the direct conversion differs from the float path")
+        cpu: dict[str, list[float]] = {"decode": [], "float_path": [], "direct": []}
+        for _ in range(samples):  # interleaved, so that load from elsewhere falls on all
+            started = time.thread_time()
+            for data in jpegs:
+                image_pixels(data, "jpeg", LIMITS, hwc)
+            decoded = time.thread_time()
+            quantize(batch_input(pixels))
+            floated = time.thread_time()
+            converter.batch(pixels)
+            done = time.thread_time()
+            for name, spent in (("decode", decoded - started), ("float_path", floated - decoded),
+                                ("direct", done - floated)):
+                cpu[name].append(spent * 1000 / batch)
+        p50 = {name: round(statistics.median(t), 4) for name, t in cpu.items()}
+        rows.append({
+            "frame": f"{width}x{height}", "batch": batch, "converter": converter.kind,
+            "cpu_p50_ms_per_frame": p50,
+            "before_ms_per_frame": round(p50["decode"] + p50["float_path"], 3),
+            "after_ms_per_frame": round(p50["decode"] + p50["direct"], 3),
+        })
+    return rows
 
 
 def write_outputs(out_dir: Path, result: dict[str, Any], command: str) -> list[Path]:
@@ -196,6 +243,15 @@ def write_outputs(out_dir: Path, result: dict[str, Any], command: str) -> list[P
             + " | ".join(cells)
             + f" | {diff['mean_abs']:.2f} / {diff['max']} |"
         )
+    if result.get("batch"):
+        lines += ["", "Batch preprocessing, thread CPU ms per frame (p50), into an int8 model:",
+                  "", "| frame | batch | decode | float path (before) | direct (after) | "
+                  "decode + before | decode + after |", "|---|---|---|---|---|---|---|"]
+        for row in result["batch"]:
+            p50 = row["cpu_p50_ms_per_frame"]
+            lines.append(f"| {row['frame']} | {row['batch']} | {p50['decode']} | "
+                         f"{p50['float_path']} | {p50['direct']} | "
+                         f"{row['before_ms_per_frame']} | {row['after_ms_per_frame']} |")
     md_path.write_text("\n".join(lines) + "\n")
     return [json_path, md_path]
 

@@ -87,3 +87,14 @@ def test_the_pipeline_report_gives_each_size_its_latency_rate_and_decode_share(
     assert [p.name for p in paths] == ["bench-pipeline.json", "bench-pipeline.md",
                                        "bench-pipeline.png"]
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_decode_reports_batch_preprocessing_before_and_after(tmp_path: Path) -> None:
+    from cluster.bench.decode import bench_decode, write_outputs
+
+    result = bench_decode(samples=3, sizes=((64, 48),), log=lambda _line: None)
+    (row,) = result["batch"]
+    assert row["frame"] == "64x48" and row["converter"] == "xor"
+    assert set(row["cpu_p50_ms_per_frame"]) == {"decode", "float_path", "direct"}
+    write_outputs(tmp_path, result, "framecast bench decode")
+    assert "| 64x48 | 16 |" in (tmp_path / "bench-decode.md").read_text()
