@@ -159,8 +159,11 @@ def report_spec(dataset: str = "fashion-mnist", quick: bool = False,
                       shortened=shortened)
 
 
-def _train_config(spec: ReportSpec, plan: ReportPlan, out: Path, workers: int) -> TrainConfig:
+def _train_config(spec: ReportSpec, plan: ReportPlan, out: Path, workers: int,
+                  cpus_per_worker: float | None = None) -> TrainConfig:
     extra: dict[str, Any] = {}
+    if cpus_per_worker is not None:
+        extra["cpus_per_worker"] = cpus_per_worker
     size = plan.train_size or spec.input_size
     if size is not None:
         extra["input_size"] = size
@@ -176,12 +179,14 @@ def _train_config(spec: ReportSpec, plan: ReportPlan, out: Path, workers: int) -
 
 
 def run_paper_models(out: Path, quick: bool, console: Console, workers: int = 1,
-                     spec: ReportSpec | None = None) -> list[dict[str, Any]]:
-    """Train and evaluate the three models in one run; return one row per model."""
+                     spec: ReportSpec | None = None,
+                     cpus_per_worker: float | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate the three models in one run; return one row per model
+    (``cpus_per_worker``: TrainConfig's, default the CPUs free at start)."""
     spec = spec or report_spec("fashion-mnist", quick)
     rows = []
     for plan in spec.plans:
-        config = _train_config(spec, plan, out, workers)
+        config = _train_config(spec, plan, out, workers, cpus_per_worker)
         trained_at = plan.train_size or spec.input_size
         at = f", {trained_at}x{trained_at}" if trained_at else ""
         console.print(f"[cyan]report: training {plan.model} ({plan.epochs} epochs, "
@@ -410,12 +415,13 @@ def plot_accuracy_latency(table: list[dict[str, Any]], path: Path,
 
 
 def write_paper_report(out: Path, quick: bool, console: Console, dataset: str = "fashion-mnist",
-                       input_size: int | None = None) -> list[Path]:
+                       input_size: int | None = None,
+                       cpus_per_worker: float | None = None) -> list[Path]:
     """Train + evaluate the three models and write table.md, table.json and a PNG plot."""
     spec = report_spec(dataset, quick, input_size)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = run_paper_models(out, quick, console, spec=spec)
+    rows = run_paper_models(out, quick, console, spec=spec, cpus_per_worker=cpus_per_worker)
     table = paper_table(rows)
     total = time.perf_counter() - started
     (out / "table.md").write_text(table_markdown(table, quick, spec)
