@@ -790,10 +790,10 @@ def bench(
         except FramecastError as error:
             fail(str(error), EXIT_USAGE)
     if frame_size is not None:
-        from cluster.bench.camera import parse_frame_size
+        from cluster.bench.camera import parse_frame_sizes
 
         try:
-            parse_frame_size(frame_size)
+            parse_frame_sizes(frame_size)
         except ValueError as error:
             fail(str(error), EXIT_USAGE)
     counts: dict[str, list[int]] = {}
@@ -1052,7 +1052,7 @@ def demo(
     preset: Annotated[str | None, typer.Option(
         help="scenes (8 cameras x 15 fps of 640x480 RGB JPEG scenes, models/scenes) | "
              "fashion-mnist (8 x 30 fps of 32 px PNG garments, "
-             "models/fashion_mnist_optimized); default: fashion-mnist.")] = None,
+             "models/fashion_mnist_optimized); default: scenes.")] = None,
     cameras: Annotated[int | None, typer.Option(
         min=1, help="Simulated camera streams (default: the preset's).")] = None,
     fps: Annotated[float | None, typer.Option(

@@ -46,6 +46,14 @@ def parse_frame_size(text: str) -> tuple[int, int]:
     return size
 
 
+def parse_frame_sizes(text: str) -> list[tuple[int, int]]:
+    """``WxH[,WxH...]`` (e.g. 640x480,1280x720) as [(width, height), ...]."""
+    sizes = [parse_frame_size(part.strip()) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise ValueError(f"--frame-size: expected WxH[,WxH...], got {text!r}")
+    return sizes
+
+
 def camera_clip(
     width: int, height: int, frames: int = CLIP_FRAMES, seed: int = 0
 ) -> tuple[list[tuple[bytes, int | None]], str]:

@@ -341,11 +341,11 @@ def bench_pipeline_camera(
     """Camera frames (RGB JPEG, WxH[,WxH...], pre-encoded) through Kafka -> Serve -> Kafka
     with an RGB model: p50/p99 at ``cameras`` x ``fps`` offered, flat-out frames/s, and the
     decode share, per frame size."""
-    from cluster.bench.camera import parse_frame_size
+    from cluster.bench.camera import parse_frame_sizes
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
 
-    sizes = [parse_frame_size(text.strip()) for text in frame_size.split(",") if text.strip()]
+    sizes = parse_frame_sizes(frame_size)
     model = rgb_artifact(settings, artifact, log=lambda line: console.print(line))
     bootstrap = stack.kafka_bootstrap(settings)
     seconds = 6 if quick else 20

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cluster.bench.camera import camera_clip, parse_frame_size
+from cluster.bench.camera import camera_clip, parse_frame_size, parse_frame_sizes
 from cluster.bench.model import ModelBenchOptions, add_efficiency, camera_options, check_models
 from cluster.bench.peak import measure_peak
 from cluster.bench.pipeline import decode_share
@@ -50,6 +50,9 @@ def test_the_measured_peak_puts_efficiencies_against_a_real_rate() -> None:
 def test_frame_sizes_are_parsed_or_refused_naming_the_option() -> None:
     assert parse_frame_size("640x480") == (640, 480)
     assert parse_frame_size("1280X720") == (1280, 720)
+    assert parse_frame_sizes("640x480, 1280x720") == [(640, 480), (1280, 720)]
+    with pytest.raises(ValueError, match="--frame-size"):
+        parse_frame_sizes(",")
     for bad in ("640", "0x480", "axb", "9000x10"):
         with pytest.raises(ValueError, match="--frame-size"):
             parse_frame_size(bad)
