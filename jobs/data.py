@@ -280,14 +280,21 @@ class Augmentation:
     zoom: float = 0.05          # relative scale change
     translation: float = 0.06   # fraction of height/width
     flip: bool = True
+    color: bool = False         # RGB: channel order, grey, brightness/contrast, noise
 
     @property
     def enabled(self) -> bool:
         """Whether any augmentation is applied."""
-        return self.flip or any(v > 0 for v in (self.rotation, self.zoom, self.translation))
+        return self.flip or self.color or any(
+            v > 0 for v in (self.rotation, self.zoom, self.translation))
 
 
 NO_AUGMENTATION = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False)
+# For camera scenes (train on `scenes`): a garment's colour says nothing of its class, and a
+# camera sees it at any size and place. Without these, camera_cnn reached 65.6 % on the scenes
+# test split but 14.6 % on scenes:heldout (other tints, sizes, positions).
+CAMERA_AUGMENTATION = Augmentation(rotation=0.08, zoom=0.3, translation=0.15, flip=True,
+                                   color=True)
 
 
 def augment_batch(images: tf.Tensor, aug: Augmentation) -> tf.Tensor:
@@ -300,6 +307,8 @@ def augment_batch(images: tf.Tensor, aug: Augmentation) -> tf.Tensor:
     if aug.flip:
         flip = tf.random.uniform([batch, 1, 1, 1]) < 0.5
         images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    if aug.color and images.shape[-1] == 3:
+        images = _color_jitter(images)
     if aug.rotation <= 0 and aug.zoom <= 0 and aug.translation <= 0:
         return images
     angle = tf.random.uniform([batch], -aug.rotation, aug.rotation) * 2.0 * np.pi
@@ -320,6 +329,24 @@ def augment_batch(images: tf.Tensor, aug: Augmentation) -> tf.Tensor:
         output_shape=tf.shape(images)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT",
     )
+
+
+def _color_jitter(images: tf.Tensor) -> tf.Tensor:
+    """Per image: a random channel order (hues move by thirds), grey 1 in 5, contrast
+    0.6-1.4, brightness +-0.2, Gaussian noise of std up to 0.05."""
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    orders = tf.constant([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    order = tf.gather(orders, tf.random.uniform([batch], 0, 6, dtype=tf.int32))
+    images = tf.gather(images, order, axis=3, batch_dims=1)
+    grey = tf.broadcast_to(tf.reduce_mean(images, axis=3, keepdims=True), tf.shape(images))
+    images = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.2, grey, images)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    images = ((images - mean) * tf.random.uniform([batch, 1, 1, 1], 0.6, 1.4) + mean
+              + tf.random.uniform([batch, 1, 1, 1], -0.2, 0.2))
+    noise = tf.random.normal(tf.shape(images)) * tf.random.uniform([batch, 1, 1, 1], 0.0, 0.05)
+    return tf.clip_by_value(images + noise, 0.0, 1.0)
 
 
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,

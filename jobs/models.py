@@ -145,24 +145,30 @@ def camera_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mod
     takes the full-resolution work off the table, then six inverted-residual blocks
     (1x1 expand, 3x3 depthwise, linear 1x1 project; residual when the shape allows) at
     28, 14 and 7, a 1x1 conv to 256 and global average pooling (a garment can sit anywhere
-    in a camera scene, so where a feature sits is not kept as in the flat heads). About
-    30 M MACs at 224, half of MobileNetV2 0.35's and a tenth of 1.0's. Only layers that
-    tfmot prunes (Conv2D, Dense) and quantizes (QAT), and that LiteRT runs in int8.
+    in a camera scene, so where a feature sits is not kept as in the flat heads). 57.5 M
+    MACs and 329 k parameters at 224, about MobileNetV2 0.35's MACs and a fifth of 1.0's; in
+    int8 LiteRT at batch 1 it ran in a seventh of 1.0's time (docs/training.md). Only
+    layers that tfmot prunes (Conv2D, Dense) and quantizes (QAT), and that LiteRT runs in
+    int8. (A first version, 24 / 32-64-96 / 256 wide, 28.9 M MACs, underfit: 64 % on the
+    scenes validation split after 8 epochs, train accuracy the same.)
     """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
-    x = _conv_bn(inputs, 24, "stem", kernel=4, strides=4)
+    x = _conv_bn(inputs, CAMERA_STEM, "stem", kernel=4, strides=4)
     for index, (filters, expand, strides) in enumerate(CAMERA_BLOCKS):
         x = _inverted_residual(x, filters, expand, strides, f"block{index + 1}")
-    x = _conv_bn(x, 256, "head", kernel=1)
+    x = _conv_bn(x, CAMERA_HEAD, "head", kernel=1)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.2, name="drop")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="camera_cnn")
 
 
-# (output channels, expansion, stride) of camera_cnn's inverted-residual blocks.
-CAMERA_BLOCKS = ((32, 2, 2), (32, 3, 1), (64, 3, 2), (64, 3, 1), (96, 3, 2), (96, 3, 1))
+# camera_cnn's widths: the stem, (output channels, expansion, stride) of each
+# inverted-residual block, the head conv.
+CAMERA_STEM = 32
+CAMERA_BLOCKS = ((48, 2, 2), (48, 3, 1), (96, 3, 2), (96, 3, 1), (128, 3, 2), (128, 3, 1))
+CAMERA_HEAD = 320
 
 
 def _inverted_residual(x: Any, filters: int, expand: int, strides: int, name: str) -> Any:

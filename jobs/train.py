@@ -150,6 +150,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     keras.utils.set_random_seed(config.seed)
 
     from jobs.data import (
+        CAMERA_AUGMENTATION,
         NO_AUGMENTATION,
         Augmentation,
         load_dataset,
@@ -167,7 +168,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     x_train, y_train, x_val, y_val = split_train_val(
         data.x_train, data.y_train, config.val_fraction, config.seed)
     steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
-    aug = Augmentation() if config.augment else NO_AUGMENTATION
+    aug = NO_AUGMENTATION if not config.augment else (
+        CAMERA_AUGMENTATION if config.dataset.startswith("scenes") else Augmentation())
     train_ds = make_tf_dataset(x_train, y_train, config.batch_size, training=True,
                                seed=config.seed, aug=aug)
     val_ds = make_tf_dataset(x_val, y_val, config.batch_size, training=False, seed=config.seed)

@@ -40,9 +40,9 @@ def test_camera_models_build_at_224_rgb() -> None:
     for model in (camera, mobilenet, baseline):
         assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 10)
     assert "resize" not in [layer.name for layer in mobilenet.layers]  # 224 needs none
-    # The stride-4 stem and inverted residuals: a tenth of MobileNetV2 1.0's work at 224.
-    assert count_macs(camera) * 8 < count_macs(mobilenet)
-    assert camera.count_params() < 300_000
+    # The stride-4 stem and inverted residuals: a fifth of MobileNetV2 1.0's work at 224.
+    assert count_macs(camera) * 4 < count_macs(mobilenet)
+    assert camera.count_params() < 400_000
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,16 @@ def test_mobilenet_fine_tunes_from_an_imagenet_style_backbone_file(tmp_path: Pat
         assert model.output_shape == (None, 10)
     with pytest.raises(OptionError, match=r"--weights .* fits neither mobilenet_v2 alpha 0\.5"):
         build_model(ModelSpec("mobilenet_v2", alpha=0.5, weights=str(path)), (SIZE, SIZE, 3), 10)
+
+
+def test_camera_augmentation_changes_colours_and_keeps_the_range() -> None:
+    from jobs.data import CAMERA_AUGMENTATION
+
+    x, y = _rgb(64, seed=1)
+    batch = next(iter(make_tf_dataset(x, y, 64, training=True, seed=0,
+                                      aug=CAMERA_AUGMENTATION)))[0].numpy()
+    assert batch.shape == (64, SIZE, SIZE, 3)
+    assert batch.min() >= 0.0 and batch.max() <= 1.0
+    # The source images are tinted (R > G > B); channel orders and grey break that rule.
+    means = batch.mean(axis=(1, 2))
+    assert np.mean((means[:, 0] > means[:, 1]) & (means[:, 1] > means[:, 2])) < 0.6
