@@ -1052,7 +1052,7 @@ def demo(
     preset: Annotated[str | None, typer.Option(
         help="scenes (8 cameras x 15 fps of 640x480 RGB JPEG scenes, models/scenes) | "
              "fashion-mnist (8 x 30 fps of 32 px PNG garments, "
-             "models/fashion_mnist_optimized); default: fashion-mnist.")] = None,
+             "models/fashion_mnist_optimized); default: scenes.")] = None,
     cameras: Annotated[int | None, typer.Option(
         min=1, help="Simulated camera streams (default: the preset's).")] = None,
     fps: Annotated[float | None, typer.Option(

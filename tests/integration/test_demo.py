@@ -7,8 +7,9 @@ from pathlib import Path
 
 import psutil
 
+from cluster.kafka_broker import EmbeddedKafka
 from cluster.processes import free_port
-from cluster.ray_head import LocalRayHead
+from cluster.ray_head import LocalRayHead, RayHeadInfo
 from cluster.settings import RaySettings
 from tests.conftest import REPO, run_cli
 
@@ -63,3 +64,32 @@ def test_demo_labels_every_frame_writes_its_report_and_leaves_no_process(tmp_pat
     assert (report_dir / "latency_histogram.png").stat().st_size > 1000
     assert "| frames produced / labelled | 240 / 240 |" in (report_dir / "demo.md").read_text()
     assert "demo summary" in done.stdout
+
+
+def test_scenes_preset_labels_640x480_rgb_frames_on_a_running_stack(
+        kafka_broker: EmbeddedKafka, ray_head: RayHeadInfo, serve_port: int,
+        tmp_path: Path) -> None:
+    """The default preset (640x480 RGB JPEG scenes, models/scenes), lean: on the session's
+    broker and Ray cluster (external to the demo, so it starts and stops neither), 2 cameras
+    for 3 s, under its own Serve app (deleted at the end)."""
+    env = {
+        "FRAMECAST_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+        "FRAMECAST_RAY_ADDRESS": ray_head.address,
+        "FRAMECAST_SERVE_HTTP_PORT": str(serve_port),
+        "FRAMECAST_SERVE_APP_NAME": "demo-scenes",
+        "FRAMECAST_SERVE_ROUTE_PREFIX": "/demo-scenes",
+        "FRAMECAST_DASHBOARD_PORT": str(free_port()),
+    }
+    done = run_cli("demo", "--cameras", "2", "--fps", "10", "--seconds", "3",
+                   home=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "reports" / "demo" / "demo.json").read_text())
+    assert (report["preset"], report["source"], report["encoding"], report["frame_size"]) == (
+        "scenes", "scenes", "jpeg", "640x480")
+    assert report["model"]["runtime"] == "litert"
+    assert report["artifact"].endswith("models/scenes")
+    assert report["frames_produced"] == report["labels"] == 60
+    assert report["unaccounted"] == 0
+    assert report["online_accuracy"] is not None  # ground truth in every scenes frame
+    assert report["decode"]["p50_ms"] > 0  # the replicas decoded the JPEGs
+    assert report["cameras_prerender_s"] > 0
