@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup  - .venv, pinned dependencies, Kafka broker jars, Fashion-MNIST"
-	@echo "make demo   - run the main job (framecast demo)"
+	@echo "make demo   - run the main job (framecast demo: 8 cameras x 15 fps of 640x480 RGB scenes)"
 	@echo "make test   - setup + the whole test suite"
 	@echo "make lint   - ruff + mypy"
 
@@ -76,8 +76,10 @@ $(PEERS_VENV)/%/.installed: peers/requirements-%.txt
 	$(PEERS_VENV)/$*/bin/python -m pip install -q -r $<
 	@touch $@
 
+# The main job on camera-size frames through the shipped RGB model (models/scenes); the
+# Fashion-MNIST demo is `framecast demo --preset fashion-mnist`.
 demo: setup
-	$(BIN)/framecast demo
+	$(BIN)/framecast demo --preset scenes
 
 test: setup chart-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
