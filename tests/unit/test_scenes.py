@@ -165,3 +165,12 @@ def test_frame_size_options_are_parsed_or_refused_naming_the_option() -> None:
         ScenesSource("scenes", frame_size=(5000, 100))
     with pytest.raises(SourceError, match="unknown scenes source"):
         ScenesSource("scenes:night")
+
+
+def test_the_synthetic_camera_refuses_a_non_square_frame_size() -> None:
+    from streams.config import KafkaSettings
+    from streams.producers import produce_frames
+
+    with pytest.raises(ProducerOptionError, match="synthetic camera's frames are square"):
+        produce_frames(KafkaSettings(), None, "synthetic", "frames", 0.0, 1, 1,
+                       frame_size=(64, 32))
