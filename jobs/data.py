@@ -6,7 +6,8 @@ and from every Ray Train worker. :func:`make_tf_dataset` imports TensorFlow lazi
 ``scenes`` and ``scenes:heldout`` are rendered on demand by :mod:`serving.scenes` (RGB camera
 scenes of the Fashion-MNIST garments, ``docs/scenes.md``) at ``input_size`` (default 224);
 sets of more than a few hundred images are kept in a cache under
-``$FRAMECAST_HOME/datasets/scenes`` keyed by every parameter and the generator's version.
+``$FRAMECAST_HOME/datasets/scenes`` keyed by every parameter and the generator's version (a
+smaller set is read from a larger cached one: image i does not depend on the set's length).
 """
 
 from __future__ import annotations
@@ -142,26 +143,44 @@ def _scenes_split(count: int, size: int, seed: int, style: str,
     split: GarmentSplit = "train" if garments == "train" else "test"
     if count * size * size < SCENES_CACHE_MIN_PIXELS:
         return render_scenes(count, size=(size, size), seed=seed, style=style, garments=split)
-    key = f"v{SCENES_VERSION}-{style}-{split}-seed{seed}-{size}px-{count}"
-    path = scenes_cache_dir() / f"{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as cached:
-                images, labels = cached["images"], cached["labels"]
-            if images.shape == (count, size, size, 3) and labels.shape == (count,):
-                return images, labels
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable (a crash mid-write elsewhere): render again below
+    cache = scenes_cache_dir()
+    prefix = f"v{SCENES_VERSION}-{style}-{split}-seed{seed}-{size}px-"
+    cached = _cached_scenes(cache, prefix, count, size)
+    if cached is not None:
+        return cached
     images, labels = render_scenes(count, size=(size, size), seed=seed, style=style,
                                    garments=split)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-        np.savez(partial, images=images, labels=labels)
-        os.replace(partial, path)  # atomic: readers never see half a file
+        cache.mkdir(parents=True, exist_ok=True)
+        # Labels first, images last: a set whose images file exists is complete. Each file
+        # is written aside and renamed (atomic), so readers never see half of one.
+        for part, array in (("labels", labels), ("images", images)):
+            partial = cache / f"{prefix}{count}.{os.getpid()}.partial.npy"
+            np.save(partial, array)
+            os.replace(partial, cache / f"{prefix}{count}.{part}.npy")
     except OSError:
         pass  # a read-only home: the set is simply rendered again next time
     return images, labels
+
+
+def _cached_scenes(cache: Path, prefix: str, count: int,
+                   size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first ``count`` images of the smallest cached set holding at least as many (image
+    i of a scenes set does not depend on the set's length), or None."""
+    lengths = []
+    for path in cache.glob(f"{prefix}*.images.npy"):
+        digits = path.name[len(prefix):-len(".images.npy")]
+        if digits.isdigit() and int(digits) >= count:
+            lengths.append(int(digits))
+    for length in sorted(lengths):
+        try:
+            labels = np.load(cache / f"{prefix}{length}.labels.npy")
+            images = np.load(cache / f"{prefix}{length}.images.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            continue  # unreadable (removed meanwhile, or foreign): try the next, or render
+        if images.shape == (length, size, size, 3) and labels.shape == (length,):
+            return np.array(images[:count]), np.array(labels[:count])
+    return None
 
 
 def synthetic_images(count: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:

@@ -108,13 +108,19 @@ def test_large_scenes_sets_are_cached_under_framecast_home(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRAMECAST_HOME", str(tmp_path))
     monkeypatch.setattr("jobs.data.SCENES_CACHE_MIN_PIXELS", 1)
-    first = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
-    cached = sorted(p.name for p in (tmp_path / "datasets" / "scenes").iterdir())
-    assert len(cached) == 2 and all(name.endswith("32px-4.npz") or name.endswith("32px-2.npz")
-                                    for name in cached)
-    again = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
+    cache = tmp_path / "datasets" / "scenes"
+    first = load_dataset("scenes", limit=6, test_limit=2, input_size=32, seed=5)
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 4 and all("seed5-32px-" in name for name in names)
+    again = load_dataset("scenes", limit=6, test_limit=2, input_size=32, seed=5)
     np.testing.assert_array_equal(first.x_train, again.x_train)
     np.testing.assert_array_equal(first.y_test, again.y_test)
+    # A smaller set is the start of the larger cached one: read from it, nothing new written.
+    smaller = load_dataset("scenes", limit=4, test_limit=2, input_size=32, seed=5)
+    assert sorted(p.name for p in cache.iterdir()) == names
+    rendered, labels = render_scenes(4, size=(32, 32), seed=5, garments="train")
+    np.testing.assert_array_equal(smaller.x_train, rendered)
+    np.testing.assert_array_equal(smaller.y_train, labels)
 
 
 def test_scenes_video_is_deterministic_and_changes_garment_every_hold() -> None:
