@@ -1051,6 +1051,7 @@ def demo(
     ctx: typer.Context,
     preset: Annotated[str | None, typer.Option(
         help="scenes (8 cameras x 15 fps of 640x480 RGB JPEG scenes, models/scenes) | "
+             "scenes-heldout (the same, drawn by the held-out generator) | "
              "fashion-mnist (8 x 30 fps of 32 px PNG garments, "
              "models/fashion_mnist_optimized); default: scenes.")] = None,
     cameras: Annotated[int | None, typer.Option(

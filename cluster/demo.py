@@ -63,7 +63,8 @@ class DemoPreset:
         model = artifact or self.artifact
         if not (model / "manifest.json").is_file():
             return f"the {self.name} preset's model {model} is not there (no manifest.json)"
-        if self.source == "scenes" and importlib.util.find_spec("streams.scene_source") is None:
+        if (self.source.startswith("scenes")
+                and importlib.util.find_spec("streams.scene_source") is None):
             return "the scenes camera (streams/scene_source.py, produce --source scenes) is missing"
         return None
 
@@ -73,6 +74,12 @@ PRESETS: dict[str, DemoPreset] = {
         "scenes", source="scenes", encoding="jpeg", frame_size="640x480",
         artifact=SCENES_MODEL, cameras=8, fps=15.0, seconds=90.0,
         what="640x480 RGB JPEG camera scenes, the shipped RGB int8 model (models/scenes)"),
+    # The same cameras drawn by the held-out generator (other backgrounds, tints, sizes,
+    # positions): how the model holds up on scenes unlike its training data.
+    "scenes-heldout": DemoPreset(
+        "scenes-heldout", source="scenes:heldout", encoding="jpeg", frame_size="640x480",
+        artifact=SCENES_MODEL, cameras=8, fps=15.0, seconds=90.0,
+        what="640x480 RGB JPEG scenes of the held-out generator, models/scenes"),
     "fashion-mnist": DemoPreset(
         "fashion-mnist", source="synthetic", encoding="png", frame_size=None,
         artifact=SHIPPED_MODEL, cameras=8, fps=30.0, seconds=60.0,

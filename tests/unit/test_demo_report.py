@@ -36,6 +36,7 @@ def test_a_preset_whose_model_is_missing_says_so(tmp_path: Path) -> None:
     missing = replace(PRESETS["fashion-mnist"], artifact=tmp_path / "nothing")
     assert "no manifest.json" in (missing.problem() or "")
     assert PRESETS["fashion-mnist"].problem() is None  # shipped
-    assert set(PRESETS) == {"scenes", "fashion-mnist"}
+    assert set(PRESETS) == {"scenes", "scenes-heldout", "fashion-mnist"}
+    assert PRESETS["scenes-heldout"].source == "scenes:heldout"
     assert (PRESETS["scenes"].cameras, PRESETS["scenes"].fps,
             PRESETS["scenes"].frame_size) == (8, 15.0, "640x480")
