@@ -151,8 +151,10 @@ class _LabelReader:
 
     def stats(self) -> dict[str, Any]:
         values = np.asarray(self.latencies[-5000:]) if self.latencies else None
+        decode = np.asarray(self.decode_ms[-5000:]) if self.decode_ms else None
         span_s = ((self.last_ns or 0) - (self.first_ns or 0)) / 1e9
         return {
+            "decode_p50_ms": float(np.percentile(decode, 50)) if decode is not None else None,
             "labelled": self.labelled,
             "dropped_deadline": self.dropped,
             "fps": self.labelled / span_s if span_s > 0 else 0.0,
@@ -176,6 +178,7 @@ def _live_table(sent: int, total: int, stats: dict[str, Any], dlq: int) -> Table
     table.add_row("throughput", f"{stats['fps']:.0f} frames/s")
     table.add_row("latency p50 / p99", f"{ms(stats['p50_ms'])} / {ms(stats['p99_ms'])}")
     table.add_row("online accuracy", f"{accuracy:.1%}" if accuracy is not None else "-")
+    table.add_row("decode in the replicas p50", ms(stats["decode_p50_ms"]))
     table.add_row("dropped (deadline) / DLQ", f"{stats['dropped_deadline']} / {dlq}")
     return table
 
