@@ -167,24 +167,3 @@ def test_an_artifact_exported_again_from_the_runs_last_checkpoint(
     with pytest.raises(ValueError, match="not a framecast training checkpoint"):
         train_artifact(config.model_copy(update={"from_checkpoint": str(tmp_path)}))
 
-
-def test_camera_cnn_on_scenes_at_an_input_size(serve_port: int, tmp_path: Path) -> None:
-    """--input-size reaches the workers, the export and the evaluation (tiny: 32 px, 1 epoch)."""
-    config = TrainConfig(
-        model="camera_cnn",
-        dataset="scenes",
-        input_size=32,
-        epochs=1,
-        out=str(tmp_path / "camera"),
-        limit=160,
-        test_limit=60,
-        workers=1,
-        cpus_per_worker=1,
-        batch_size=32,
-        storage_path=str(tmp_path / "ray"),
-    )
-    metrics = train_artifact(config)
-    manifest = load_artifact(tmp_path / "camera").manifest
-    assert manifest.input.shape == [-1, 32, 32, 3] and manifest.input.dtype == "int8"
-    assert manifest.model == "camera_cnn" and manifest.training.dataset == "scenes"
-    assert metrics["samples"] == 60 and 0.0 <= metrics["accuracy"] <= 1.0
