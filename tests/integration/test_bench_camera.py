@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cluster.bench.pipeline import _pipeline_run
-from cluster.settings import load_settings
 from streams.config import KafkaSettings
 from tests.conftest import run_cli
+from tests.integration.test_bench_pipeline import session_app_settings
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +21,7 @@ def test_pre_encoded_rgb_camera_frames_run_through_the_pipeline_with_decode_time
     kafka_settings: KafkaSettings, stream_app: str, tmp_path: Path
 ) -> None:
     # The session's Serve app (the shipped gray model): RGB JPEGs are converted on decode.
-    settings = load_settings(
-        home=tmp_path / "home",
-        kafka={"bootstrap_servers": kafka_settings.bootstrap_servers},
-        serve={"app_name": stream_app, "route_prefix": "/stream"},
-    )
+    settings = session_app_settings(kafka_settings, stream_app, tmp_path)
     run = _pipeline_run(
         settings, str(kafka_settings.bootstrap_servers), cameras=2, fps=0.0, per_camera=24,
         batch=8, classifier="framecast", frame_size=(160, 120),

@@ -18,14 +18,19 @@ from streams.config import KafkaSettings
 pytestmark = pytest.mark.slow
 
 
-def test_a_paced_run_labels_every_frame_and_measures_its_latency(
-    kafka_settings: KafkaSettings, stream_app: str, tmp_path: Path
-) -> None:
-    settings = load_settings(
+def session_app_settings(kafka_settings: KafkaSettings, stream_app: str, tmp_path: Path) -> Any:
+    """Settings that reach the session broker and its Serve app (the shipped gray model)."""
+    return load_settings(
         home=tmp_path / "home",
         kafka={"bootstrap_servers": kafka_settings.bootstrap_servers},
         serve={"app_name": stream_app, "route_prefix": "/stream"},
     )
+
+
+def test_a_paced_run_labels_every_frame_and_measures_its_latency(
+    kafka_settings: KafkaSettings, stream_app: str, tmp_path: Path
+) -> None:
+    settings = session_app_settings(kafka_settings, stream_app, tmp_path)
     run = _pipeline_run(
         settings,
         str(kafka_settings.bootstrap_servers),
