@@ -18,7 +18,6 @@ No TensorFlow here: numpy and Pillow only.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from serving.scenes import (
     validate_size,
 )
 from streams.exceptions import ProducerOptionError, SourceError
-from streams.video import DEFAULT_HOLD_FRAMES, SourceFrame
+from streams.video import DEFAULT_HOLD_FRAMES, SourceFrame, eased_point
 
 SCENE_SOURCES = {"scenes": "train", "scenes:heldout": "heldout"}
 DEFAULT_SCENES_FRAME_SIZE = (640, 480)
@@ -157,9 +156,7 @@ class ScenesVideo:
         """(x, y) of the garment's top-left corner in frame t."""
         k, step = divmod(t, self.hold_frames)
         segment = self.segment(k)
-        ease = (1 - math.cos(math.pi * step / self.hold_frames)) / 2
-        (x0, y0), (x1, y1) = segment.start, segment.end
-        return round(x0 + (x1 - x0) * ease), round(y0 + (y1 - y0) * ease)
+        return eased_point(segment.start, segment.end, step, self.hold_frames)
 
     def frame(self, t: int) -> SourceFrame:
         """Frame t: uint8 [H, W, 3] pixels and the garment's class."""

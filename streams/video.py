@@ -55,6 +55,15 @@ class SyntheticFrame(SourceFrame):
     y: int
 
 
+def eased_point(start: tuple[float, float], end: tuple[float, float], step: int,
+                steps: int) -> tuple[int, int]:
+    """The (x, y) ``step`` of ``steps`` along a cosine-eased glide from start to end: a
+    camera's subject speeds up and slows down instead of jumping between waypoints."""
+    ease = (1 - math.cos(math.pi * step / steps)) / 2
+    (x0, y0), (x1, y1) = start, end
+    return round(x0 + (x1 - x0) * ease), round(y0 + (y1 - y0) * ease)
+
+
 class FrameSource(Protocol):
     """What the producer needs from a source."""
 
@@ -158,8 +167,7 @@ class SyntheticVideo:
         k, step = divmod(t, self.hold_frames)
         _, y0, x0 = self._segment(k)
         _, y1, x1 = self._segment(k + 1)
-        ease = (1 - math.cos(math.pi * step / self.hold_frames)) / 2
-        return round(x0 + (x1 - x0) * ease), round(y0 + (y1 - y0) * ease)
+        return eased_point((x0, y0), (x1, y1), step, self.hold_frames)
 
     def frame(self, t: int) -> SyntheticFrame:
         """Frame t of this camera."""
