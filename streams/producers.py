@@ -387,8 +387,8 @@ def produce_frames(
         _close_source(frame_source)
         raise
     pending: list[list[FrameRecord]] = [[] for _ in range(streams)]
-    limit = topic_message_limit(settings, bootstrap, topic, topic_settings.max_message_bytes)
-    try:
+    try:  # the sources' threads (rtsp://) run from here: closed on any failure to start
+        limit = topic_message_limit(settings, bootstrap, topic, topic_settings.max_message_bytes)
         producer = frames_producer(
             settings, bootstrap, linger_ms=linger_ms, max_request_size=limit[0]
         )
