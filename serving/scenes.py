@@ -7,8 +7,10 @@ a slightly blurred, noisy sensor and (for stills) a JPEG round trip. Its label i
 garment's Fashion-MNIST class, so ground truth is exact. Two generators ("styles"):
 
 * ``train`` - the training distribution: linear gradients, rooms (a wall over a floor with
-  planks), value-noise textures; clutter of boxes and ellipses; garments tinted red to cyan
-  (or grey), 30-80 % of the frame's short side, anywhere inside the frame, rotated +-25 deg.
+  planks), value-noise textures, "dead leaves" (overlapping discs and boxes), gratings at
+  random angles, in muted or (40 %) saturated colours; clutter of boxes and ellipses;
+  garments tinted red to cyan (or grey), 30-80 % of the frame's short side, anywhere inside
+  the frame, rotated +-25 deg.
 * ``heldout`` - a visibly different one for the generalisation check: radial gradients with
   rings, tiled and brick walls, outdoor sky over grass; clutter of triangles, stars and
   lines; garments tinted blue to magenta (or near-black / near-white), either small
@@ -49,7 +51,7 @@ _SPLIT_ID = {"train": 1, "test": 2}
 _NOISE_MARGIN = 32
 # Bumped whenever the images a (seed, style, size, index) renders change: cached sets
 # (jobs/data.py) are keyed by it.
-SCENES_VERSION = 3
+SCENES_VERSION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ class _StyleSpec:
 
 _SPECS: dict[str, _StyleSpec] = {
     "train": _StyleSpec(
-        backgrounds=("gradient", "room", "texture"),
+        backgrounds=("gradient", "room", "texture", "leaves", "grating"),
         clutter=("box", "ellipse"),
         hues=(0.0, 0.55),
         scales=((0.30, 0.80),),
@@ -171,6 +173,9 @@ def _background(rng: np.random.Generator, kind: str, width: int, height: int) ->
     ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
     xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
     muted = ((0.0, 0.45), (0.2, 0.9))
+    vivid = ((0.4, 1.0), (0.25, 1.0))
+    if kind in _TRAIN_FAMILIES and rng.random() < 0.4:
+        muted = vivid  # the training families come in saturated colours too
     if kind == "gradient":
         angle = rng.uniform(0, 2 * math.pi)
         t = (xs * math.cos(angle) + ys * math.sin(angle))
@@ -190,6 +195,38 @@ def _background(rng: np.random.Generator, kind: str, width: int, height: int) ->
     if kind == "texture":
         t = 0.65 * _value_noise(rng, width, height, int(rng.integers(3, 7)))
         t += 0.35 * _value_noise(rng, width, height, int(rng.integers(12, 32)))
+        return _mix(_random_colour(rng, *muted), _random_colour(rng, *muted), t)
+    if kind == "leaves":
+        # Dead leaves: overlapping discs and boxes of every size, the sharp-edged statistics
+        # of cluttered natural scenes, drawn at the caller's (half) resolution.
+        ground = tuple(int(c) for c in _random_colour(rng, *muted))
+        image = Image.new("RGB", (width, height), ground)
+        draw = ImageDraw.Draw(image)
+        short = min(width, height)
+        for _ in range(int(rng.integers(25, 70))):
+            colour = tuple(int(c) for c in _random_colour(rng, *muted))
+            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+            r = short * 0.5 * float(rng.uniform(0.03, 0.35)) ** 1.5 * 2.5
+            box = (cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r)
+            if rng.random() < 0.5:
+                draw.ellipse(box, fill=colour)
+            else:
+                draw.rectangle(box, fill=colour)
+        return np.asarray(image)
+    if kind == "grating":
+        # One or two gratings at random angles and frequencies, smooth or hard-edged: walls,
+        # blinds, fabrics - periodic structure of any orientation.
+        t = np.zeros((height, width), dtype=np.float32)
+        count = int(rng.integers(1, 3))
+        for _ in range(count):
+            angle = rng.uniform(0, math.pi)
+            cycles = float(rng.uniform(3.0, 30.0))
+            wave = np.sin((xs * math.cos(angle) * width / max(width, height)
+                           + ys * math.sin(angle) * height / max(width, height))
+                          * np.float32(2 * math.pi * cycles) + np.float32(rng.uniform(0, 6.3)))
+            if rng.random() < 0.5:
+                wave = np.sign(wave)
+            t += (0.5 + 0.5 * wave) / count
         return _mix(_random_colour(rng, *muted), _random_colour(rng, *muted), t)
     vivid = ((0.4, 1.0), (0.25, 1.0))
     if kind == "radial":
@@ -370,7 +407,9 @@ class Backdrop:
 
 
 # Families drawn at half resolution and scaled up (smooth ones: a quarter of the arithmetic).
-_HALF_RES = {"gradient", "room", "texture", "radial", "outdoor"}
+_HALF_RES = {"gradient", "room", "texture", "leaves", "grating", "radial", "outdoor"}
+# The training style's families (they may draw saturated palettes too).
+_TRAIN_FAMILIES = {"gradient", "room", "texture", "leaves", "grating"}
 
 
 def make_backdrop(rng: np.random.Generator, size: tuple[int, int], style: SceneStyle
