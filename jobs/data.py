@@ -370,17 +370,21 @@ def _color_jitter(images: tf.Tensor) -> tf.Tensor:
 
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,
                     seed: int, aug: Augmentation = NO_AUGMENTATION) -> tf.data.Dataset:
-    """Normalized, cached, (shuffled, augmented,) batched and prefetched tf.data pipeline."""
+    """(Shuffled,) batched, normalized, (augmented,) prefetched tf.data pipeline.
+
+    The images stay uint8 until a batch is made (normalized a batch at a time): a float32
+    cache of every image was 4x the dataset in memory - 7.2 GB for 12,000 224x224x3 scenes.
+    """
     import tensorflow as tf
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64)))
-    data = data.map(lambda image, label: (normalize(image), label),
-                    num_parallel_calls=tf.data.AUTOTUNE).cache()
     if training:
         data = data.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size, drop_remainder=False)
+    data = data.map(lambda images, labels: (normalize(images), labels),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     if training and aug.enabled:
         data = data.map(lambda images, labels: (augment_batch(images, aug), labels),
                         num_parallel_calls=tf.data.AUTOTUNE)

@@ -91,8 +91,10 @@ QUICK_LIMIT, QUICK_TEST_LIMIT = 2000, 1000
 SCENES_SIZE = 224
 SCENES_FULL_PLAN = (
     ReportPlan("baseline_cnn", 3, "none", "none", train_size=64),
-    ReportPlan("mobilenet_v2", 3, "none", "none", alpha=1.0),
-    ReportPlan("camera_cnn", 8, "polynomial", "int8"),
+    # The same epochs for MobileNetV2 1.0 and camera_cnn: issue 16 compares them at an
+    # equal budget (camera_cnn's is a fifth of the compute).
+    ReportPlan("mobilenet_v2", 6, "none", "none", alpha=1.0),
+    ReportPlan("camera_cnn", 6, "polynomial", "int8"),
 )
 SCENES_LIMIT, SCENES_TEST_LIMIT, SCENES_BATCH = 5000, 1000, 32  # batch 32: more steps
 # --quick (the test): tiny images, a few hundred of them, one epoch each; baseline_cnn still
