@@ -746,13 +746,14 @@ def bench(
         "--random-weights", help="model: no training, no accuracy - latency only (e.g. "
         "mobilenet_v2:1.0 at 224).")] = False,
     frame_size: Annotated[str | None, typer.Option(
-        help="pipeline: RGB JPEG camera frames WxH (e.g. 640x480), pre-encoded, through an "
-        "RGB model (default: models/scenes, else a random-weight bench model).")] = None,
+        help="pipeline, peers: RGB JPEG camera frames WxH (e.g. 640x480; peers: one size), "
+        "pre-encoded, through an RGB model (default: models/scenes, else a random-weight "
+        "bench model).")] = None,
 ) -> None:
     """Benchmarks against baselines and peers, in one run (JSON + Markdown + PNG).
 
     `all` runs model, serve, pipeline and peers (and, without --quick, scaling); peers'
-    --artifact defaults to models/fashion_mnist_stream."""
+    --artifact defaults to models/fashion_mnist_stream (with --frame-size: models/scenes)."""
     import time
 
     if what == "decode":  # a camera JPEG to model input, one thread, no stack needed
@@ -790,10 +791,12 @@ def bench(
         except FramecastError as error:
             fail(str(error), EXIT_USAGE)
     if frame_size is not None:
-        from cluster.bench.camera import parse_frame_sizes
+        from cluster.bench.camera import parse_frame_size, parse_frame_sizes
 
         try:
             parse_frame_sizes(frame_size)
+            if what == "peers":
+                parse_frame_size(frame_size)
         except ValueError as error:
             fail(str(error), EXIT_USAGE)
     counts: dict[str, list[int]] = {}
@@ -864,7 +867,8 @@ def bench(
 
                         console.rule(f"framecast bench peers{' (quick)' if quick else ''}")
                         results[part] = bench_peers(settings, artifact, console, quick=quick,
-                                                    command=command, only=pipelines)
+                                                    command=command, only=pipelines,
+                                                    frame_size=frame_size)
                         written[part] = report.write_peers_outputs(out_dir, results[part])
                     elif part == "scaling":
                         from cluster.bench.scaling import bench_scaling

@@ -1,7 +1,10 @@
-"""HTTP cameras: K cameras POSTing PNG frames to Serve's /classify, a label per answer to Kafka.
+"""HTTP cameras: K cameras POSTing frames to Serve's /classify, a label per answer to Kafka.
 
 The way Triton or KServe users work: each camera takes a frame of framecast's synthetic video
-(streams.video, the frames `framecast produce` sends), encodes it as PNG, POSTs it at --fps
+(streams.video, the frames `framecast produce` sends), encodes it as PNG - or, with
+--frame-size WxH, takes the next frame of a pre-encoded RGB JPEG clip of that size
+(cluster.bench.camera.camera_clip, the clip the Kafka cameras of `bench peers --frame-size`
+loop: camera k starts k frames into it) - POSTs it at --fps
 (0 = flat out, the next frame once the answer is back) and produces the answer to the labels
 topic in the label contract's JSON, captured_at_ns being when the camera took the frame. A 503
 (overloaded) is retried after its Retry-After, capped at 50 ms, up to 100 times. Runs in
@@ -13,16 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import common  # peers/common.py: a script's own directory is on sys.path
 import httpx
 from confluent_kafka import KafkaError, Producer
 
+from cluster.bench.camera import camera_clip, parse_frame_size
 from streams.producers import encode_pixels
 from streams.video import SyntheticSource
 
@@ -38,9 +44,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--fps", type=float, required=True, help="per camera; 0 = flat out")
     parser.add_argument("--per-camera", type=int, required=True, help="frames per camera")
     parser.add_argument("--token-env", help="environment variable holding Serve's HTTP token")
+    parser.add_argument("--frame-size", help="WxH: POST RGB JPEG camera frames of that size "
+                        "(default: the synthetic video's frames as PNG)")
     args = parser.parse_args()
     if args.cameras < 1 or args.per_camera < 1 or args.fps < 0:
         parser.error("--cameras and --per-camera must be >= 1, --fps >= 0")
+    if args.frame_size is not None:
+        try:
+            args.frame_size = parse_frame_size(args.frame_size)
+        except ValueError as error:
+            parser.error(str(error))
     if args.token_env and not os.environ.get(args.token_env):
         parser.error(f"--token-env {args.token_env}: that variable is not set")
     return args
@@ -53,9 +66,12 @@ class Cameras:
         self.args = args
         self.producer = producer
         self.source = SyntheticSource()
+        self.clip: list[tuple[bytes, int | None]] = []
+        if args.frame_size is not None:  # encoded once, before READY: cameras encode in hardware
+            self.clip, _made_by = camera_clip(*args.frame_size)
         self.labelled = self.errors = self.retries = 0
         self.failed: list[str] = []
-        self.headers = {"content-type": "image/png"}
+        self.headers = {"content-type": "image/jpeg" if self.clip else "image/png"}
         if args.token_env:
             self.headers["authorization"] = f"Bearer {os.environ[args.token_env]}"
 
@@ -75,17 +91,25 @@ class Cameras:
             await asyncio.sleep(min(retry_after, 0.05))
         return None
 
+    def frames(self, k: int) -> Iterator[tuple[Any, int | None]]:
+        """Camera k's frames with their ground truth: JPEG bytes of the clip, or the synthetic
+        video's pixels (encoded as PNG once taken, as before)."""
+        if not self.clip:
+            yield from ((shot.pixels, shot.label) for shot in self.source.stream(k))
+        for index in itertools.count():
+            yield self.clip[(index + k) % len(self.clip)]
+
     async def camera(self, k: int, client: httpx.AsyncClient, start: float) -> None:
         args, loop = self.args, asyncio.get_running_loop()
-        shots = self.source.stream(k)
+        shots = self.frames(k)
         stream_id = f"cam-{k}"
         for index in range(args.per_camera):
             if args.fps > 0:
                 await asyncio.sleep(max(0.0, start + (index + k / args.cameras) / args.fps
                                         - loop.time()))
-            shot = next(shots)
+            frame, truth = next(shots)
             captured_ns = time.time_ns()
-            body = encode_pixels(shot.pixels, "png")
+            body = frame if self.clip else encode_pixels(frame, "png")
             sent = time.perf_counter()
             try:
                 response = await self._post(client, body)
@@ -115,7 +139,7 @@ class Cameras:
                     "inference": answer.get("inference_ms", 0.0),
                     "end_to_end": round((labeled_ns - captured_ns) / 1e6, 3),
                 },
-                "ground_truth": shot.label,
+                "ground_truth": truth,
             }
             self._produce(stream_id, common.encode(record))
 

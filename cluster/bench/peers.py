@@ -7,7 +7,13 @@ Pipelines, each measured on its own fresh topics (frames, labels, latency, DLQ):
 - ``floor``: ``peers/floor.py``, a bare confluent-kafka consumer with LiteRT in process;
 - ``quix``: ``peers/quix_app.py`` (Quix Streams) in ``.venv-peers/quix``;
 - ``bytewax`` or ``faust``: ``peers/<name>_app.py`` in ``.venv-peers/<name>``;
-- ``http``: ``peers/http_cameras.py``, cameras POSTing PNG frames to Serve's ``/classify``.
+- ``http``: ``peers/http_cameras.py``, cameras POSTing frames to Serve's ``/classify``.
+
+Two regimes (issue 19 item 2): 28x28 Fashion-MNIST frames (``framecast produce`` cameras,
+models/fashion_mnist_stream), and with ``frame_size`` (``--frame-size WxH``) camera-size RGB
+JPEG frames: the pre-encoded looped clips of :mod:`cluster.bench.camera` (what ``bench
+pipeline --frame-size`` sends; the scenes generator's garments, ground truth in every frame)
+through an RGB model (models/scenes); the HTTP cameras POST the same JPEGs.
 
 The peers' command lines, READY line and final JSON line are peers/README.md's interface. A
 pipeline whose program or venv is missing is reported as skipped with the reason.
@@ -47,6 +53,7 @@ import psutil
 from rich.console import Console
 
 from cluster import stack
+from cluster.bench.camera import parse_frame_size, produce_clip_in_subprocess
 from cluster.bench.runs import drop_topics, fresh_topics, label_summary, percentile, read_labels
 from cluster.cameras import produce_in_subprocess
 from cluster.exceptions import SettingsError
@@ -62,6 +69,7 @@ PEER_VENVS = ROOT / ".venv-peers"
 PIPELINES = ("framecast", "framecast-local", "floor", "quix", "bytewax", "faust", "http")
 BOUNDS_MS = (15.0, 50.0)
 MAX_FPS_PER_CAMERA = 30.0
+CAMERA_FPS = 15.0  # the camera regime's cameras: 15 fps each (8 x 15 fps = 120 frames/s)
 MAX_CAMERAS = 64
 CpuSnapshot = dict[tuple[int, float], float]
 # run_frames(cameras, fps, per_camera, batch) offers frames: (the cameras' frames/s or None,
@@ -102,12 +110,12 @@ class Step:
         )
 
 
-def camera_split(offered_fps: float) -> tuple[int, float]:
-    """(cameras, fps per camera) that offer offered_fps: cameras of at most 30 fps, up to 64
-    of them (past 64 x 30 fps each camera goes faster)."""
+def camera_split(offered_fps: float, max_fps: float = MAX_FPS_PER_CAMERA) -> tuple[int, float]:
+    """(cameras, fps per camera) that offer offered_fps: cameras of at most max_fps (30), up
+    to 64 of them (past 64 x max_fps each camera goes faster)."""
     if offered_fps <= 0:
         raise ValueError(f"offered load must be > 0 frames/s, got {offered_fps}")
-    cameras = min(MAX_CAMERAS, max(1, math.ceil(offered_fps / MAX_FPS_PER_CAMERA - 1e-9)))
+    cameras = min(MAX_CAMERAS, max(1, math.ceil(offered_fps / max_fps - 1e-9)))
     return cameras, round(offered_fps / cameras, 3)
 
 
@@ -238,6 +246,16 @@ def captured_rate(labels: list[dict[str, Any]]) -> float | None:
     return round((len(times) - 1) / ((times[-1] - times[0]) / 1e9), 1)
 
 
+def ground_truth_accuracy(labels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the ok labels: how many carry the frame's ground truth, and the share of those whose
+    class is it (None without ground truth) - the cameras' frames have it in both regimes."""
+    known = [r for r in labels
+             if r.get("status", "ok") == "ok" and r.get("ground_truth") is not None]
+    right = sum(r.get("class_id") == r["ground_truth"] for r in known)
+    return {"ground_truth_labels": len(known),
+            "flat_out_accuracy": round(right / len(known), 4) if known else None}
+
+
 def latency_ms(labels: list[dict[str, Any]]) -> list[float]:
     """End-to-end ms of each ok label: labeled_at_ns - captured_at_ns."""
     return [(r["labeled_at_ns"] - r["captured_at_ns"]) / 1e6 for r in labels
@@ -356,9 +374,13 @@ class Program:
 
 @dataclass
 class PeersOptions:
-    """How long and how hard: --quick or the full run."""
+    """How long and how hard: --quick or the full run, in the 28x28 regime or (frame_size,
+    (width, height)) the camera regime: JPEGs of tens of kB, flat out some hundreds of
+    frames/s instead of thousands, so fewer frames, lower fixed loads, 15 fps cameras and
+    flat-out messages of 16 frames (64 camera JPEGs would near the topic's message limit)."""
 
     quick: bool
+    frame_size: tuple[int, int] | None = None
     warmup_frames: int = 0
     flat_frames: int = 0
     http_flat_frames: int = 0
@@ -367,10 +389,22 @@ class PeersOptions:
     fractions: tuple[float, ...] = ()
     bisections: int = 0
     drain_s: float = 0.0
+    flat_batch: int = 0  # frames a message in the flat-out runs
+    fps_per_camera: float = 0.0  # the most a camera offers in a step
 
     def __post_init__(self) -> None:
-        if self.quick:
+        camera = self.frame_size is not None
+        if self.quick and camera:
             defaults: dict[str, Any] = dict(
+                warmup_frames=200, flat_frames=1200, http_flat_frames=300, step_seconds=3.0,
+                fixed_loads=(120.0,), fractions=(0.3, 0.6, 0.85), bisections=1, drain_s=20.0)
+        elif camera:
+            defaults = dict(
+                warmup_frames=800, flat_frames=8000, http_flat_frames=2000, step_seconds=8.0,
+                fixed_loads=(60.0, 120.0, 240.0), fractions=(0.1, 0.25, 0.5, 0.7, 0.85, 1.0),
+                bisections=3, drain_s=45.0)
+        elif self.quick:
+            defaults = dict(
                 warmup_frames=1000, flat_frames=6000, http_flat_frames=1200, step_seconds=3.0,
                 fixed_loads=(120.0, 990.0), fractions=(0.3, 0.6, 0.85), bisections=1,
                 drain_s=20.0)
@@ -379,6 +413,8 @@ class PeersOptions:
                 warmup_frames=4000, flat_frames=40000, http_flat_frames=6000, step_seconds=8.0,
                 fixed_loads=(120.0, 480.0, 990.0), fractions=(0.1, 0.25, 0.5, 0.7, 0.85, 1.0),
                 bisections=3, drain_s=45.0)
+        defaults |= dict(flat_batch=16 if camera else 64,
+                         fps_per_camera=CAMERA_FPS if camera else MAX_FPS_PER_CAMERA)
         for key, value in defaults.items():
             if not getattr(self, key):
                 setattr(self, key, value)
@@ -411,6 +447,7 @@ class _Bench:
         info = None if settings.kafka.bootstrap_servers else stack.embedded_kafka(settings).info()
         self.broker = psutil.Process(info.pid) if info else None
         self.ray_local = not settings.ray.address
+        self.cameras: dict[str, Any] = {}  # what the camera regime's clip cameras said of it
 
     def ray_processes(self) -> list[psutil.Process]:
         return stack.local_ray_head(self.settings).processes() if self.ray_local else []
@@ -474,9 +511,11 @@ def _measure_pipeline(
             produce_fps = captured_rate(labels)
         return labels, produce_fps, cpu_used(before, cpu_snapshot(counted())), frames
 
-    offer(4, 0, max(1, options.warmup_frames // 4), 64)  # not measured: JIT, caches, pools
-    labels, produce_fps, cpu_s, frames = offer(4, 0, flat_frames // 4, 64)
+    batch = options.flat_batch
+    offer(4, 0, max(1, options.warmup_frames // 4), batch)  # not measured: JIT, caches, pools
+    labels, produce_fps, cpu_s, frames = offer(4, 0, flat_frames // 4, batch)
     flat = label_summary(labels)
+    truth = ground_truth_accuracy(labels)
     result: dict[str, Any] = {
         "name": name,
         "frames": frames,
@@ -487,6 +526,7 @@ def _measure_pipeline(
         "flat_out_p50_ms": flat["p50_ms"],
         "flat_out_p99_ms": flat["p99_ms"],
         "cameras_fps_flat_out": produce_fps,
+        **truth,
     }
     bench.console.print(
         f"  {name}: flat out {result['frames_per_s']} frames/s, {result['cpu_s']} CPU s for "
@@ -494,7 +534,7 @@ def _measure_pipeline(
         "CPU-second", highlight=False)
 
     def measure(load: float) -> Step:
-        cameras, fps = camera_split(load)
+        cameras, fps = camera_split(load, options.fps_per_camera)
         per_camera = max(1, round(fps * options.step_seconds))
         got, produced, used, total = offer(cameras, fps, per_camera, 1)
         step = _step_result(load, cameras, fps, total, got, produced, used)
@@ -541,13 +581,23 @@ def _topics(bench: _Bench) -> Iterator[dict[str, str]]:
 
 def _kafka_cameras(bench: _Bench, topic: str
                    ) -> RunFrames:
-    """The cameras every Kafka pipeline gets: ``framecast produce`` of Fashion-MNIST frames."""
+    """The cameras every Kafka pipeline gets: ``framecast produce`` of Fashion-MNIST frames,
+    or in the camera regime the looped pre-encoded JPEG clips of cluster.bench.camera."""
+    frame_size = bench.options.frame_size
 
     def run(cameras: int, fps: float, per_camera: int, batch: int
             ) -> tuple[float | None, int, int, CpuSnapshot | None]:
         start = time.time_ns()
-        produced = produce_in_subprocess(bench.settings, bench.bootstrap, topic, cameras=cameras,
-                                         fps=fps, per_camera=per_camera, batch=batch)
+        if frame_size is None:
+            produced = produce_in_subprocess(bench.settings, bench.bootstrap, topic,
+                                             cameras=cameras, fps=fps, per_camera=per_camera,
+                                             batch=batch)
+        else:
+            produced = produce_clip_in_subprocess(
+                bench.settings, bench.bootstrap, topic, frame_size=frame_size, cameras=cameras,
+                fps=fps, per_camera=per_camera, batch=batch)
+            bench.cameras.update({k: produced[k] for k in (
+                "frame_size", "clip", "jpeg_bytes_mean", "ground_truth") if k in produced})
         return produced.get("fps"), start, time.time_ns(), None
 
     return run
@@ -602,7 +652,8 @@ def _kafka_pipeline(bench: _Bench, name: str, argv: list[str] | None) -> dict[st
 
 
 def _http_pipeline(bench: _Bench, argv: list[str]) -> dict[str, Any]:
-    """Cameras POSTing PNG frames to Serve's /classify; each step a run of the camera program."""
+    """Cameras POSTing frames to Serve's /classify (PNG; in the camera regime the same JPEG
+    clips as the Kafka cameras); each step a run of the camera program."""
     serve = bench.settings.serve
     url = serve.http_url + serve.route_prefix.rstrip("/") + "/classify"
     env = dict(os.environ)
@@ -610,12 +661,14 @@ def _http_pipeline(bench: _Bench, argv: list[str]) -> dict[str, Any]:
     if serve.http_token is not None:  # passed by name: never on a command line
         env["FRAMECAST_BENCH_HTTP_TOKEN"] = serve.http_token.get_secret_value()
         token = ["--token-env", "FRAMECAST_BENCH_HTTP_TOKEN"]
+    size = bench.options.frame_size
+    frames = [] if size is None else ["--frame-size", f"{size[0]}x{size[1]}"]
     with _topics(bench) as names:
         def run(cameras: int, fps: float, per_camera: int, _batch: int
                 ) -> tuple[float | None, int, int, CpuSnapshot | None]:
             program = Program([*argv, "--url", url, "--bootstrap", bench.bootstrap, "--labels",
                                names["labels"], "--cameras", str(cameras), "--fps", str(fps),
-                               "--per-camera", str(per_camera), *token], env=env)
+                               "--per-camera", str(per_camera), *frames, *token], env=env)
             start = time.time_ns()
             program.start()
             try:  # CPU from when its cameras start: its start-up is not the pipeline's
@@ -649,19 +702,37 @@ def chosen_pipelines(only: str | None) -> tuple[str, ...]:
 
 
 def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Console, *,
-                quick: bool, command: str = "", only: str | None = None) -> dict[str, Any]:
+                quick: bool, command: str = "", only: str | None = None,
+                frame_size: str | None = None) -> dict[str, Any]:
     """Every pipeline's (or those in `only`) flat-out frames/s, frames per CPU-second,
-    p50/p99 at fixed loads and capacity at p99 <= 15 / 50 ms, on the running stack."""
+    p50/p99 at fixed loads and capacity at p99 <= 15 / 50 ms, on the running stack.
+
+    frame_size (``WxH``): the camera regime - RGB JPEG clips of that size through an RGB
+    model (default models/scenes, else the bench's random-weight RGB model); None: 28x28
+    Fashion-MNIST frames through models/fashion_mnist_stream."""
     wanted = chosen_pipelines(only)
+    try:
+        size = None if frame_size is None else parse_frame_size(frame_size)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     from serving.deploy import deploy
     from serving.deploy import shutdown as serve_shutdown
 
-    artifact = artifact or STREAM_MODEL
-    options = PeersOptions(quick=quick)
+    if size is None:
+        artifact = artifact or STREAM_MODEL
+    else:
+        from cluster.bench.pipeline import rgb_artifact
+
+        artifact = rgb_artifact(settings, artifact, log=lambda line: console.print(line))
+    options = PeersOptions(quick=quick, frame_size=size)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": command, "artifact": str(artifact), "quick": quick,
+        "frame_size": None if size is None else f"{size[0]}x{size[1]}",
+        "frames": "28x28 Fashion-MNIST frames (framecast produce)" if size is None else
+                  f"{size[0]}x{size[1]} RGB JPEG camera frames (pre-encoded looped clips, "
+                  f"cameras of at most {options.fps_per_camera:g} fps)",
         "options": asdict(options), "pipelines": [],
         "counted_cpu": "the broker + the pipeline's processes (framecast: the classifier "
                        "process and every process of the local Ray head; framecast-local: the "
@@ -684,10 +755,12 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
         by_name[name]["seconds"] = round(time.perf_counter() - clock, 1)
 
     kafka_ok = settings.kafka.security_protocol == "PLAINTEXT"
+    serves = bool({"framecast", "http"} & set(wanted))  # the others need no Serve replica
     with stack.ray_connection(settings):
         serve_settings = settings.serve.model_copy(
             update={"num_cpus": 1.0, "min_replicas": 1, "max_replicas": 1})
-        deploy(artifact, serve_settings, address=None, namespace=settings.ray.namespace)
+        if serves:
+            deploy(artifact, serve_settings, address=None, namespace=settings.ray.namespace)
         bench.settings = settings.model_copy(update={"serve": serve_settings})
         if "framecast" in wanted:
             attempt("framecast", lambda: _kafka_pipeline(bench, "framecast", None))
@@ -698,7 +771,9 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
             by_name["http"] = {"name": "http", "skipped": why}
         else:
             attempt("http", lambda: _http_pipeline(bench, http_argv))
-        serve_shutdown(serve_settings.app_name, address=None, namespace=settings.ray.namespace)
+        if serves:
+            serve_shutdown(serve_settings.app_name, address=None,
+                           namespace=settings.ray.namespace)
         # The peers (and framecast with its model in process) run with no Serve replica
         # beside them.
         if "framecast-local" in wanted:
@@ -725,5 +800,9 @@ def bench_peers(settings: FramecastSettings, artifact: Path | None, console: Con
     for row in results["pipelines"]:
         if "skipped" in row:
             console.print(f"  {row['name']}: skipped ({row['skipped']})", highlight=False)
+    if bench.cameras:
+        results["cameras"] = bench.cameras
+        results["frames"] += (f"; clip: {bench.cameras.get('clip')}, "
+                              f"{bench.cameras.get('jpeg_bytes_mean')} bytes a JPEG on average")
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     return results

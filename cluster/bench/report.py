@@ -412,9 +412,12 @@ def peers_markdown(results: dict[str, Any]) -> str:
     """bench-peers.md: each pipeline's flat-out rate, frames per CPU-second, capacity at p99
     15 and 50 ms, and p50/p99 at the fixed loads; skipped and failed pipelines with why."""
     loads = sorted({round(x) for x in results["options"]["fixed_loads"]})
+    size = results.get("frame_size")  # None: the 28x28 regime
     lines = [
-        "# framecast bench peers", "", f"Command: `{results['command']}` ({results['date']})",
+        f"# framecast bench peers: {f'{size} camera JPEG frames' if size else '28x28 frames'}",
+        "", f"Command: `{results['command']}` ({results['date']})",
         "", f"Machine: {machine_line(results['machine'])}.", "",
+        f"Frames: {results.get('frames', '28x28 Fashion-MNIST frames')}.", "",
         f"Model: `{results['artifact']}` (the same file for every pipeline). CPU counted: "
         f"{results['counted_cpu']}. Frames per CPU-second = frames / those CPU seconds over the "
         "flat-out run (the frames/s of one fully busy core).", "",

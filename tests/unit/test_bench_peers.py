@@ -232,3 +232,33 @@ def test_chosen_pipelines_keeps_run_order_and_names_unknown_ones() -> None:
         chosen_pipelines("framecast,kafka-streams")
     with pytest.raises(SettingsError, match="empty list"):
         chosen_pipelines(" , ")
+
+
+def test_the_camera_regime_has_its_own_ladder_cameras_and_batches() -> None:
+    camera = peers.PeersOptions(quick=True, frame_size=(640, 480))
+    assert (camera.fps_per_camera, camera.flat_batch, camera.fixed_loads) == (15.0, 16, (120.0,))
+    assert peers.camera_split(120.0, camera.fps_per_camera) == (8, 15.0)  # bench pipeline's 8x15
+    # ~400 frames/s flat out at 640x480: the ladder is fractions of that, not thousands.
+    assert peers.ladder_loads(400.0, camera.fixed_loads, camera.fractions) == [120, 240, 340]
+    full = peers.PeersOptions(quick=False, frame_size=(640, 480))
+    assert full.fixed_loads == (60.0, 120.0, 240.0) and full.flat_frames > camera.flat_frames
+    gray = peers.PeersOptions(quick=True)
+    assert (gray.fps_per_camera, gray.flat_batch, gray.fixed_loads) == (30.0, 64, (120.0, 990.0))
+
+
+def test_ground_truth_accuracy_counts_only_labels_with_ground_truth() -> None:
+    labels = [{"class_id": 3, "ground_truth": 3}, {"class_id": 1, "ground_truth": 3},
+              {"class_id": 2, "ground_truth": None}, {"status": "dropped", "ground_truth": 1}]
+    assert peers.ground_truth_accuracy(labels) == {"ground_truth_labels": 2,
+                                                   "flat_out_accuracy": 0.5}
+    assert peers.ground_truth_accuracy([]) == {"ground_truth_labels": 0,
+                                               "flat_out_accuracy": None}
+
+
+def test_the_report_says_its_regime() -> None:
+    results = results_of_a_run()
+    assert peers_markdown(results).startswith("# framecast bench peers: 28x28 frames\n")
+    results |= {"frame_size": "640x480", "frames": "640x480 RGB JPEG camera frames (...)"}
+    text = peers_markdown(results)
+    assert text.startswith("# framecast bench peers: 640x480 camera JPEG frames\n")
+    assert "Frames: 640x480 RGB JPEG camera frames (...)." in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -16,6 +17,7 @@ from streams.producers import bare_headers, encode_pixels
 from tests.conftest import REPO, SHIPPED_MODEL
 
 MODEL = SHIPPED_MODEL / "model.tflite"
+RGB_MODEL = REPO / "models" / "scenes" / "model.tflite"  # camera_cnn, 224x224x3 int8
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +46,40 @@ def _frames() -> list[FrameRecord]:
     return frames
 
 
-def test_model_pixels_are_the_replicas(common: ModuleType) -> None:
-    hwc = (28, 28, 1)
-    for frame in _frames():
+def _camera_frames() -> list[FrameRecord]:
+    """The camera regime's frames: RGB JPEG clips of `bench peers --frame-size` (scenes),
+    at sizes that decode at DCT scale 1 (320x240), 1/2 (640x480) and 1/2 (1280x720) for 224."""
+    from cluster.bench.camera import camera_clip
+
+    frames = []
+    for w, h in ((320, 240), (640, 480), (1280, 720)):
+        clip, _ = camera_clip(w, h, frames=2)
+        frames += [FrameRecord(f"cam-{w}", k, 1, "jpeg", h, w, 3, data, label)
+                   for k, (data, label) in enumerate(clip)]
+    return frames
+
+
+@pytest.mark.parametrize("hwc", [(28, 28, 1), (224, 224, 3)])
+def test_model_pixels_are_the_replicas(common: ModuleType, hwc: tuple[int, int, int]) -> None:
+    for frame in _frames() + _camera_frames():
         ours = common.model_pixels(common.Frame(*frame.row(), "t", 0, 0, 0, 0, None), hwc)
         theirs = frame_pixels(frame, DecodeLimits(), hwc)
         assert ours.dtype == theirs.dtype == np.uint8
         assert np.array_equal(ours, theirs), (frame.encoding, frame.height, frame.width)
 
 
-def test_classes_and_scores_are_serving_litert_runtimes(common: ModuleType) -> None:
-    model = common.Model(MODEL, threads=1, max_batch=8)  # several interpreter calls
-    runtime = LiteRTRuntime(MODEL)
-    frames = _frames()
+@pytest.mark.parametrize("path", [MODEL, RGB_MODEL], ids=["gray-28", "rgb-224"])
+def test_classes_and_scores_are_serving_litert_runtimes(common: ModuleType, path: Path) -> None:
+    model = common.Model(path, threads=1, max_batch=8)  # several interpreter calls
+    runtime = LiteRTRuntime(path)
+    frames = _frames() + _camera_frames()
+    assert model.hwc == runtime.input_hwc
     pixels = [frame_pixels(f, DecodeLimits(), runtime.input_hwc) for f in frames]
     probs = runtime.predict(batch_input(pixels))
     ids, scores = model.classify(pixels)
     assert ids == probs.argmax(axis=1).tolist()
     assert scores == [float(probs[i, c]) for i, c in enumerate(ids)]
-    assert model.info["sha256"] == common.hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert model.info["sha256"] == common.hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_both_message_forms_parse_to_the_same_frames(common: ModuleType) -> None:
