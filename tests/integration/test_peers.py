@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+from cluster.bench.camera import camera_clip
+from cluster.kafka_broker import EmbeddedKafka
+from cluster.processes import free_port
+from cluster.ray_head import RayHeadInfo
 from serving.frames import ARROW_CONTENT_TYPE, FrameRecord, decode_frames
 from serving.preprocess import DecodeLimits, batch_input, frame_pixels
 from serving.runtimes import LiteRTRuntime
@@ -21,7 +25,7 @@ from streams.labels import LabelRecord
 from streams.producers import encode_pixels, produce_frames
 from streams.topics import TopicSpec, ensure_topics
 from streams.video import SyntheticSource
-from tests.conftest import REPO, SHIPPED_MODEL
+from tests.conftest import REPO, SHIPPED_MODEL, run_cli
 from tests.streaming import committed_offsets, read_topic
 
 PEERS = REPO / "peers"
@@ -188,6 +192,76 @@ def test_http_cameras_label_what_serve_answers(
     labels = [LabelRecord.model_validate_json(r.value) for r in records]
     assert len(labels) == cameras * per_camera
     _check_labels(labels, _expected(frames))
+
+
+def test_http_cameras_post_the_camera_regimes_jpeg_clip(
+    kafka_settings: KafkaSettings, stream_app: str, serve_port: int,
+) -> None:
+    """--frame-size: the cameras POST the pre-encoded RGB JPEG clip (camera k starts k frames
+    into it), ground truth in every label; Serve's answers are the runtime's on those JPEGs."""
+    cameras, per_camera = 2, 6
+    labels_topic = _labels_topic(kafka_settings)
+    final, stderr = _run([
+        sys.executable, str(PEERS / "http_cameras.py"),
+        "--url", f"http://127.0.0.1:{serve_port}/{stream_app}/classify",
+        "--bootstrap", kafka_settings.bootstrap_servers, "--labels", labels_topic,
+        "--cameras", str(cameras), "--fps", "0", "--per-camera", str(per_camera),
+        "--frame-size", "320x240",
+    ])
+    assert (final["labelled"], final["errors"]) == (cameras * per_camera, 0), stderr[-2000:]
+    clip, _ = camera_clip(320, 240)
+    frames = [FrameRecord(f"cam-{k}", i, 0, "jpeg", 240, 320, 3, *clip[(i + k) % len(clip)])
+              for k in range(cameras) for i in range(per_camera)]
+    records = read_topic(kafka_settings, labels_topic, cameras * per_camera, settle_s=1.0)
+    labels = [LabelRecord.model_validate_json(r.value) for r in records]
+    _check_labels(labels, _expected(frames))
+    truth = {(f.stream_id, f.frame_index): f.label for f in frames}
+    assert None not in truth.values()
+    assert all(x.ground_truth == truth[(x.stream_id, x.frame_index)] for x in labels)
+
+
+@pytest.mark.slow
+def test_bench_peers_camera_regime_labels_jpeg_frames_with_ground_truth(
+    kafka_broker: EmbeddedKafka, ray_head: RayHeadInfo, serve_port: int, tmp_path: Path,
+) -> None:
+    """`framecast bench peers --quick --frame-size 320x240`, framecast (Serve + models/scenes)
+    and the floor, on the session's broker and Ray cluster (external to the bench: it starts
+    and stops neither) under a Serve app of its own. Its figures are not checked (the machine
+    is shared); that every pipeline ran the camera regime and labelled frames with their
+    ground truth, is."""
+    out = tmp_path / "out"
+    env = {
+        "FRAMECAST_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+        "FRAMECAST_RAY_ADDRESS": ray_head.address,
+        "FRAMECAST_SERVE_HTTP_PORT": str(serve_port),
+        "FRAMECAST_SERVE_APP_NAME": "peers-camera",
+        "FRAMECAST_SERVE_ROUTE_PREFIX": "/peers-camera",
+        "FRAMECAST_DASHBOARD_PORT": str(free_port()),
+    }
+    done = run_cli("bench", "peers", "--quick", "--frame-size", "320x240", "--pipelines",
+                   "framecast,floor", "--out", str(out), home=tmp_path / "home", env=env,
+                   timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "bench-peers.json").read_text())
+    assert report["frame_size"] == "320x240"
+    assert report["artifact"].endswith("models/scenes")
+    assert report["cameras"]["frame_size"] == "320x240" and report["cameras"]["ground_truth"]
+    assert report["options"]["fps_per_camera"] == 15.0
+    rows = {p["name"]: p for p in report["pipelines"]}
+    assert list(rows) == ["framecast", "floor"]
+    for name, row in rows.items():
+        assert "error" not in row and "skipped" not in row, (name, row)
+        assert row["labelled"] == row["frames"] > 0, name
+        assert row["ground_truth_labels"] == row["labelled"], name
+        assert row["flat_out_accuracy"] is not None and row["frames_per_s"] > 0
+        assert {"capacity_fps_p99_15ms", "capacity_fps_p99_50ms", "frames_per_s_per_core",
+                "loads", "steps"} <= set(row)
+        assert all(s["cameras"] * s["fps_per_camera"] == pytest.approx(s["offered_fps"], abs=1)
+                   and s["fps_per_camera"] <= 15.0 for s in row["steps"])
+    text = (out / "bench-peers.md").read_text()
+    assert text.startswith("# framecast bench peers: 320x240 camera JPEG frames\n")
+    assert "| framecast |" in text and "| floor |" in text
+    assert (out / "bench-peers.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_peers_share_no_framecast_code() -> None:
