@@ -132,3 +132,28 @@ def test_bad_model_options_are_rejected(tmp_path: Path) -> None:
         build_model(ModelSpec("baseline_cnn", weights="imagenet"), (28, 28, 1), 10)
     with pytest.raises(ValueError, match="does not exist"):
         build_model(ModelSpec("mobilenet_v2", weights=str(tmp_path / "x.h5")), (28, 28, 1), 10)
+
+
+def test_aspect_augmentation_stretches_width_against_height_within_its_bound() -> None:
+    import tensorflow as tf
+
+    from jobs.data import augment_batch
+
+    tf.random.set_seed(3)
+    images = np.zeros((64, 64, 64, 1), np.float32)
+    images[:, 22:42, 22:42] = 1.0  # a centred 20x20 square
+    aug = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False, aspect=1.8)
+    out = augment_batch(tf.constant(images), aug).numpy()[..., 0] > 0.5
+    ratios = []
+    for mask in out:
+        cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+        ratios.append(len(cols) / len(rows))
+        # Width up and height down together (the area is kept): never both larger.
+        assert not (len(cols) > 21 and len(rows) > 21)
+    ratios_arr = np.array(ratios)
+    # Square in, stretched out: both ways, and never past 1.8 (+ a pixel of rounding).
+    assert ratios_arr.min() < 0.8 and ratios_arr.max() > 1.25
+    assert ratios_arr.min() >= 1 / 1.8 - 0.08 and ratios_arr.max() <= 1.8 + 0.15
+    # aspect=1 (the default) leaves the same square a square.
+    plain = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False)
+    assert not plain.enabled
