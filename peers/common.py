@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -180,7 +181,9 @@ def model_pixels(frame: Frame, hwc: tuple[int, int, int]) -> np.ndarray:
         image = decode(frame.data, frame.encoding, frame.height, frame.width, frame.channels)
         return fit(image, out_h, out_w, out_c)
     mode = "L" if out_c == 1 else "RGB"
-    pil, box = _open(frame.data, "jpeg", draft=(mode, (out_w, out_h)))
+    # framecast's DRAFT_COVER: a side may decode down to 0.8 of the model's, then resized up.
+    wanted = (math.ceil(out_w * 0.8), math.ceil(out_h * 0.8))
+    pil, box = _open(frame.data, "jpeg", draft=(mode, wanted))
     if pil.mode != mode and out_c == 1:  # a CMYK JPEG, converted to RGB
         return fit(_array(pil), out_h, out_w, out_c)
     if pil.size != (out_w, out_h) or (box is not None and box != (0, 0, out_w, out_h)):

@@ -8,6 +8,7 @@ and the formats (JPEG and PNG only, so no surprise decoder runs on untrusted byt
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ from serving.frames import FrameRecord
 
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+# How small a side of a DCT-scaled JPEG may be against the model's input side (it is then
+# resized up): 0.8 lets a 1280x720 frame decode at 1/4 (320x180) for a 224x224 model. Its
+# rows are then upsampled 1.24x, and they are still finer than its columns (1280 -> 224 is
+# the coarser axis); the decode costs about half as much as at 1/2 (docs/BENCHMARKS.md).
+DRAFT_COVER = 0.8
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,8 @@ def image_pixels(
 ) -> np.ndarray:
     """One encoded frame straight to the model's uint8 [H, W, C] (``hwc``).
 
-    JPEG is decoded at the DCT scale the model needs (see :func:`_open_image`), then resized
+    JPEG is decoded at the DCT scale the model needs (see :func:`_open_image`; a side may
+    come out down to ``DRAFT_COVER`` of the model's), then resized
     to the model input: the same pixels as :func:`decode_image` + :func:`to_model_pixels`
     within a small tolerance (tests/unit/test_fast_decode.py), in a third to a half of the
     time at camera sizes (docs/BENCHMARKS.md). PNG and raw frames take the full path.
@@ -192,7 +199,8 @@ def image_pixels(
         return to_model_pixels(image, out_h, out_w, out_c)
     limits.check_bytes(len(data))
     mode = "L" if out_c == 1 else "RGB"
-    pil, box = _open_image(data, encoding, "JPEG", limits, draft=(mode, (out_w, out_h)))
+    wanted = (math.ceil(out_w * DRAFT_COVER), math.ceil(out_h * DRAFT_COVER))
+    pil, box = _open_image(data, encoding, "JPEG", limits, draft=(mode, wanted))
     if pil.mode != mode and out_c == 1:  # a CMYK JPEG, converted to RGB: luma as above
         return to_model_pixels(_array(pil), out_h, out_w, out_c)
     if pil.size != (out_w, out_h) or (box is not None and box != (0, 0, out_w, out_h)):

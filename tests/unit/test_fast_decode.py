@@ -15,6 +15,7 @@ these frames), channels swapped (mean >= 18), a wrong crop or scale (far more).
 from __future__ import annotations
 
 import io
+import math
 import pickle
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from cluster.bench.decode import camera_jpeg
 from serving.frames import FrameRecord
 from serving.preprocess import (
+    DRAFT_COVER,
     DecodeLimits,
     FrameDecodeError,
     _open_image,
@@ -100,6 +102,11 @@ def test_camera_frames_are_decoded_at_the_smallest_dct_scale_still_covering_the_
         return image.size
 
     assert scaled((1280, 720), "RGB", (224, 224)) == (640, 360)  # 1/4 would be 180 high
+    # What image_pixels asks for a 224x224 model: sides down to DRAFT_COVER of it, so a
+    # 1280x720 frame decodes at 1/4 (and a 640x480 one still at 1/2: 1/4 is 120 high).
+    wanted = (math.ceil(224 * DRAFT_COVER),) * 2
+    assert scaled((1280, 720), "RGB", wanted) == (320, 180)
+    assert scaled((640, 480), "RGB", wanted) == (320, 240)
     assert scaled((1920, 1080), "RGB", (224, 224)) == (480, 270)
     assert scaled((640, 480), "L", (28, 28)) == (80, 60)  # 1/8, luma only
     assert scaled((333, 251), "RGB", (224, 224)) == (333, 251)  # no scale fits: full size
