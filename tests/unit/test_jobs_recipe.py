@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_the_average_moves_toward_the_models_weights() -> None:
         average.update()
         gaps.append(max(float(np.abs(a.numpy() - g).max())
                         for a, g in zip(average.averages, target, strict=True)))
-    assert all(b <= a + 1e-6 for a, b in zip(gaps, gaps[1:], strict=False))
+    assert all(b <= a + 1e-6 for a, b in itertools.pairwise(gaps))
     assert gaps[-1] < 0.05
 
 
