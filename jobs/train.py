@@ -44,7 +44,7 @@ def validate_config(config: TrainConfig) -> None:
         if missing:
             raise OptionError(f"--from-checkpoint {checkpoint} is not a framecast training "
                              f"checkpoint (missing {', '.join(missing)})")
-    if config.teacher is not None:
+    if config.teacher is not None and config.from_checkpoint is None:
         teacher_manifest(config.teacher)
     target = out_location(config.out)
     if not isinstance(target, str):  # an object store: it answers, and the prefix can take it

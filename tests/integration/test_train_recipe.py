@@ -70,7 +70,8 @@ def test_the_checkpoints_keep_the_weight_averages_beside_the_raw_weights(
     import tensorflow as tf
 
     _, outcome = recipe_run
-    checkpoints = sorted(outcome["root"].glob("ray/stream_cnn-*/checkpoint_*"))
+    checkpoints = sorted(p for p in outcome["root"].glob("ray/stream_cnn-*/checkpoint_*")
+                         if p.is_dir())
     assert checkpoints, "the run kept no checkpoint"
     names = [name for name, _ in tf.train.list_variables(
         str(checkpoints[-1] / CHECKPOINT_STATE))]
