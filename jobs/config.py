@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
@@ -30,6 +31,9 @@ from jobs.names import (
     validate_dataset_name,
     validate_target_sparsity,
 )
+
+DEFAULT_DISTILL_ALPHA = 0.5
+DEFAULT_DISTILL_TEMPERATURE = 4.0
 
 
 class TrainConfig(BaseModel):
@@ -92,6 +96,36 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, description="Random seed.")
     max_failures: int = Field(
         default=2, ge=-1, description="Worker-group restarts after a failure (-1: no limit).")
+    # -- the training recipe (jobs/recipe.py; docs/training.md, "Recipe options")
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Label smoothing of the cross-entropy (0: none).")
+    mixup: NonNegativeFloat = Field(
+        default=0.0, description="Mixup Beta(a, a) parameter, per batch (0: off; with "
+                                 "--cutmix each batch takes one of the two).")
+    cutmix: NonNegativeFloat = Field(
+        default=0.0, description="CutMix Beta(a, a) parameter, per batch (0: off).")
+    random_erasing: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Probability per image of erasing a random rectangle with noise (0: off).")
+    warmup_epochs: NonNegativeInt = Field(
+        default=0, description="Epochs of linear learning-rate warm-up before the decay; "
+                               "< --epochs.")
+    ema: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Exponential moving average of the weights with this decay, used for "
+                    "validation, the checkpoint's export and the artifact (0: off; e.g. 0.999).")
+    teacher: str | None = Field(
+        default=None, description="Distil from this framecast artifact directory (with "
+                                  "saved_model/, same classes and input shape).")
+    distill_alpha: float | None = Field(
+        default=None, ge=0.0, le=1.0, validate_default=True,
+        description="Weight of the distillation term, the rest on the labels' cross-entropy "
+                    f"(default {DEFAULT_DISTILL_ALPHA} with --teacher).")
+    distill_temperature: PositiveFloat | None = Field(
+        default=None, validate_default=True,
+        description=f"Softmax temperature of the distillation term (default "
+                    f"{DEFAULT_DISTILL_TEMPERATURE} with --teacher).")
     from_checkpoint: str | None = Field(
         default=None, description="Export from a checkpoint directory of an earlier run (under "
                                   "HOME/train/<run>/checkpoint_*) instead of training; pass "
@@ -154,3 +188,34 @@ class TrainConfig(BaseModel):
         if weights != "none" and model is not None and model != "mobilenet_v2":
             raise ValueError(f"--weights is only for mobilenet_v2, not {model}")
         return weights
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _validate_warmup_epochs(cls, warmup: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")
+        if warmup and epochs is not None and warmup >= epochs:
+            raise ValueError(f"--warmup-epochs ({warmup}) must be < --epochs ({epochs}): the "
+                             "decay needs at least one epoch")
+        return warmup
+
+    @field_validator("teacher")
+    @classmethod
+    def _validate_teacher(cls, teacher: str | None) -> str | None:
+        if teacher is not None and not teacher.strip():
+            raise ValueError("--teacher needs an artifact directory")
+        return teacher
+
+    @field_validator("distill_alpha", "distill_temperature")
+    @classmethod
+    def _validate_distillation(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if "teacher" not in info.data:  # teacher itself was refused; that error says it all
+            return value
+        flag = "--" + str(info.field_name).replace("_", "-")
+        if info.data["teacher"] is None:
+            if value is not None:
+                raise ValueError(f"{flag} needs --teacher")
+            return None
+        if value is not None:
+            return value
+        return (DEFAULT_DISTILL_ALPHA if info.field_name == "distill_alpha"
+                else DEFAULT_DISTILL_TEMPERATURE)

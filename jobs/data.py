@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -379,8 +380,13 @@ def _color_jitter(images: tf.Tensor) -> tf.Tensor:
 
 
 def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,
-                    seed: int, aug: Augmentation = NO_AUGMENTATION) -> tf.data.Dataset:
+                    seed: int, aug: Augmentation = NO_AUGMENTATION,
+                    batch_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+                    ) -> tf.data.Dataset:
     """(Shuffled,) batched, normalized, (augmented,) prefetched tf.data pipeline.
+
+    ``batch_transform`` maps each (images, labels) batch last, after augmentation: the
+    training recipe's one-hot labels, erasing, mixing and teacher (jobs/recipe.py).
 
     The images stay uint8 until a batch is made (normalized a batch at a time): a float32
     cache of every image was 4x the dataset in memory - 7.2 GB for 12,000 224x224x3 scenes.
@@ -398,6 +404,8 @@ def make_tf_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: 
     if training and aug.enabled:
         data = data.map(lambda images, labels: (augment_batch(images, aug), labels),
                         num_parallel_calls=tf.data.AUTOTUNE)
+    if batch_transform is not None:
+        data = data.map(batch_transform, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)

@@ -27,6 +27,7 @@ from serving.exceptions import UserError
 
 CHECKPOINT_STATE = "state"
 CHECKPOINT_PROGRESS = "progress.json"
+CHECKPOINT_AVERAGE = "weight_average"  # --ema: the averages, beside the raw weights
 CALIBRATION_SAMPLES = 500
 ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 
@@ -43,6 +44,8 @@ def validate_config(config: TrainConfig) -> None:
         if missing:
             raise OptionError(f"--from-checkpoint {checkpoint} is not a framecast training "
                              f"checkpoint (missing {', '.join(missing)})")
+    if config.teacher is not None and config.from_checkpoint is None:
+        teacher_manifest(config.teacher)
     target = out_location(config.out)
     if not isinstance(target, str):  # an object store: it answers, and the prefix can take it
         from serving.storage import check_out
@@ -57,6 +60,36 @@ def validate_config(config: TrainConfig) -> None:
                                               and not (out / MANIFEST_NAME).is_file())):
         raise OptionError(f"--out {out} exists and is not an artifact directory; "
                          "refusing to overwrite it")
+
+
+def teacher_manifest(teacher: str) -> Any:
+    """The manifest of the ``--teacher`` artifact, verified (checksums) and with a float
+    SavedModel; OptionError naming --teacher otherwise."""
+    from serving.artifacts import ArtifactError, load_artifact
+
+    try:
+        manifest = load_artifact(teacher).manifest
+    except ArtifactError as error:
+        raise OptionError(f"--teacher {teacher}: not a usable framecast artifact: {error}"
+                          ) from None
+    if not (Path(teacher) / "saved_model" / "saved_model.pb").is_file():
+        raise OptionError(f"--teacher {teacher}: the artifact has no float SavedModel "
+                          "(saved_model/), which distillation runs")
+    return manifest
+
+
+def check_teacher_fits(teacher: str, classes: tuple[str, ...],
+                       input_shape: tuple[int, int, int]) -> None:
+    """OptionError naming --teacher unless its classes and input shape are the dataset's."""
+    manifest = teacher_manifest(teacher)
+    if tuple(manifest.classes) != tuple(classes):
+        raise OptionError(f"--teacher {teacher} was trained on other classes "
+                          f"({', '.join(manifest.classes)}) than the dataset's "
+                          f"({', '.join(classes)})")
+    if tuple(manifest.input.shape[1:]) != tuple(input_shape):
+        raise OptionError(f"--teacher {teacher} takes images of shape "
+                          f"{tuple(manifest.input.shape[1:])}, the dataset's are {input_shape} "
+                          "(train the teacher at the same --input-size)")
 
 
 def out_location(out: str) -> Any:
@@ -86,15 +119,21 @@ def storage_settings() -> Any:
 
 # -- the worker side --------------------------------------------------------------------------
 
-def _lr_schedule(config: TrainConfig, total_steps: int) -> Any:
+def _lr_schedule(config: TrainConfig, steps_per_epoch: int) -> Any:
+    """The decay over the run's steps after the warm-up (``--warmup-epochs``), if any."""
+    from jobs.recipe import WarmupThen
     from jobs.tf_env import keras
 
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    decay: Any
     if config.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=max(1, total_steps), alpha=0.02)
-    return keras.optimizers.schedules.ExponentialDecay(
-        config.learning_rate, decay_steps=max(1, total_steps // max(1, config.epochs)),
-        decay_rate=0.9)
+        decay = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate,
+            decay_steps=max(1, steps_per_epoch * config.epochs - warmup_steps), alpha=0.02)
+    else:
+        decay = keras.optimizers.schedules.ExponentialDecay(
+            config.learning_rate, decay_steps=max(1, steps_per_epoch), decay_rate=0.9)
+    return WarmupThen(config.learning_rate, warmup_steps, decay) if warmup_steps else decay
 
 
 def _strategy(tf: Any, world: int) -> Any:
@@ -158,6 +197,14 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         split_train_val,
     )
     from jobs.pruning import pruning_callbacks
+    from jobs.recipe import (
+        BatchRecipe,
+        SavedModelTeacher,
+        WeightAverage,
+        eval_batch_transform,
+        recipe_accuracy,
+        train_batch_transform,
+    )
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -170,21 +217,29 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
     aug = NO_AUGMENTATION if not config.augment else (
         CAMERA_AUGMENTATION if config.dataset.startswith("scenes") else Augmentation())
+    classes = len(data.classes)
+    # The teacher runs in the input pipeline, outside the strategy (not a mirrored model).
+    teacher = SavedModelTeacher(config.teacher) if config.teacher is not None else None
+    batch_recipe = BatchRecipe(classes, mixup=config.mixup, cutmix=config.cutmix,
+                               random_erasing=config.random_erasing)
     train_ds = make_tf_dataset(x_train, y_train, config.batch_size, training=True,
-                               seed=config.seed, aug=aug)
-    val_ds = make_tf_dataset(x_val, y_val, config.batch_size, training=False, seed=config.seed)
+                               seed=config.seed, aug=aug,
+                               batch_transform=train_batch_transform(batch_recipe, teacher))
+    val_ds = make_tf_dataset(x_val, y_val, config.batch_size, training=False, seed=config.seed,
+                             batch_transform=eval_batch_transform(classes))
 
     with strategy.scope():
-        model, plan = build_training_model(config, data.input_shape, len(data.classes),
-                                           steps_per_epoch)
+        model, plan = build_training_model(config, data.input_shape, classes, steps_per_epoch)
         optimizer = keras.optimizers.Adam(
-            learning_rate=_lr_schedule(config, steps_per_epoch * config.epochs))
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+            learning_rate=_lr_schedule(config, steps_per_epoch))
+        model.compile(optimizer=optimizer, loss=recipe_loss(config, classes),
+                      metrics=[recipe_accuracy(classes)])
+        average = WeightAverage(model, config.ema) if config.ema > 0 else None
 
     progress: dict[str, Any] = {"epoch": 0, "best_val_accuracy": -1.0, "wait": 0,
                                 "history": [], "early_stopped": False, "resumed_from": None}
-    state = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    state = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                **({CHECKPOINT_AVERAGE: average.trackable} if average else {}))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -247,7 +302,22 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
     if start_epoch >= config.epochs or progress.get("early_stopped"):
         return
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=start_epoch,
-              callbacks=[*pruning_callbacks(plan), ReportEpoch()], verbose=0)
+              callbacks=[*pruning_callbacks(plan), *([average] if average else []),
+                         ReportEpoch()], verbose=0)
+
+
+def recipe_loss(config: TrainConfig, num_classes: int) -> Any:
+    """The run's loss: cross-entropy with --label-smoothing, and distillation with --teacher."""
+    from jobs.config import DEFAULT_DISTILL_ALPHA, DEFAULT_DISTILL_TEMPERATURE
+    from jobs.recipe import Distillation, RecipeLoss
+
+    distillation = None
+    if config.teacher is not None:  # TrainConfig set the defaults; mypy cannot know
+        distillation = Distillation(
+            DEFAULT_DISTILL_ALPHA if config.distill_alpha is None else config.distill_alpha,
+            DEFAULT_DISTILL_TEMPERATURE if config.distill_temperature is None
+            else config.distill_temperature)
+    return RecipeLoss(num_classes, config.label_smoothing, distillation)
 
 
 # -- the driver side --------------------------------------------------------------------------
@@ -374,14 +444,24 @@ def run_ray_training(config: TrainConfig,
 
 def restore_trained_model(config: TrainConfig, checkpoint_dir: Path, input_shape: tuple[int, ...],
                           num_classes: int, steps_per_epoch: int) -> tuple[Any, Any, dict]:
-    """(stripped model, pruning plan + layer names, progress) from a Ray Train checkpoint."""
+    """(stripped model, pruning plan + layer names, progress) from a Ray Train checkpoint;
+    with --ema the model holds the weight averages (pruning masks applied)."""
     from jobs.pruning import pruned_layer_names, strip
+    from jobs.recipe import WeightAverage
     from jobs.tf_env import tf
 
     model, plan = build_training_model(config, input_shape, num_classes,  # type: ignore[arg-type]
                                        steps_per_epoch)
-    tf.train.Checkpoint(model=model).read(
-        str(checkpoint_dir / CHECKPOINT_STATE)).expect_partial()
+    path = str(checkpoint_dir / CHECKPOINT_STATE)
+    average = WeightAverage(model, config.ema) if config.ema > 0 else None
+    if average is not None and not any(name.startswith(f"{CHECKPOINT_AVERAGE}/")
+                                       for name, _ in tf.train.list_variables(path)):
+        raise OptionError(f"--ema {config.ema}: the checkpoint {checkpoint_dir} holds no weight "
+                          "averages (its run was trained without --ema)")
+    tf.train.Checkpoint(model=model, **({CHECKPOINT_AVERAGE: average.trackable} if average
+                                        else {})).read(path).expect_partial()
+    if average is not None:
+        average.copy_to_model()
     layers = pruned_layer_names(model) if plan.enabled else []
     progress = json.loads((checkpoint_dir / CHECKPOINT_PROGRESS).read_text(encoding="utf-8"))
     return strip(model), (plan, layers), progress
@@ -399,6 +479,8 @@ def train_artifact(config: TrainConfig,
 
     data = load_dataset(config.dataset, limit=config.limit, test_limit=config.test_limit,
                         seed=config.seed, input_size=config.input_size)
+    if config.teacher is not None and config.from_checkpoint is None:
+        check_teacher_fits(config.teacher, data.classes, data.input_shape)
     x_train, y_train, _, _ = split_train_val(data.x_train, data.y_train, config.val_fraction,
                                              config.seed)
     checkpoint_source: Any

@@ -72,6 +72,17 @@ def test_unset_flags_take_the_models_defaults() -> None:
          "--target-sparsity must be in (0, 1)"),
         ({"val_fraction": "0.5"}, "train.val_fraction", "Input should be less than 0.5"),
         ({"input_size": "8"}, "train.input_size", "Input should be greater than or equal to 16"),
+        ({"label_smoothing": "1"}, "train.label_smoothing", "Input should be less than 1"),
+        ({"mixup": "-0.2"}, "train.mixup", "Input should be greater than or equal to 0"),
+        ({"random_erasing": "1.5"}, "train.random_erasing", "less than or equal to 1"),
+        ({"warmup_epochs": "1"}, "train.warmup_epochs",
+         "--warmup-epochs (1) must be < --epochs (1)"),
+        ({"ema": "1"}, "train.ema", "Input should be less than 1"),
+        ({"distill_alpha": "0.3"}, "train.distill_alpha", "--distill-alpha needs --teacher"),
+        ({"distill_temperature": "2"}, "train.distill_temperature",
+         "--distill-temperature needs --teacher"),
+        ({"teacher": "t", "distill_temperature": "0"}, "train.distill_temperature",
+         "Input should be greater than 0"),
     ],
 )
 def test_a_refused_flag_is_named_as_its_field(flags: dict[str, Any], field: str,
@@ -86,6 +97,18 @@ def test_a_refused_flag_is_named_as_its_field(flags: dict[str, Any], field: str,
 def test_a_pruning_schedule_with_a_target_gets_the_default_target() -> None:
     assert TRAIN_FLAGS.validate({**REQUIRED, "prune": "constant"}).target_sparsity == 0.5
     assert TRAIN_FLAGS.validate({**REQUIRED, "prune": "2:4"}).target_sparsity is None
+
+
+def test_a_teacher_gets_the_default_distillation_settings() -> None:
+    config = TRAIN_FLAGS.validate({**REQUIRED, "teacher": "models/big"})
+    assert (config.distill_alpha, config.distill_temperature) == (0.5, 4.0)
+    plain = TRAIN_FLAGS.validate(REQUIRED)
+    assert (plain.distill_alpha, plain.distill_temperature) == (None, None)
+    assert (plain.label_smoothing, plain.mixup, plain.cutmix, plain.random_erasing,
+            plain.warmup_epochs, plain.ema) == (0.0, 0.0, 0.0, 0.0, 0, 0.0)
+    recipe = TRAIN_FLAGS.validate({**REQUIRED, "epochs": "4", "teacher": "t", "ema": "0.99",
+                                   "distill_alpha": "0.7", "warmup_epochs": "1"})
+    assert TrainConfig.model_validate(recipe.model_dump()) == recipe
 
 
 @pytest.mark.parametrize("prune", PRUNE_SCHEDULES)
