@@ -80,11 +80,10 @@ QUICK_PLAN = (
 )
 QUICK_LIMIT, QUICK_TEST_LIMIT = 2000, 1000
 
-# The camera scenes at the paper's 224x224 RGB, sized for ~42 minutes on 2 idle CPU cores
-# (inside the 60 asked): a run with 2,000 images took 16 min 55 s (docs/paper.md; train s
-# baseline 156, MobileNetV2 1.0 385, camera_cnn 255) and learnt too little, so 5,000
-# rendered training images (10 % of them for validation) instead of Fashion-MNIST's 60,000,
-# 1,000 test images, a few epochs each;
+# The camera scenes at the paper's 224x224 RGB, inside the 60 minutes asked on 2 CPU cores:
+# the run of this plan took 58 min under load (docs/paper.md; train s baseline 609,
+# MobileNetV2 1.0 1,956, camera_cnn 577) - 5,000 rendered training images (10 % of them for
+# validation) instead of Fashion-MNIST's 60,000, 1,000 test images, a few epochs each;
 # baseline_cnn is trained at 64x64 (at 224 its full-resolution 128- and 256-filter
 # convolutions cost ~5.6 G MACs an image) and its latency measured at 224 on the same
 # architecture.
