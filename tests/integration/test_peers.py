@@ -167,19 +167,29 @@ def test_floor_resumes_from_its_committed_offsets(
     assert committed_offsets(kafka_settings, group) == messages
 
 
-def test_http_cameras_label_what_serve_answers(
-    kafka_settings: KafkaSettings, stream_app: str, serve_port: int,
-) -> None:
-    cameras, per_camera = 2, 20
+def _http_cameras(kafka_settings: KafkaSettings, stream_app: str, serve_port: int,
+                  cameras: int, per_camera: int, *extra: str) -> list[LabelRecord]:
+    """Run peers/http_cameras.py flat out against the session's Serve app; the labels it
+    wrote, one per frame (its final JSON line checked: all labelled, no error)."""
     labels_topic = _labels_topic(kafka_settings)
     final, stderr = _run([
         sys.executable, str(PEERS / "http_cameras.py"),
         "--url", f"http://127.0.0.1:{serve_port}/{stream_app}/classify",
         "--bootstrap", kafka_settings.bootstrap_servers, "--labels", labels_topic,
-        "--cameras", str(cameras), "--fps", "0", "--per-camera", str(per_camera),
+        "--cameras", str(cameras), "--fps", "0", "--per-camera", str(per_camera), *extra,
     ])
-    assert final["labelled"] == cameras * per_camera, stderr[-2000:]
-    assert final["errors"] == 0
+    assert (final["labelled"], final["errors"]) == (cameras * per_camera, 0), stderr[-2000:]
+    records = read_topic(kafka_settings, labels_topic, cameras * per_camera, settle_s=1.0)
+    labels = [LabelRecord.model_validate_json(r.value) for r in records]
+    assert len(labels) == cameras * per_camera
+    return labels
+
+
+def test_http_cameras_label_what_serve_answers(
+    kafka_settings: KafkaSettings, stream_app: str, serve_port: int,
+) -> None:
+    cameras, per_camera = 2, 20
+    labels = _http_cameras(kafka_settings, stream_app, serve_port, cameras, per_camera)
     # The same frames the cameras sent (the synthetic video is deterministic), as PNG.
     source = SyntheticSource()
     frames = []
@@ -188,9 +198,6 @@ def test_http_cameras_label_what_serve_answers(
         for index in range(per_camera):
             frames.append(FrameRecord(f"cam-{k}", index, 0, "png", 0, 0, 0,
                                       encode_pixels(next(shots).pixels, "png"), None))
-    records = read_topic(kafka_settings, labels_topic, cameras * per_camera, settle_s=1.0)
-    labels = [LabelRecord.model_validate_json(r.value) for r in records]
-    assert len(labels) == cameras * per_camera
     _check_labels(labels, _expected(frames))
 
 
@@ -200,20 +207,11 @@ def test_http_cameras_post_the_camera_regimes_jpeg_clip(
     """--frame-size: the cameras POST the pre-encoded RGB JPEG clip (camera k starts k frames
     into it), ground truth in every label; Serve's answers are the runtime's on those JPEGs."""
     cameras, per_camera = 2, 6
-    labels_topic = _labels_topic(kafka_settings)
-    final, stderr = _run([
-        sys.executable, str(PEERS / "http_cameras.py"),
-        "--url", f"http://127.0.0.1:{serve_port}/{stream_app}/classify",
-        "--bootstrap", kafka_settings.bootstrap_servers, "--labels", labels_topic,
-        "--cameras", str(cameras), "--fps", "0", "--per-camera", str(per_camera),
-        "--frame-size", "320x240",
-    ])
-    assert (final["labelled"], final["errors"]) == (cameras * per_camera, 0), stderr[-2000:]
+    labels = _http_cameras(kafka_settings, stream_app, serve_port, cameras, per_camera,
+                           "--frame-size", "320x240")
     clip, _ = camera_clip(320, 240)
     frames = [FrameRecord(f"cam-{k}", i, 0, "jpeg", 240, 320, 3, *clip[(i + k) % len(clip)])
               for k in range(cameras) for i in range(per_camera)]
-    records = read_topic(kafka_settings, labels_topic, cameras * per_camera, settle_s=1.0)
-    labels = [LabelRecord.model_validate_json(r.value) for r in records]
     _check_labels(labels, _expected(frames))
     truth = {(f.stream_id, f.frame_index): f.label for f in frames}
     assert None not in truth.values()
