@@ -10,6 +10,7 @@ the LiteRT model, evaluates both on the test split and writes the artifact direc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -76,6 +77,34 @@ def teacher_manifest(teacher: str) -> Any:
         raise OptionError(f"--teacher {teacher}: the artifact has no float SavedModel "
                           "(saved_model/), which distillation runs")
     return manifest
+
+
+def recipe_record(config: TrainConfig) -> dict[str, Any]:
+    """The run's recipe for the manifest (``training.recipe``): every ingredient's setting, off
+    ones included, the base optimizer settings, and the teacher's identity (the sha256 of its
+    manifest.json, its name, version and accuracy; None where its manifest cannot be read)."""
+    teacher: dict[str, Any] | None = None
+    if config.teacher is not None:
+        teacher = {"path": config.teacher, "manifest_sha256": None, "name": None,
+                   "version": None, "accuracy": None, "accuracy_runtime": None}
+        try:
+            raw = (Path(config.teacher) / MANIFEST_NAME).read_bytes()
+            manifest = json.loads(raw)
+        except (OSError, ValueError):
+            manifest = None
+        if isinstance(manifest, dict):
+            metrics = manifest.get("metrics") or {}
+            teacher.update(manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                           name=manifest.get("name"), version=manifest.get("version"),
+                           accuracy=metrics.get("accuracy"),
+                           accuracy_runtime=metrics.get("runtime"))
+    return {"label_smoothing": config.label_smoothing, "mixup": config.mixup,
+            "cutmix": config.cutmix, "random_erasing": config.random_erasing,
+            "warmup_epochs": config.warmup_epochs, "ema": config.ema, "teacher": teacher,
+            "distill_alpha": config.distill_alpha,
+            "distill_temperature": config.distill_temperature,
+            "augment": config.augment, "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule}
 
 
 def check_teacher_fits(teacher: str, classes: tuple[str, ...],
@@ -609,6 +638,7 @@ def _manifest(config: TrainConfig, data: Any, model: Any, macs: int, plan: Any, 
             early_stopped=bool(progress.get("early_stopped")),
             resumed_from_epoch=progress.get("resumed_from"),
             onednn=progress.get("onednn"),
+            recipe=recipe_record(config),
             history=progress.get("history", [])),
     )
 

@@ -110,6 +110,9 @@ class Training(_Strict):
     onednn: bool | None = Field(
         default=None, description="Whether the workers' TensorFlow ran its oneDNN CPU kernels."
     )
+    recipe: dict[str, Any] | None = Field(
+        default=None, description="How it was trained: the recipe's options and the teacher "
+                                  "(jobs/train.py recipe_record); None in older manifests.")
     history: list[dict[str, float]] = Field(default_factory=list)
 
 
