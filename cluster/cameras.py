@@ -33,16 +33,17 @@ class CameraProcess:
         per_camera: int,
         encoding: str,
         batch: int = 1,
-        linger_ms: int = 5,
+        linger_ms: int | None = None,
         frame_size: str | None = None,
     ) -> None:
         self.command = [
             sys.executable, "-m", "cluster.cli", "--home", str(settings.home),
             "--bootstrap-servers", bootstrap, "produce", "--source", source,
             "--topic", topic, "--fps", str(fps), "--streams", str(cameras),
-            "--count", str(per_camera), "--encoding", encoding, "--batch", str(batch),
-            "--linger-ms", str(linger_ms), "--json",
+            "--count", str(per_camera), "--encoding", encoding, "--batch", str(batch), "--json",
         ]
+        if linger_ms is not None:  # else produce's default: streams.producers.camera_linger_ms
+            self.command += ["--linger-ms", str(linger_ms)]
         if frame_size is not None:  # e.g. "640x480" (the source's default when None)
             self.command += ["--frame-size", frame_size]
         self.child: subprocess.Popen[bytes] | None = None
@@ -112,7 +113,7 @@ def produce_in_subprocess(
     fps: float,
     per_camera: int,
     batch: int,
-    linger_ms: int = 5,
+    linger_ms: int | None = None,
 ) -> dict[str, Any]:
     """The benchmarks' cameras: a Fashion-MNIST replay of raw frames, waited for."""
     with CameraProcess(

@@ -506,8 +506,10 @@ def produce(
     reconnect_timeout: Annotated[float, typer.Option(
         min=1, help="rtsp://: give up after this long without a frame, reconnecting with "
         "back-off meanwhile (s).")] = 60.0,
-    linger_ms: Annotated[int, typer.Option(
-        min=0, help="How long the client may hold a frame to batch it with others (ms).")] = 5,
+    linger_ms: Annotated[int | None, typer.Option(
+        min=0, help="How long the client may hold a frame to batch it with others (ms; "
+        "default 0 with --fps - a live camera sends each frame as it is taken - and 5 flat "
+        "out).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Produce video frames to Kafka."""

@@ -277,7 +277,6 @@ def run_demo(
                 update={
                     "group": f"demo-{run_id}",
                     "deadline_ms": deadline_ms,
-                    "max_batch_wait_ms": 5,
                     "latency_window_s": 2.0,
                 }
             )

@@ -265,9 +265,10 @@ class ClassifierConfig(BaseSettings):
         "holding frames) before it is not trusted, as for max_clock_skew_ms.",
     )
     max_batch_wait_ms: NonNegativeInt = Field(
-        default=10,
-        description="Longest a batch waits for more frames while Serve calls are out (with "
-        "none out it is sent at once).",
+        default=0,
+        description="Longest a batch waits for more frames while fewer than max_in_flight "
+        "Serve calls are out (0: sent at once; the frames that arrive while max_in_flight "
+        "calls are out form the next batch either way).",
     )
     max_in_flight: PositiveInt = Field(default=2, description="Serve calls outstanding at once.")
     commit_interval_ms: NonNegativeInt = Field(default=200, description="Flush+commit cadence.")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
 from typing import Any
 
 from serving.frames import FrameRecord
@@ -44,9 +48,49 @@ def serve_classify_fn(
     )
 
 
+class Answer:
+    """A Serve call's answer, awaited in the background from the moment the call is made.
+
+    ``DeploymentResponse.result(timeout_s=0)``, polled, only starts waiting for a gRPC reply
+    on its first call after the replica was picked, so each call's answer was seen a poll
+    later than it arrived (a poll is up to 2 ms); ``await``ing the response on a loop of our
+    own sees it as it lands (measured: a 1-frame call's round trip p50 9.8 -> 7.7-8.9 ms,
+    polled every 2 ms; 6.9 ms when blocking on it).
+    """
+
+    def __init__(self, response: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.response = response
+        self.future = asyncio.run_coroutine_threadsafe(_answer(response), loop)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """The answer (or the call's error); TimeoutError if it has not come within
+        ``timeout_s``."""
+        try:
+            return self.future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError("no answer yet") from None
+
+    def cancel(self) -> None:
+        """Cancel the call (and stop waiting for it)."""
+        self.response.cancel()
+        self.future.cancel()
+
+
+async def _answer(response: Any) -> Any:
+    return await response
+
+
+async def _cancel_all() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class ServeClassify:
-    """``classify(frames)``: one handle call of ``classify_frames``; ``close()`` stops the
-    handle's router (its background metrics push would otherwise call Ray after the caller
+    """``classify(frames)``: one handle call of ``classify_frames``, its :class:`Answer`
+    awaited on a loop thread of this object's; ``close()`` stops that loop and the handle's
+    router (its background metrics push would otherwise call Ray after the caller
     disconnected - and Ray then starts a local instance of its own to answer it)."""
 
     def __init__(self, app_name: str, transport: str) -> None:
@@ -62,16 +106,29 @@ class ServeClassify:
         self._grpc = self._handle.options(
             _by_reference=False, request_serialization="pickle", response_serialization="pickle"
         ).classify_frames
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="serve-answers", daemon=True
+        )
+        self._thread.start()
 
-    def __call__(self, frames: list[FrameRecord]) -> Any:
+    def __call__(self, frames: list[FrameRecord]) -> Answer:
         small = (
             self.transport == "grpc"
             and sum(len(f.data) for f in frames) <= GRPC_MAX_FRAME_BYTES
         )
         method = self._grpc if small else self._actor
-        return method.remote(frames, topk=False)  # labels need the top class only
+        # labels need the top class only
+        return Answer(method.remote(frames, topk=False), self._loop)
 
     def close(self) -> None:
-        """Stop the handle's router (it is shared by both transports)."""
+        """Stop the answers' loop (cancelling the waits still on it) and the handle's
+        router (shared by both transports)."""
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
         handle: Any = self._handle  # shutdown() has no annotations
         handle.shutdown()

@@ -89,7 +89,7 @@ def produce_clip(
     fps: float,
     per_camera: int,
     batch: int = 1,
-    linger_ms: int = 5,
+    linger_ms: int | None = None,
 ) -> dict[str, Any]:
     """``per_camera`` frames from each camera (camera k starts k frames into the clip), paced
     like ``framecast produce`` (camera k's frame i due at (i + k / cameras) / fps s), Arrow
@@ -97,10 +97,11 @@ def produce_clip(
     from confluent_kafka import KafkaError, Message
 
     from streams.frames import ARROW_CONTENT_TYPE, FrameRecord, encode_frames, warm_up
-    from streams.producers import frames_producer
+    from streams.producers import camera_linger_ms, frames_producer
 
     width, height = frame_size
     clip, made_by = camera_clip(width, height)
+    linger_ms = camera_linger_ms(fps) if linger_ms is None else linger_ms
     producer = frames_producer(settings.kafka, bootstrap, linger_ms=linger_ms,
                                max_request_size=settings.topics.max_message_bytes)
     headers: list[tuple[str, str | bytes | None]] = [
@@ -160,7 +161,8 @@ def produce_clip(
 
 def produce_clip_in_subprocess(
     settings: Any, bootstrap: str, topic: str, *, frame_size: tuple[int, int], cameras: int,
-    fps: float, per_camera: int, batch: int = 1, linger_ms: int = 5, timeout_s: float = 900,
+    fps: float, per_camera: int, batch: int = 1, linger_ms: int | None = None,
+    timeout_s: float = 900,
 ) -> dict[str, Any]:
     """:func:`produce_clip` in a process of its own (the environment, hence the Kafka
     security settings, inherited; no secret on its command line)."""
@@ -169,8 +171,9 @@ def produce_clip_in_subprocess(
         "--bootstrap", bootstrap, "--topic", topic,
         "--frame-size", f"{frame_size[0]}x{frame_size[1]}", "--cameras", str(cameras),
         "--fps", str(fps), "--per-camera", str(per_camera), "--batch", str(batch),
-        "--linger-ms", str(linger_ms),
     ]
+    if linger_ms is not None:
+        command += ["--linger-ms", str(linger_ms)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                           check=False, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     produce.add_argument("--fps", type=float, default=15.0)
     produce.add_argument("--per-camera", type=int, default=150)
     produce.add_argument("--batch", type=int, default=1)
-    produce.add_argument("--linger-ms", type=int, default=5)
+    produce.add_argument("--linger-ms", type=int, default=None)
     artifact = steps.add_parser("artifact")
     artifact.add_argument("directory", type=Path)
     artifact.add_argument("--model", default="mobilenet_v2")

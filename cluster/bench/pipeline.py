@@ -34,9 +34,9 @@ def _pipeline_run(
     per_camera: int,
     batch: int,
     classifier: str,
-    max_wait_ms: int = 5,
+    max_wait_ms: int | None = None,
     in_flight: int = 2,
-    linger_ms: int = 5,
+    linger_ms: int | None = None,
     artifact: Path | None = None,
     frame_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
@@ -56,7 +56,9 @@ def _pipeline_run(
             config = settings.stream.model_copy(
                 update={
                     "group": f"bench-{names['frames']}",
-                    "max_batch_wait_ms": max_wait_ms,
+                    "max_batch_wait_ms": (
+                        settings.stream.max_batch_wait_ms if max_wait_ms is None else max_wait_ms
+                    ),
                     "max_in_flight": in_flight,
                     "max_batch_frames": 512,
                     "idle_exit_s": 60.0,  # a safety net: max_frames ends the run

@@ -242,3 +242,19 @@ def test_exactly_once_redoes_a_transaction_whose_aggregate_was_refused_once() ->
     checkpoint.done({("frames", 0): 6})
     assert checkpoint.commit("interval") is Outcome.REDO  # the transaction cannot commit
     assert output.latency_paused  # and the next one does not carry an aggregate
+
+
+def test_live_cameras_send_each_frame_at_once_and_replays_batch() -> None:
+    from cluster.cameras import CameraProcess
+    from cluster.settings import FramecastSettings
+    from streams.producers import camera_linger_ms
+
+    assert camera_linger_ms(15.0) == 0  # a frame rate: no linger
+    assert camera_linger_ms(0) == 5  # flat out: messages batch
+    settings = FramecastSettings()
+    paced = CameraProcess(settings, "127.0.0.1:9", "frames", source="synthetic", cameras=2,
+                          fps=15.0, per_camera=3, encoding="raw").command
+    assert "--linger-ms" not in paced  # produce's own default applies
+    chosen = CameraProcess(settings, "127.0.0.1:9", "frames", source="synthetic", cameras=2,
+                           fps=15.0, per_camera=3, encoding="raw", linger_ms=7).command
+    assert chosen[chosen.index("--linger-ms") + 1] == "7"
