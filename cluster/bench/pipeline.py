@@ -39,6 +39,7 @@ def _pipeline_run(
     linger_ms: int | None = None,
     artifact: Path | None = None,
     frame_size: tuple[int, int] | None = None,
+    labels_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One measured run on fresh topics: the stream classifier (`classifier="framecast"`) or
     the naive baseline (`"naive"`, which loads `artifact` itself), cameras in a process of
@@ -100,6 +101,8 @@ def _pipeline_run(
             )
         finish()
         labels = read_labels(settings, bootstrap, names["labels"], total, timeout_s=60)
+    if labels_out is not None:  # the labels themselves (cluster.bench.parts)
+        labels_out.extend(labels)
     return {
         "classifier": classifier,
         "cameras": cameras,

@@ -265,3 +265,21 @@ def test_sweep_markdown_marks_the_front_and_the_choice(tmp_path: Path) -> None:
     assert "Operating point: sparsity 0.5, quantization int8" in text
     plot_sweep(results, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parts_table_splits_end_to_end_into_its_parts_and_the_rest() -> None:
+    from cluster.bench.parts import parts_table
+
+    start = 1_000_000_000_000
+    labels = [
+        {"status": "ok", "labeled_at_ns": start + k * 10**9,
+         "timings_ms": {"broker": 2.0, "queue": 1.0, "decode": 3.0, "inference": 1.0,
+                        "end_to_end": 10.0 + k}}
+        for k in range(10)
+    ] + [{"status": "error", "labeled_at_ns": start, "timings_ms": {}}]
+    table = parts_table(labels, skip_s=4.0)
+    assert table["frames"] == 6  # the first 4 s and the error left out
+    assert table["broker"]["p50"] == 2.0
+    assert table["end_to_end"]["p50"] == 16.5  # 14..19
+    assert table["rest"]["p50"] == 9.5  # end-to-end minus 7 ms of parts
+    assert parts_table([]) == {"frames": 0}
