@@ -130,6 +130,12 @@ class TrainConfig(BaseModel):
         default=None, description="Export from a checkpoint directory of an earlier run (under "
                                   "HOME/train/<run>/checkpoint_*) instead of training; pass "
                                   "that run's options.")
+    init_from: str | None = Field(
+        default=None, description="Start from the weights of a checkpoint directory of an "
+                                  "earlier run of the same --model (HOME/train/<run>/"
+                                  "checkpoint_*), at any --input-size for the fully "
+                                  "convolutional models (train small, fine-tune at full "
+                                  "size); the optimizer, schedule and epochs start afresh.")
     # -- set by callers, not by flags (cluster/cli.py leaves them off the command line)
     storage_path: str | None = Field(
         default=None, description="Ray Train storage (default: HOME/train).")
@@ -204,6 +210,18 @@ class TrainConfig(BaseModel):
         if teacher is not None and not teacher.strip():
             raise ValueError("--teacher needs an artifact directory")
         return teacher
+
+    @field_validator("init_from")
+    @classmethod
+    def _validate_init_from(cls, init_from: str | None, info: ValidationInfo) -> str | None:
+        if init_from is None:
+            return None
+        if not init_from.strip():
+            raise ValueError("--init-from needs a checkpoint directory")
+        if info.data.get("from_checkpoint") is not None:
+            raise ValueError("--init-from starts a training; --from-checkpoint exports one "
+                             "without training: pass one of them")
+        return init_from
 
     @field_validator("distill_alpha", "distill_temperature")
     @classmethod

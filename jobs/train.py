@@ -38,12 +38,15 @@ def validate_config(config: TrainConfig) -> None:
     machine (cheap: no TensorFlow import)."""
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
         raise OptionError(f"--weights {config.weights}: no such weights file")
-    if config.from_checkpoint is not None:
-        checkpoint = Path(config.from_checkpoint)
+    for flag, given in (("--from-checkpoint", config.from_checkpoint),
+                        ("--init-from", config.init_from)):
+        if given is None:
+            continue
+        checkpoint = Path(given)
         missing = [n for n in (CHECKPOINT_PROGRESS, f"{CHECKPOINT_STATE}.index")
                    if not (checkpoint / n).is_file()]
         if missing:
-            raise OptionError(f"--from-checkpoint {checkpoint} is not a framecast training "
+            raise OptionError(f"{flag} {checkpoint} is not a framecast training "
                              f"checkpoint (missing {', '.join(missing)})")
     if config.teacher is not None and config.from_checkpoint is None:
         teacher_manifest(config.teacher)
@@ -103,7 +106,8 @@ def recipe_record(config: TrainConfig) -> dict[str, Any]:
             "warmup_epochs": config.warmup_epochs, "ema": config.ema, "teacher": teacher,
             "distill_alpha": config.distill_alpha,
             "distill_temperature": config.distill_temperature,
-            "augment": config.augment, "batch_size": config.batch_size,
+            "augment": config.augment, "init_from": config.init_from,
+            "batch_size": config.batch_size,
             "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule}
 
 
@@ -276,6 +280,8 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
             with open(os.path.join(directory, CHECKPOINT_PROGRESS), encoding="utf-8") as handle:
                 progress = json.load(handle)
         progress["resumed_from"] = progress["epoch"]
+    elif config.init_from is not None:
+        _init_weights(tf, model, Path(config.init_from))
     progress["onednn"] = _onednn_enabled()
     resumed = checkpoint is not None
     prune_end_epoch = -(-plan.end_step // steps_per_epoch) if plan.enabled else 0
@@ -471,6 +477,23 @@ def run_ray_training(config: TrainConfig,
     return result
 
 
+def _init_weights(tf: Any, model: Any, checkpoint_dir: Path) -> None:
+    """--init-from: the model's weights (not the optimizer's state) from another run's
+    checkpoint. Every weight of the model must be there with the same shape: an OptionError
+    names the first one that is not (another --model, width or class count)."""
+    path = str(checkpoint_dir / CHECKPOINT_STATE)
+    try:
+        # expect_partial: the optimizer's slots and weight averages stay behind, unreported.
+        status = tf.train.Checkpoint(model=model).read(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except AssertionError as error:  # a weight of the model that the checkpoint lacks
+        raise OptionError(f"--init-from {checkpoint_dir}: its checkpoint does not hold this "
+                          f"model's weights ({str(error).splitlines()[0][:200]})") from None
+    except ValueError as error:  # a weight of another shape
+        raise OptionError(f"--init-from {checkpoint_dir}: its weights do not fit --model "
+                          f"{model.name} ({str(error).splitlines()[0][:200]})") from None
+
+
 def restore_trained_model(config: TrainConfig, checkpoint_dir: Path, input_shape: tuple[int, ...],
                           num_classes: int, steps_per_epoch: int) -> tuple[Any, Any, dict]:
     """(stripped model, pruning plan + layer names, progress) from a Ray Train checkpoint;
@@ -512,6 +535,14 @@ def train_artifact(config: TrainConfig,
         check_teacher_fits(config.teacher, data.classes, data.input_shape)
     x_train, y_train, _, _ = split_train_val(data.x_train, data.y_train, config.val_fraction,
                                              config.seed)
+    if config.init_from is not None:  # refused here, not in every worker after start-up
+        from jobs.tf_env import tf
+
+        candidate, _ = build_training_model(
+            config, data.input_shape, len(data.classes),
+            _steps_per_epoch(len(y_train), config.batch_size))
+        _init_weights(tf, candidate, Path(config.init_from))
+        del candidate
     checkpoint_source: Any
     if config.from_checkpoint is not None:
         checkpoint = Path(config.from_checkpoint)
