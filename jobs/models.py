@@ -62,6 +62,10 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int],
         return stream_dw(input_shape, num_classes)
     if spec.name == "stream_sep":
         return stream_sep(input_shape, num_classes)
+    if spec.name == "stream_fc":
+        return stream_fc(input_shape, num_classes)
+    if spec.name == "stream_deep":
+        return stream_deep(input_shape, num_classes)
     if spec.name == "camera_cnn":
         return camera_cnn(input_shape, num_classes)
     return mobilenet_v2(input_shape, num_classes, alpha=spec.alpha, weights=spec.weights)
@@ -180,6 +184,46 @@ def stream_dw(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mode
 
 # stream_dw's 7x7 stage, as STREAM_SEP_BLOCKS.
 STREAM_DW_BLOCKS = ((96, 1), (96, 1), (96, 1))
+
+
+def stream_fc(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """stream_cnn with a hidden fully-connected layer: the 2x2 stride-2 stem (16), a 3x3 conv
+    of 32 at 14x14, pool, a 3x3 conv of 48 at 7x7 (stream_cnn: 64), then flatten, a dense
+    layer of 128 (ReLU), dropout and the softmax: ~1.90 M MACs. The hidden layer combines
+    features across positions (a sleeve here and a hem there) before the classes; it costs
+    301 k MACs, paid for by the narrower conv3. Full convs and dense layers only: XNNPACK
+    int8 runs them near its peak, unlike depthwise ones.
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = _conv_bn(inputs, 16, "stem", kernel=2, strides=2)
+    x = _conv_bn(x, 32, "conv2")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _conv_bn(x, STREAM_FC_CONV3, "conv3")
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(STREAM_FC_HIDDEN, activation="relu", name="fc1")(x)
+    x = layers.Dropout(0.3, name="drop")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="stream_fc")
+
+
+STREAM_FC_CONV3 = 48
+STREAM_FC_HIDDEN = 128
+
+
+def stream_deep(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """stream_cnn one conv deeper at the same MACs, full convs only: the 2x2 stride-2 stem
+    (16), a 3x3 conv of 24 at 14x14, pool, 3x3 convs of 40 and 48 at 7x7, the flat head:
+    ~1.98 M MACs.
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = _conv_bn(inputs, 16, "stem", kernel=2, strides=2)
+    x = _conv_bn(x, 24, "conv2")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _conv_bn(x, 40, "conv3")
+    x = _conv_bn(x, 48, "conv4")
+    return _flat_head(inputs, x, num_classes, "stream_deep")
 
 
 def _separable_blocks(x: Any, blocks: tuple[tuple[int, int], ...]) -> Any:
