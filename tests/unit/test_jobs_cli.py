@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.names import MODEL_NAMES
+
 FRAMECAST = Path(sys.executable).parent / "framecast"
 
 
@@ -28,7 +30,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     ("flags", "message"),
     [
         (["--model", "resnet"], "train.model: Input should be 'baseline_cnn', 'mobilenet_v2', "
-                                "'optimized_cnn', 'stream_cnn' or 'camera_cnn' (got 'resnet')"),
+                                "'optimized_cnn', 'stream_cnn', 'camera_cnn', 'stream_sep', "
+                                "'stream_dw', 'stream_fc' or 'stream_deep' (got 'resnet')"),
         (["--prune", "cubic"], "train.prune: Input should be 'none', 'polynomial', 'constant' "
                                "or '2:4' (got 'cubic')"),
         (["--quantize", "int4"], "train.quantize: Input should be 'none', 'int8', 'float16' or "
@@ -78,8 +81,11 @@ def test_submit_train_checks_the_training_flags_before_it_contacts_a_cluster(
 def test_train_help_lists_the_choices_from_the_model() -> None:
     done = _run("train", "--help")
     assert done.returncode == 0, done.stderr
-    for choices in ("[baseline_cnn|mobilenet_v2|optimized_cnn|stream_cnn|camera_cnn]",
-                    "[none|polynomial|constant|2:4]", "[none|int8|float16|dynamic]"):
+    # The model list is long enough to wrap inside the help table: each name in --model's rows.
+    rows = done.stdout[done.stdout.index("--model"):done.stdout.index("--dataset")]
+    assert "[baseline_cnn|mobilenet_v2|optimized_cnn|" in rows
+    assert all(f"{name}|" in rows or f"{name}]" in rows for name in MODEL_NAMES), rows
+    for choices in ("[none|polynomial|constant|2:4]", "[none|int8|float16|dynamic]"):
         assert choices in done.stdout, choices  # COLUMNS=200: one line each
 
 
