@@ -58,6 +58,10 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int],
         return optimized_cnn(input_shape, num_classes)
     if spec.name == "stream_cnn":
         return stream_cnn(input_shape, num_classes)
+    if spec.name == "stream_dw":
+        return stream_dw(input_shape, num_classes)
+    if spec.name == "stream_sep":
+        return stream_sep(input_shape, num_classes)
     if spec.name == "stream_fc":
         return stream_fc(input_shape, num_classes)
     if spec.name == "stream_deep":
@@ -142,6 +146,46 @@ def stream_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mod
     return _flat_head(inputs, x, num_classes, "stream_cnn")
 
 
+def stream_sep(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """stream_cnn's 14x14 part (the 2x2 stride-2 stem, a 3x3 conv of 32, pool), then the
+    7x7 stage made deeper and wider for fewer MACs: a depthwise-separable block to 80
+    channels and two residual separable blocks instead of one 3x3 conv of 64, and the flat
+    head. ~1.71 M MACs.
+
+    A full 3x3 conv of c -> c' costs 9 c c' per position, a separable block 9 c + c c'; but
+    in XNNPACK int8 a depthwise/1x1 MAC costs about twice a 3x3 conv's, so only the 7x7
+    stage is separable (docs/training.md, "Stream architectures").
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = _conv_bn(inputs, 16, "stem", kernel=2, strides=2)
+    x = _conv_bn(x, 32, "conv2")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _separable_blocks(x, STREAM_SEP_BLOCKS)
+    return _flat_head(inputs, x, num_classes, "stream_sep")
+
+
+# stream_sep's 7x7 stage: (output channels, stride) of each block (residual where the shape
+# allows).
+STREAM_SEP_BLOCKS = ((80, 1), (80, 1), (80, 1))
+
+
+def stream_dw(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The 2x2 stride-2 stem, a strided 3x3 conv of 64 straight into 7x7 (no 3x3 work at
+    14x14), a separable block to 96 channels and two residual separable blocks at 7x7, and
+    the flat head: ~1.72 M MACs.
+    """
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = _conv_bn(inputs, 16, "stem", kernel=2, strides=2)
+    x = _conv_bn(x, 64, "conv2", strides=2)
+    x = _separable_blocks(x, STREAM_DW_BLOCKS)
+    return _flat_head(inputs, x, num_classes, "stream_dw")
+
+
+# stream_dw's 7x7 stage, as STREAM_SEP_BLOCKS.
+STREAM_DW_BLOCKS = ((96, 1), (96, 1), (96, 1))
+
+
 def stream_fc(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """stream_cnn with a hidden fully-connected layer: the 2x2 stride-2 stem (16), a 3x3 conv
     of 32 at 14x14, pool, a 3x3 conv of 48 at 7x7 (stream_cnn: 64), then flatten, a dense
@@ -184,6 +228,41 @@ def stream_deep(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mo
     x = _conv_bn(x, 40, "conv3")
     x = _conv_bn(x, 48, "conv4")
     return _flat_head(inputs, x, num_classes, "stream_deep")
+
+
+def _separable_blocks(x: Any, blocks: tuple[tuple[int, int], ...]) -> Any:
+    """Separable blocks, each (output channels, stride); residual where the shape stays."""
+    for index, (filters, strides) in enumerate(blocks):
+        name = f"block{index + 1}"
+        if strides == 1 and int(x.shape[-1]) == filters:
+            x = _separable_residual(x, name)
+        else:
+            x = _separable(x, filters, strides, name)
+    return x
+
+
+def _depthwise_bn_relu(x: Any, strides: int, name: str) -> Any:
+    layers = keras.layers
+    x = layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False,
+                               name=f"{name}_dw")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_dw_bn")(x)
+    return layers.ReLU(name=f"{name}_dw_relu")(x)
+
+
+def _separable(x: Any, filters: int, strides: int, name: str) -> Any:
+    """3x3 depthwise, BN, ReLU, 1x1 conv, BN, ReLU."""
+    x = _depthwise_bn_relu(x, strides, name)
+    return _conv_bn(x, filters, f"{name}_pw", kernel=1)
+
+
+def _separable_residual(x: Any, name: str) -> Any:
+    """ReLU(x + BN(1x1(ReLU(BN(dw3x3(x)))))): the shape stays."""
+    layers = keras.layers
+    y = _depthwise_bn_relu(x, 1, name)
+    y = layers.Conv2D(int(x.shape[-1]), 1, use_bias=False, name=f"{name}_pw")(y)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_pw_bn")(y)
+    y = layers.Add(name=f"{name}_add")([x, y])
+    return layers.ReLU(name=f"{name}_relu")(y)
 
 
 def camera_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:

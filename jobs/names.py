@@ -13,7 +13,7 @@ from typing import Literal, get_args
 from jobs.exceptions import DatasetError, OptionError
 
 ModelName = Literal["baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn", "camera_cnn",
-                    "stream_fc", "stream_deep"]
+                    "stream_sep", "stream_dw", "stream_fc", "stream_deep"]
 PruneSchedule = Literal["none", "polynomial", "constant", "2:4"]
 QuantizeMode = Literal["none", "int8", "float16", "dynamic"]
 LrSchedule = Literal["cosine", "exponential"]

@@ -28,8 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     ("flags", "message"),
     [
         (["--model", "resnet"], "train.model: Input should be 'baseline_cnn', 'mobilenet_v2', "
-                                "'optimized_cnn', 'stream_cnn', 'camera_cnn', 'stream_fc' or "
-                                "'stream_deep' (got 'resnet')"),
+                                "'optimized_cnn', 'stream_cnn' or 'camera_cnn' (got 'resnet')"),
         (["--prune", "cubic"], "train.prune: Input should be 'none', 'polynomial', 'constant' "
                                "or '2:4' (got 'cubic')"),
         (["--quantize", "int4"], "train.quantize: Input should be 'none', 'int8', 'float16' or "
@@ -79,9 +78,7 @@ def test_submit_train_checks_the_training_flags_before_it_contacts_a_cluster(
 def test_train_help_lists_the_choices_from_the_model() -> None:
     done = _run("train", "--help")
     assert done.returncode == 0, done.stderr
-    # (the seven models wrap after stream_fc| even at 200 columns)
-    for choices in ("[baseline_cnn|mobilenet_v2|optimized_cnn|stream_cnn|camera_cnn|stream_fc|",
-                    "stream_deep]",
+    for choices in ("[baseline_cnn|mobilenet_v2|optimized_cnn|stream_cnn|camera_cnn]",
                     "[none|polynomial|constant|2:4]", "[none|int8|float16|dynamic]"):
         assert choices in done.stdout, choices  # COLUMNS=200: one line each
 
