@@ -192,7 +192,10 @@ def stream_fc(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mode
     layer of 128 (ReLU), dropout and the softmax: ~1.90 M MACs. The hidden layer combines
     features across positions (a sleeve here and a hem there) before the classes; it costs
     301 k MACs, paid for by the narrower conv3. Full convs and dense layers only: XNNPACK
-    int8 runs them near its peak, unlike depthwise ones.
+    int8 runs them near its peak; depthwise-separable candidates of the same MACs ran 1.5-2x
+    slower per image in int8 and were less accurate (docs/training.md, "Stream
+    architectures"). 92.35 % int8 with --no-augment and the optimized model as teacher,
+    15 epochs, pruned to 50 %; about stream_cnn's time per image.
     """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
@@ -214,7 +217,8 @@ STREAM_FC_HIDDEN = 128
 def stream_deep(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """stream_cnn one conv deeper at the same MACs, full convs only: the 2x2 stride-2 stem
     (16), a 3x3 conv of 24 at 14x14, pool, 3x3 convs of 40 and 48 at 7x7, the flat head:
-    ~1.98 M MACs.
+    ~1.98 M MACs, ~1.15x stream_cnn's int8 time per image. 91.84 % int8 with the recipe
+    that gave stream_fc 92.35 % (docs/training.md, "Stream architectures").
     """
     layers = keras.layers
     inputs = keras.Input(shape=input_shape, name="images")
