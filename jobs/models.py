@@ -8,6 +8,7 @@ NHWC, and end in a softmax over the classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,22 +53,9 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int],
     _validate_model_spec(spec)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if spec.name == "baseline_cnn":
-        return baseline_cnn(input_shape, num_classes)
-    if spec.name == "optimized_cnn":
-        return optimized_cnn(input_shape, num_classes)
-    if spec.name == "stream_cnn":
-        return stream_cnn(input_shape, num_classes)
-    if spec.name == "stream_dw":
-        return stream_dw(input_shape, num_classes)
-    if spec.name == "stream_sep":
-        return stream_sep(input_shape, num_classes)
-    if spec.name == "stream_fc":
-        return stream_fc(input_shape, num_classes)
-    if spec.name == "stream_deep":
-        return stream_deep(input_shape, num_classes)
-    if spec.name == "camera_cnn":
-        return camera_cnn(input_shape, num_classes)
+    builder = _BUILDERS.get(spec.name)
+    if builder is not None:
+        return builder(input_shape, num_classes)
     return mobilenet_v2(input_shape, num_classes, alpha=spec.alpha, weights=spec.weights)
 
 
@@ -406,3 +394,11 @@ def _leaf_layers(model: keras.Model) -> list[Any]:
         else:
             leaves.append(layer)
     return leaves
+
+
+# The models built from (input shape, classes) alone; mobilenet_v2 also takes alpha and weights.
+_BUILDERS: dict[str, Callable[[tuple[int, int, int], int], keras.Model]] = {
+    "baseline_cnn": baseline_cnn, "optimized_cnn": optimized_cnn, "stream_cnn": stream_cnn,
+    "stream_dw": stream_dw, "stream_sep": stream_sep, "stream_fc": stream_fc,
+    "stream_deep": stream_deep, "camera_cnn": camera_cnn,
+}
