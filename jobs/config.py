@@ -131,11 +131,12 @@ class TrainConfig(BaseModel):
                                   "HOME/train/<run>/checkpoint_*) instead of training; pass "
                                   "that run's options.")
     init_from: str | None = Field(
-        default=None, description="Start from the weights of a checkpoint directory of an "
-                                  "earlier run of the same --model (HOME/train/<run>/"
-                                  "checkpoint_*), at any --input-size for the fully "
-                                  "convolutional models (train small, fine-tune at full "
-                                  "size); the optimizer, schedule and epochs start afresh.")
+        default=None, description="Start from the weights of an earlier run of the same "
+                                  "--model (its run directory HOME/train/<run>, for its last "
+                                  "checkpoint, or one checkpoint_* in it), at any "
+                                  "--input-size for the fully convolutional models (train "
+                                  "small, fine-tune at full size); the optimizer, schedule "
+                                  "and epochs start afresh.")
     # -- set by callers, not by flags (cluster/cli.py leaves them off the command line)
     storage_path: str | None = Field(
         default=None, description="Ray Train storage (default: HOME/train).")

@@ -42,7 +42,7 @@ def validate_config(config: TrainConfig) -> None:
                         ("--init-from", config.init_from)):
         if given is None:
             continue
-        checkpoint = Path(given)
+        checkpoint = Path(given) if flag == "--from-checkpoint" else latest_checkpoint(given)
         missing = [n for n in (CHECKPOINT_PROGRESS, f"{CHECKPOINT_STATE}.index")
                    if not (checkpoint / n).is_file()]
         if missing:
@@ -80,6 +80,18 @@ def teacher_manifest(teacher: str) -> Any:
         raise OptionError(f"--teacher {teacher}: the artifact has no float SavedModel "
                           "(saved_model/), which distillation runs")
     return manifest
+
+
+def latest_checkpoint(given: str) -> Path:
+    """--init-from's checkpoint: the directory itself, or for a run directory
+    (``HOME/train/<run>``) its last complete ``checkpoint_*`` (the names sort by time)."""
+    directory = Path(given)
+    if (directory / f"{CHECKPOINT_STATE}.index").is_file() or not directory.is_dir():
+        return directory
+    complete = sorted(p for p in directory.glob("checkpoint_*") if p.is_dir()
+                      and (p / CHECKPOINT_PROGRESS).is_file()
+                      and (p / f"{CHECKPOINT_STATE}.index").is_file())
+    return complete[-1] if complete else directory
 
 
 def recipe_record(config: TrainConfig) -> dict[str, Any]:
@@ -526,6 +538,8 @@ def train_artifact(config: TrainConfig,
     """Train, prune, export and evaluate; write the artifact directory; return its metrics
     (``fail_after_epoch``: see run_ray_training)."""
     validate_config(config)
+    if config.init_from is not None:  # a run directory: its last checkpoint, recorded as such
+        config = config.model_copy(update={"init_from": str(latest_checkpoint(config.init_from))})
     stage = on_stage or (lambda _message: None)
     from jobs.data import array_sha256, calibration_sample, load_dataset, split_train_val
 

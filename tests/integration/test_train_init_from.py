@@ -44,12 +44,14 @@ def small_run(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_a_run_at_another_input_size_starts_from_the_checkpoints_weights(
         small_run: Path, tmp_path: Path) -> None:
+    assert (small_run.parent / "checkpoint_manager_snapshot.json").exists()  # not taken
     # A learning rate of 1e-12 leaves the weights where they started: the small run's
     # trained ones with --init-from, seed 0's fresh initialisation without it.
     config = TrainConfig(
         model="camera_cnn", dataset="scenes", input_size=64, epochs=1, limit=60,
         test_limit=20, workers=1, cpus_per_worker=1, batch_size=20, quantize="none",
-        max_failures=0, augment=False, learning_rate=1e-12, init_from=str(small_run),
+        max_failures=0, augment=False, learning_rate=1e-12,
+        init_from=str(small_run.parent),  # the run's directory: its last checkpoint
         out=str(tmp_path / "large"), storage_path=str(tmp_path / "ray"))
     train_artifact(config)
     started, finished = _kernels(small_run), _kernels(_last_checkpoint(tmp_path / "ray"))
