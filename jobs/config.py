@@ -24,6 +24,7 @@ from pydantic import (
 from jobs.names import (
     DEFAULT_TARGET_SPARSITY,
     TARGETED_SCHEDULES,
+    AugmentPolicy,
     LrSchedule,
     ModelName,
     PruneSchedule,
@@ -93,6 +94,11 @@ class TrainConfig(BaseModel):
         default=5, description="Early-stopping patience in epochs (counted once pruning has "
                                "reached its target).")
     augment: bool = Field(default=True, description="Random rotation/zoom/shift/flip.")
+    augment_policy: AugmentPolicy = Field(
+        default="standard",
+        description="With --augment: standard (rotation, zoom, shift, flip; colour and "
+                    "aspect too on scenes) or light (a flip and whole-pixel shifts of up to "
+                    "1/14 of the side, no resampling).")
     seed: int = Field(default=0, description="Random seed.")
     max_failures: int = Field(
         default=2, ge=-1, description="Worker-group restarts after a failure (-1: no limit).")

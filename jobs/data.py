@@ -302,6 +302,7 @@ class Augmentation:
     flip: bool = True
     color: bool = False         # RGB: channel order, grey, brightness/contrast, noise
     aspect: float = 1.0         # largest width:height stretch either way (1: none)
+    whole_pixels: bool = False  # round shifts to whole pixels (with no rotation/zoom: exact)
 
     @property
     def enabled(self) -> bool:
@@ -311,6 +312,12 @@ class Augmentation:
 
 
 NO_AUGMENTATION = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False)
+# --augment-policy light: a flip and a shift of whole pixels (up to 2 of 28), nothing that
+# interpolates. The standard policy's rotation and zoom resample every 28x28 garment
+# bilinearly (a blur the test images never have): optimized_cnn ended its 18 epochs at
+# 93.75 % training accuracy on those images against 93.78 % validation, underfitting.
+LIGHT_AUGMENTATION = Augmentation(rotation=0.0, zoom=0.0, translation=2.0 / 28.0, flip=True,
+                                  whole_pixels=True)
 # For camera scenes (train on `scenes`): a garment's colour says nothing of its class, and a
 # camera sees it at any size and place. Without these, camera_cnn reached 65.6 % on the scenes
 # test split but 14.6 % on scenes:heldout (other tints, sizes, positions).
@@ -340,6 +347,8 @@ def augment_batch(images: tf.Tensor, aug: Augmentation) -> tf.Tensor:
     scale = tf.random.uniform([batch], 1.0 - aug.zoom, 1.0 + aug.zoom)
     tx = tf.random.uniform([batch], -aug.translation, aug.translation) * width
     ty = tf.random.uniform([batch], -aug.translation, aug.translation) * height
+    if aug.whole_pixels:
+        tx, ty = tf.round(tx), tf.round(ty)
     cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     scale_x = scale_y = scale
     if aug.aspect > 1.0:  # width:height stretch, log-uniform in [1/aspect, aspect]

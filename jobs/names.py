@@ -13,10 +13,11 @@ from typing import Literal, get_args
 from jobs.exceptions import DatasetError, OptionError
 
 ModelName = Literal["baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn", "camera_cnn",
-                    "stream_sep", "stream_dw", "stream_fc", "stream_deep"]
+                    "stream_sep", "stream_dw", "stream_fc", "stream_deep", "optimized_fc"]
 PruneSchedule = Literal["none", "polynomial", "constant", "2:4"]
 QuantizeMode = Literal["none", "int8", "float16", "dynamic"]
 LrSchedule = Literal["cosine", "exponential"]
+AugmentPolicy = Literal["standard", "light"]
 
 MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
 PRUNE_SCHEDULES: tuple[PruneSchedule, ...] = get_args(PruneSchedule)

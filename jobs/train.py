@@ -118,7 +118,8 @@ def recipe_record(config: TrainConfig) -> dict[str, Any]:
             "warmup_epochs": config.warmup_epochs, "ema": config.ema, "teacher": teacher,
             "distill_alpha": config.distill_alpha,
             "distill_temperature": config.distill_temperature,
-            "augment": config.augment, "init_from": config.init_from,
+            "augment": config.augment, "augment_policy": config.augment_policy,
+            "init_from": config.init_from,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule}
 
@@ -235,6 +236,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
 
     from jobs.data import (
         CAMERA_AUGMENTATION,
+        LIGHT_AUGMENTATION,
         NO_AUGMENTATION,
         Augmentation,
         load_dataset,
@@ -261,6 +263,7 @@ def train_loop_per_worker(raw_config: dict[str, Any]) -> None:
         data.x_train, data.y_train, config.val_fraction, config.seed)
     steps_per_epoch = _steps_per_epoch(len(y_train), config.batch_size)
     aug = NO_AUGMENTATION if not config.augment else (
+        LIGHT_AUGMENTATION if config.augment_policy == "light" else
         CAMERA_AUGMENTATION if config.dataset.startswith("scenes") else Augmentation())
     classes = len(data.classes)
     # The teacher runs in the input pipeline, outside the strategy (not a mirrored model).

@@ -157,3 +157,34 @@ def test_aspect_augmentation_stretches_width_against_height_within_its_bound() -
     # aspect=1 (the default) leaves the same square a square.
     plain = Augmentation(rotation=0.0, zoom=0.0, translation=0.0, flip=False)
     assert not plain.enabled
+
+
+def test_light_augmentation_flips_and_shifts_by_whole_pixels_only() -> None:
+    import tensorflow as tf
+
+    from jobs.data import LIGHT_AUGMENTATION, augment_batch
+
+    tf.random.set_seed(5)
+    rng = np.random.default_rng(5)
+    images = rng.random((128, 28, 28, 1), dtype=np.float32)
+    out = augment_batch(tf.constant(images), LIGHT_AUGMENTATION).numpy()
+    moves = set()
+    for source, result in zip(images, out, strict=True):
+        # Every output is the input, flipped or not, moved by at most 2 whole pixels each
+        # way with zeros coming in: nothing is resampled.
+        found = None
+        for flip in (False, True):
+            image = source[:, ::-1] if flip else source
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    shifted = np.zeros_like(image)
+                    shifted[max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
+                        image[max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+                    if np.allclose(result, shifted, atol=1e-5):
+                        found = (flip, dy, dx)
+        assert found is not None
+        moves.add(found)
+    # All kinds happen: flips, both directions, no move.
+    assert {flip for flip, _, _ in moves} == {False, True}
+    assert {dx for _, _, dx in moves} >= {-2, -1, 0, 1, 2}
+    assert {dy for _, dy, _ in moves} >= {-2, -1, 0, 1, 2}

@@ -26,7 +26,8 @@ def test_a_plain_run_records_every_ingredient_off(tmp_path: Path) -> None:
     assert recipe_record(config) == {
         "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "random_erasing": 0.0,
         "warmup_epochs": 0, "ema": 0.0, "teacher": None, "distill_alpha": None,
-        "distill_temperature": None, "augment": True, "init_from": None, "batch_size": 128,
+        "distill_temperature": None, "augment": True, "augment_policy": "standard",
+        "init_from": None, "batch_size": 128,
         "learning_rate": 0.002, "lr_schedule": "cosine"}
 
 
