@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from jobs.report import (
     paper_table,
     plot_accuracy_latency,
     report_spec,
+    shipped_notes,
     table_markdown,
 )
 
@@ -86,3 +88,29 @@ def test_scenes_table_uses_the_latency_at_the_report_size_and_sits_beside_fashio
     assert "| camera_cnn / optimized_cnn (int8) | 70.00, 2.000" in text
     assert "trained at its training size 64x64" not in text
     assert "4.000 ms/image at its training size 64x64; 200.000 at 224x224" in text
+
+
+def test_the_fashion_mnist_table_names_the_shipped_models_recipes(tmp_path: Path) -> None:
+    optimized = tmp_path / "fashion_mnist_optimized"
+    optimized.mkdir()
+    (optimized / "manifest.json").write_text(json.dumps({
+        "model": "optimized_fc", "metrics": {"accuracy": 0.9461, "runtime": "tflite"},
+        "training": {"epochs": 24, "recipe": {
+            "augment": True, "augment_policy": "light", "label_smoothing": 0.0,
+            "random_erasing": 0.5, "warmup_epochs": 1, "teacher": None}}}))
+    stream = tmp_path / "fashion_mnist_stream"
+    stream.mkdir()
+    (stream / "manifest.json").write_text(json.dumps({
+        "model": "stream_fc", "metrics": {"accuracy": 0.9235, "runtime": "tflite"},
+        "training": {"epochs": 15, "recipe": {"augment": False,
+                                              "teacher": {"name": "fashion-mnist-optimized"}}}}))
+    assert shipped_notes(tmp_path)[-2:] == [
+        "- `models/fashion_mnist_optimized`: optimized_fc, 24 epochs, augment_policy light, "
+        "random_erasing 0.5, warmup_epochs 1: 94.61 % (tflite)",
+        "- `models/fashion_mnist_stream`: stream_fc, 15 epochs, no augmentation, teacher "
+        "fashion-mnist-optimized: 92.35 % (tflite)"]
+    assert shipped_notes(tmp_path / "elsewhere") == []
+    # The report's own table says so, from the repository's models/.
+    text = table_markdown(paper_table([_row("optimized_cnn", 0.93, 0.5, 200_000)]), quick=False)
+    assert "shipped models were trained with other recipes than this run's" in text
+    assert "- `models/fashion_mnist_stream`: stream_fc, 15 epochs" in text
