@@ -106,8 +106,16 @@ def optimized_fc(input_shape: tuple[int, int, int], num_classes: int) -> keras.M
 OPTIMIZED_FC_HIDDEN = 64
 
 
-def _optimized_convs(inputs: Any) -> Any:
-    """16 -> 32 at full resolution, pool, 64 -> 64, pool, 128 (all 3x3, BatchNorm, ReLU)."""
+def optimized_fc128(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """optimized_fc with stream_fc's hidden layer of 128, paid for by a conv5 of 96 (not 128):
+    17.88 M MACs, the same int8 batch-1 time as optimized_cnn (0.105 against 0.104 ms)."""
+    inputs = keras.Input(shape=input_shape, name="images")
+    return _hidden_head(inputs, _optimized_convs(inputs, conv5=96), num_classes,
+                        "optimized_fc128", 128)
+
+
+def _optimized_convs(inputs: Any, conv5: int = 128) -> Any:
+    """16 -> 32 at full resolution, pool, 64 -> 64, pool, conv5 (all 3x3, BatchNorm, ReLU)."""
     layers = keras.layers
     x = _conv_bn(inputs, 16, "conv1")
     x = _conv_bn(x, 32, "conv2")
@@ -115,7 +123,7 @@ def _optimized_convs(inputs: Any) -> Any:
     x = _conv_bn(x, 64, "conv3")
     x = _conv_bn(x, 64, "conv4")
     x = layers.MaxPooling2D(2, name="pool2")(x)
-    return _conv_bn(x, 128, "conv5")
+    return _conv_bn(x, conv5, "conv5")
 
 
 def _conv_bn(x: Any, filters: int, name: str, kernel: int = 3, strides: int = 1) -> Any:
@@ -427,4 +435,5 @@ _BUILDERS: dict[str, Callable[[tuple[int, int, int], int], keras.Model]] = {
     "baseline_cnn": baseline_cnn, "optimized_cnn": optimized_cnn, "stream_cnn": stream_cnn,
     "stream_dw": stream_dw, "stream_sep": stream_sep, "stream_fc": stream_fc,
     "stream_deep": stream_deep, "camera_cnn": camera_cnn, "optimized_fc": optimized_fc,
+    "optimized_fc128": optimized_fc128,
 }

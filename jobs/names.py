@@ -13,7 +13,8 @@ from typing import Literal, get_args
 from jobs.exceptions import DatasetError, OptionError
 
 ModelName = Literal["baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn", "camera_cnn",
-                    "stream_sep", "stream_dw", "stream_fc", "stream_deep", "optimized_fc"]
+                    "stream_sep", "stream_dw", "stream_fc", "stream_deep", "optimized_fc",
+                    "optimized_fc128"]
 PruneSchedule = Literal["none", "polynomial", "constant", "2:4"]
 QuantizeMode = Literal["none", "int8", "float16", "dynamic"]
 LrSchedule = Literal["cosine", "exponential"]

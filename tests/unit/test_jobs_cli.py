@@ -32,8 +32,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (["--model", "resnet"], "train.model: Input should be 'baseline_cnn', 'mobilenet_v2', "
                                 "'optimized_cnn', 'stream_cnn', 'camera_cnn', 'stream_sep', "
-                                "'stream_dw', 'stream_fc', 'stream_deep' or 'optimized_fc' "
-                                "(got 'resnet')"),
+                                "'stream_dw', 'stream_fc', 'stream_deep', 'optimized_fc' or "
+                                "'optimized_fc128' (got 'resnet')"),
         (["--prune", "cubic"], "train.prune: Input should be 'none', 'polynomial', 'constant' "
                                "or '2:4' (got 'cubic')"),
         (["--quantize", "int4"], "train.quantize: Input should be 'none', 'int8', 'float16' or "

@@ -39,7 +39,7 @@ def test_every_flag_is_a_field_and_defaults_to_unset() -> None:
 def test_the_zoo_and_the_choices_come_from_the_literals() -> None:
     assert MODEL_NAMES == ("baseline_cnn", "mobilenet_v2", "optimized_cnn", "stream_cnn",
                            "camera_cnn", "stream_sep", "stream_dw", "stream_fc", "stream_deep",
-                           "optimized_fc")
+                           "optimized_fc", "optimized_fc128")
     assert PRUNE_SCHEDULES == ("none", "polynomial", "constant", "2:4")
     assert QUANTIZE_MODES == ("none", "int8", "float16", "dynamic")
     options = {p.name: p for p in _train_command().params}
