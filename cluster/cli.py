@@ -724,7 +724,8 @@ def bench(
     artifact: Annotated[Path | None, typer.Option(
         help="Artifact to benchmark (default: models/fashion_mnist_optimized).")] = None,
     models: Annotated[str | None, typer.Option(
-        help="model: comma-separated models (default all three; --quick: optimized_cnn).")
+        help="model: comma-separated models (default all three, ours being the "
+             "artifact's model; --quick: the artifact's model).")
     ] = None,
     dataset: Annotated[str, typer.Option(
         help="model: dataset for accuracy (and training).")] = "fashion-mnist",
@@ -823,13 +824,15 @@ def bench(
     seconds: dict[str, float] = {}
     written: dict[str, list[Path]] = {}
     if what in ("model", "all"):
-        from cluster.bench.model import ModelBenchOptions, bench_model
+        from cluster.bench.model import ModelBenchOptions, bench_model, with_artifact_model
 
         options = ModelBenchOptions.quick() if quick else ModelBenchOptions(
             models=["baseline_cnn", "mobilenet_v2", "optimized_cnn"])
         options.dataset, options.artifact = dataset, str(artifact or SHIPPED_MODEL)
         if models is not None:
             options.models = [m.strip() for m in models.split(",") if m.strip()]
+        else:
+            options.models = with_artifact_model(options.models, options.artifact)
         if input_size is not None or random_weights:
             from cluster.bench.model import camera_options
 

@@ -176,6 +176,19 @@ def _set_tf_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
+def with_artifact_model(models: list[str], artifact: str) -> list[str]:
+    """The default models, our optimized one being the artifact's own model (since 2026-12-02
+    the shipped one is optimized_fc128, not optimized_cnn): the shipped weights are benched,
+    not a brief retraining of another architecture. An unreadable artifact changes nothing."""
+    from serving.artifacts import ArtifactError, read_manifest
+
+    try:
+        shipped = read_manifest(Path(artifact)).model
+    except (ArtifactError, OSError):
+        return models
+    return [shipped if name == "optimized_cnn" else name for name in models]
+
+
 def uses_artifact(model_name: str, options: ModelBenchOptions) -> bool:
     """Whether model_name's weights come from the artifact (same model, same dataset)."""
     if not options.artifact:

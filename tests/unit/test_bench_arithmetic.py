@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench.model import add_efficiency, summarize
+from cluster.bench.model import add_efficiency, summarize, with_artifact_model
 from jobs.machine import (
     CpuInfo,
     describe,
@@ -283,3 +283,12 @@ def test_parts_table_splits_end_to_end_into_its_parts_and_the_rest() -> None:
     assert table["end_to_end"]["p50"] == 16.5  # 14..19
     assert table["rest"]["p50"] == 9.5  # end-to-end minus 7 ms of parts
     assert parts_table([]) == {"frames": 0}
+
+
+def test_bench_model_benches_the_shipped_optimized_model_not_a_retrained_older_one(
+        tmp_path: Path) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "models" / "fashion_mnist_optimized"
+    defaults = ["baseline_cnn", "mobilenet_v2", "optimized_cnn"]
+    assert with_artifact_model(defaults, str(shipped)) == [
+        "baseline_cnn", "mobilenet_v2", "optimized_fc128"]
+    assert with_artifact_model(["optimized_cnn"], str(tmp_path)) == ["optimized_cnn"]
